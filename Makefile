@@ -1,0 +1,63 @@
+# logwarden — every target installs what it needs. Two commands matter to a new user:
+#   make demo    the whole pipeline on real HDFS logs with a local Kafka broker
+#   make test    installs everything (venv, Kafka jars, Prometheus), starts the broker, runs pytest
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+LOGWARDEN := $(VENV)/bin/logwarden
+STAMP := $(VENV)/.installed
+KAFKA_LIBS := .cache/kafka/libs
+DATA ?= ../shared/datasets
+PYTEST_ARGS ?=
+
+.PHONY: install kafka-jars kafka-up kafka-down prometheus deps test test-fast demo bench clean
+
+install: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -c "import confluent_kafka, torch, drain3, gensim, pydantic, pydantic_settings, prometheus_client, docker, safetensors"
+	touch $(STAMP)
+
+# The Kafka broker's jars, from Maven Central (no Docker engine, no Apache download site here).
+kafka-jars: $(KAFKA_LIBS)/.complete
+$(KAFKA_LIBS)/.complete: kafka/pom.xml
+	@command -v mvn >/dev/null || { echo "kafka-jars: Maven (mvn) is needed to fetch the broker from Maven Central: apt-get install maven"; exit 1; }
+	@command -v java >/dev/null || { echo "kafka-jars: Java 17+ is needed to run the broker: apt-get install openjdk-17-jre-headless"; exit 1; }
+	rm -rf $(KAFKA_LIBS)
+	mvn -q -B -f kafka/pom.xml dependency:copy-dependencies -DoutputDirectory=$(abspath $(KAFKA_LIBS))
+	touch $@
+
+kafka-up: install kafka-jars
+	$(LOGWARDEN) kafka up
+
+kafka-down:
+	@if [ -x $(LOGWARDEN) ]; then $(LOGWARDEN) kafka down; else echo "kafka-down: nothing installed"; fi
+
+# Prometheus from Debian's package (tests start their own instance on a free loopback port).
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null; }
+	@prometheus --version 2>&1 | head -n 1
+
+deps: install kafka-jars prometheus
+
+# Unit tests, end-to-end tests through the real broker, and the Prometheus tests.
+test: deps
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# Without the slow end-to-end tests.
+test-fast: deps
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: deps
+	$(PY) -m services.demo --data $(DATA)
+
+bench: deps
+	$(PY) -m bench.run --data $(DATA)
+
+clean: kafka-down
+	rm -rf .run build *.egg-info

@@ -1,0 +1,149 @@
+"""`logwarden` command line. Every subcommand is a thin wrapper: argument parsing here, the work
+in the module named in COMMANDS (imported only when that command runs, so `logwarden replay`
+does not pay for importing torch).
+
+Errors a user can fix (a bad argument, a bad setting, a missing file) print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from services.settings import SettingsError, UsageError
+
+# subcommand -> "module:function"; the function takes the parsed args and returns an exit code.
+COMMANDS = {
+    "replay": "services.replay:main",
+    "run": "services.stages:main",
+    "train": "models.cli:train",
+    "evaluate": "models.cli:evaluate",
+    "alerts": "services.alerts:main",
+    "feedback": "services.feedback:main",
+    "model": "models.cli:model",
+    "stack": "services.stack:main",
+    "kafka": "services.localkafka:main",
+    "topics": "services.shell:topics_main",
+}
+
+STAGES = ("parse", "window", "detect", "feedback", "all")
+DETECTORS = ("deeplog", "attgru")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive(kind):
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+        return value
+    return convert
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="logwarden", description="Streaming log anomaly detection for Hadoop clusters.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    s = sub.add_parser("replay", help="produce log files to logs.<host> as Filebeat would")
+    s.add_argument("files", nargs="+", metavar="FILE")
+    s.add_argument("--host", required=True, help="host name: records go to logs.<host>")
+    s.add_argument("--rate", type=_positive(float), help="lines per second (default: as fast as possible)")
+    s.add_argument("--follow", action="store_true", help="keep reading appended lines, like tail -F")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("run", help="run a stage (parse, window, detect, feedback) or all of them")
+    s.add_argument("stage", choices=STAGES)
+    s.add_argument("--exit-when-idle", type=_positive(float), metavar="S",
+                   help="stop after S seconds without input (batch replays, tests)")
+
+    s = sub.add_parser("train", help="train a detector")
+    s.add_argument("--detector", required=True, choices=DETECTORS)
+    s.add_argument("--normal", metavar="FILE", help="normal sessions, one per line, space-separated keys")
+    s.add_argument("--abnormal", metavar="FILE", help="abnormal sessions (supervised detectors)")
+    s.add_argument("--templates", metavar="CSV", help="EventId,EventTemplate (key k <-> E<k>)")
+    s.add_argument("--logs", nargs="+", metavar="FILE", help="train from raw log files instead")
+    s.add_argument("--labels", metavar="CSV", help="BlockId,Label for --logs")
+    s.add_argument("--out", required=True, metavar="DIR")
+    s.add_argument("--epochs", type=_positive(int))
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    s.add_argument("--window", "-H", dest="h", type=_positive(int), help="h: history length")
+    s.add_argument("--top-g", "-g", dest="g", type=_positive(int), help="g: top-g candidates (deeplog)")
+    s.add_argument("--no-progress", action="store_true")
+
+    s = sub.add_parser("evaluate", help="evaluate a trained detector on labelled sessions")
+    s.add_argument("--detector", required=True, choices=DETECTORS)
+    s.add_argument("--model", required=True, metavar="DIR")
+    s.add_argument("--normal", required=True, metavar="FILE")
+    s.add_argument("--abnormal", required=True, metavar="FILE")
+    s.add_argument("--templates", metavar="CSV")
+    s.add_argument("--json", required=True, metavar="OUT")
+    s.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    s.add_argument("--top-g", "-g", dest="g", type=_positive(int), help="override g (deeplog)")
+
+    s = sub.add_parser("alerts", help="read alerts")
+    a = s.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    t = a.add_parser("tail", help="print alerts as they arrive")
+    t.add_argument("--host", action="append", help="only alerts touching this host (repeatable)")
+    t.add_argument("--detector", choices=DETECTORS)
+    t.add_argument("--json", action="store_true", help="one JSON alert per line")
+    t.add_argument("--from-beginning", action="store_true")
+    t.add_argument("--max", type=_positive(int), help="stop after N alerts")
+    t.add_argument("--timeout", type=_positive(float), help="stop after S seconds without an alert")
+
+    s = sub.add_parser("feedback", help="tell logwarden an alert was wrong (or right)")
+    s.add_argument("alert_id")
+    v = s.add_mutually_exclusive_group(required=True)
+    v.add_argument("--false-positive", action="store_true")
+    v.add_argument("--true-positive", action="store_true")
+    s.add_argument("--note")
+
+    s = sub.add_parser("model", help="model versions in MODEL_DIR")
+    a = s.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    t = a.add_parser("list")
+    t.add_argument("--detector", choices=DETECTORS)
+    t = a.add_parser("publish", help="copy a trained model in as the next version")
+    t.add_argument("model", metavar="DIR")
+    t = a.add_parser("rollback", help="set the newest version aside; the previous one is served")
+    t.add_argument("--detector", required=True, choices=DETECTORS)
+
+    s = sub.add_parser("stack", help="a docker compose deployment")
+    a = s.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    t = a.add_parser("check", help="containers healthy, topics present, stages consuming, metrics up")
+    t.add_argument("--project", default="logwarden", help="compose project name")
+    t.add_argument("--prometheus", default="http://127.0.0.1:9090")
+
+    s = sub.add_parser("kafka", help="the local single-node broker (fetched from Maven Central)")
+    s.add_argument("action", choices=("up", "down", "status"))
+
+    s = sub.add_parser("topics", help="create logwarden's topics if missing")
+    s.add_argument("action", choices=("create",))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    module_name, _, func = COMMANDS[args.command].partition(":")
+    try:
+        handler = getattr(importlib.import_module(module_name), func)
+        return int(handler(args) or 0)
+    except (SettingsError, UsageError, FileNotFoundError, IsADirectoryError) as err:
+        print(f"logwarden {args.command}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""One settings model for every stage and command. Environment variables with the prefix
+``LOGWARDEN_`` (e.g. ``LOGWARDEN_KAFKA_BOOTSTRAP``); README's settings table lists them all.
+
+A bad value must stop a stage at start with one clear line, never a traceback: use
+:func:`load_settings`, which turns pydantic's ValidationError into :class:`SettingsError`.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Where `make kafka-up` (services.localkafka) writes the bootstrap address of the local broker.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RUN_DIR = REPO_ROOT / ".run"
+BOOTSTRAP_FILE = RUN_DIR / "kafka.bootstrap"
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; str(err) is one line meant for the operator."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOGWARDEN_", extra="ignore", frozen=True)
+
+    # --- Kafka -----------------------------------------------------------------------------
+    kafka_bootstrap: str | None = Field(
+        None, description="host:port[,host:port]; unset: the local broker in .run/kafka.bootstrap")
+    logs_pattern: str = Field(r"^logs\..*", description="regex of the host topics Filebeat writes")
+    events_topic: str = "logwarden.events"
+    windows_topic: str = "logwarden.windows"
+    alerts_topic: str = "logwarden.alerts"
+    deadletter_topic: str = "logwarden.deadletter"
+    feedback_topic: str = "logwarden.feedback"
+    group_prefix: str = Field("logwarden", description="consumer group = <prefix>.<stage>")
+    topic_partitions: int = Field(6, ge=1, description="partitions of the topics logwarden creates")
+    replication_factor: int = Field(1, ge=1, description="replication of the topics logwarden creates")
+    # Security, passed through to librdkafka unchanged.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: Path | None = None
+    ssl_certificate_location: Path | None = None
+    ssl_key_location: Path | None = None
+    ssl_key_password: SecretStr | None = None
+
+    # --- parse / window ----------------------------------------------------------------------
+    parse_config: Path | None = Field(
+        None, description="YAML with masking rules and session-key extractors; unset: built-in HDFS defaults")
+    max_line_bytes: int = Field(65536, ge=64, description="longer lines go to the dead-letter topic")
+    window_size: int = Field(10, ge=1, description="h: events in a sliding window")
+    session_gap_s: float = Field(600.0, gt=0, description="event-time inactivity that closes a session")
+    session_max_events: int = Field(5000, ge=1, description="a session this long is closed")
+    idle_close_s: float = Field(5.0, gt=0, description="no input for this long closes every open session")
+    time_window_s: float = Field(60.0, gt=0, description="width of per-host time windows (no session key)")
+    state_dir: Path = Field(Path(".run/state"), description="checkpoints of parser and window state")
+
+    # --- detect --------------------------------------------------------------------------
+    model_dir: Path = Field(Path("artifacts/models"), description="model versions: <dir>/<detector>/<version>/")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    detect_batch: int = Field(256, ge=1, description="windows scored per batch")
+    reload_check_s: float = Field(5.0, gt=0, description="how often the worker looks for a newer model")
+
+    # --- metrics -------------------------------------------------------------------------
+    metrics_bind: str = "127.0.0.1"
+    metrics_port: int = Field(9400, ge=0, le=65535, description="0 picks a free port and logs it")
+
+    @field_validator("logs_pattern")
+    @classmethod
+    def _regex_compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"not a valid regular expression ({err})") from None
+        return value
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap_shape(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        for part in value.split(","):
+            host, sep, port = part.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port...], got {value!r}")
+        return value
+
+    # ---------------------------------------------------------------------------------------
+    def bootstrap(self) -> str:
+        """The bootstrap servers: the setting, else the local broker's address file."""
+        if self.kafka_bootstrap:
+            return self.kafka_bootstrap
+        if BOOTSTRAP_FILE.exists():
+            return BOOTSTRAP_FILE.read_text().strip()
+        raise SettingsError(
+            "no Kafka: set LOGWARDEN_KAFKA_BOOTSTRAP=host:port or start the local broker with `make kafka-up`")
+
+    def kafka_config(self) -> dict[str, str]:
+        """librdkafka client settings shared by producers, consumers and the admin client."""
+        conf = {"bootstrap.servers": self.bootstrap(), "security.protocol": self.security_protocol}
+        optional = {
+            "sasl.mechanism": self.sasl_mechanism,
+            "sasl.username": self.sasl_username,
+            "sasl.password": self.sasl_password.get_secret_value() if self.sasl_password else None,
+            "ssl.ca.location": self.ssl_ca_location,
+            "ssl.certificate.location": self.ssl_certificate_location,
+            "ssl.key.location": self.ssl_key_location,
+            "ssl.key.password": self.ssl_key_password.get_secret_value() if self.ssl_key_password else None,
+        }
+        conf.update({k: str(v) for k, v in optional.items() if v is not None})
+        return conf
+
+    def group(self, stage: str) -> str:
+        return f"{self.group_prefix}.{stage}"
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment (plus explicit overrides), or SettingsError with one line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as err:
+        first = err.errors()[0]
+        name = "LOGWARDEN_" + "_".join(str(p) for p in first["loc"]).upper()
+        value = first.get("input")
+        raise SettingsError(f"bad setting {name}={value!r}: {first['msg']}") from None
+
+
+class UsageError(ValueError):
+    """A command was called wrongly (a missing file, a bad combination); str(err) is one line."""
