@@ -19,6 +19,7 @@ UNKNOWN = "unknown"
 @dataclass
 class Sequence:
     keys: list[str]                                  # template ids in event-time order
+    templates: list[str] | None = None               # template texts (unseen ids still have text)
     params: list[list[float]] | None = None          # numeric parameters per event (optional)
     timestamps: list[float] | None = None            # event times (epoch s), for time deltas
     complete: bool = True                            # closed session: judge the end of it too
