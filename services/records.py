@@ -105,6 +105,8 @@ class Window(BaseModel):
     time:    a host's events in [start, end) for logs with no session key.
     """
     window_id: str                 # stable_id(kind, key, first event id, last event id)
+    session_id: str | None = None  # stable_id(key, the session's first event id): same for every
+                                   # sliding window of a session and its closed session window
     kind: WindowKind
     key: str
     hosts: list[str]

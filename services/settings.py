@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     # --- parse / window ----------------------------------------------------------------------
     parse_config: Path | None = Field(
         None, description="YAML with masking rules and session-key extractors; unset: built-in HDFS defaults")
+    template_catalog: Path | None = Field(
+        None, description="CSV EventId,EventTemplate of known templates (e.g. loghub HDFS E1..E30)")
+    freeze_templates: bool = Field(
+        False, description="lines matching no catalog template get template id 'unknown' (not mined)")
     max_line_bytes: int = Field(65536, ge=64, description="longer lines go to the dead-letter topic")
     window_size: int = Field(10, ge=1, description="h: events in a sliding window")
     session_gap_s: float = Field(600.0, gt=0, description="event-time inactivity that closes a session")

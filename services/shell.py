@@ -1,0 +1,306 @@
+"""The one Kafka shell every stage runs in.
+
+    poll a batch -> core.handle(record) -> produce outputs -> (checkpoint) -> wait for acks
+    -> commit offsets; a record the core rejects -> dead-letter topic; metrics around each step.
+
+Offsets are committed only after every output caused by the records before them is
+acknowledged by the broker (idempotent producer, acks=all), so a SIGKILL anywhere replays input,
+never loses it. Stateful cores checkpoint their state *with the input offsets it reflects*
+(services.checkpoint); on assignment the shell seeks to the checkpoint's offsets, so state and
+position always agree. Outputs carry deterministic ids, so the replayed part is recognisable
+downstream as duplicates.
+
+The core is plain Python: it never sees a Kafka object, only `Record`s, and returns `Out`s.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol
+
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from services import metrics
+from services.records import DeadLetter
+from services.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Record:
+    """What a core sees of a consumed Kafka record."""
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+
+
+@dataclass(slots=True)
+class Out:
+    topic: str
+    value: bytes
+    key: str | bytes | None = None
+
+
+class BadRecord(Exception):
+    """Raised by a core for input it cannot process; the record goes to the dead-letter topic."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+class DeliveryFailed(RuntimeError):
+    """An output was not acknowledged; the stage stops without committing (input replays)."""
+
+
+class Core(Protocol):
+    name: str
+
+    def handle(self, record: Record) -> list[Out]: ...
+    def tick(self, now: float) -> list[Out]: ...
+
+
+@dataclass
+class StageSpec:
+    """How to run a core: what it consumes and its consumer group."""
+    name: str
+    topics: list[str]                       # names, or one "^regex"
+    core: Core
+    commit_interval_s: float = 1.0
+    batch_size: int = 2000
+    # Stateful cores: called with the partitions being assigned, returns {(topic, partition):
+    # offset to resume from}; checkpoint() saves state for the offsets just processed.
+    on_assign: object = None
+    on_revoke: object = None
+    checkpoint: object = None
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------
+# Kafka clients
+def producer_config(settings: Settings, **overrides) -> dict:
+    conf = settings.kafka_config() | {
+        "enable.idempotence": True,          # implies acks=all; retries cannot duplicate or reorder
+        "acks": "all",
+        "linger.ms": 10,
+        "batch.size": 1_000_000,
+        "compression.type": "lz4",
+        "queue.buffering.max.messages": 500_000,
+    }
+    return conf | overrides
+
+
+def consumer_config(settings: Settings, group: str, **overrides) -> dict:
+    conf = settings.kafka_config() | {
+        "group.id": group,
+        "enable.auto.commit": False,         # we commit after outputs are acknowledged
+        "auto.offset.reset": "earliest",
+        "enable.partition.eof": False,
+        # A regex subscription sees topics created later only on a metadata refresh.
+        "topic.metadata.refresh.interval.ms": 2000,
+        "fetch.wait.max.ms": 50,
+        "session.timeout.ms": 10_000,
+        "heartbeat.interval.ms": 1000,
+    }
+    return conf | overrides
+
+
+def ensure_topics(settings: Settings, extra: Iterable[str] = ()) -> None:
+    """Create logwarden's own topics when missing (idempotent)."""
+    admin = AdminClient(settings.kafka_config())
+    names = [settings.events_topic, settings.windows_topic, settings.alerts_topic,
+             settings.deadletter_topic, settings.feedback_topic, *extra]
+    existing = set(admin.list_topics(timeout=10).topics)
+    wanted = [NewTopic(n, num_partitions=settings.topic_partitions,
+                       replication_factor=settings.replication_factor)
+              for n in dict.fromkeys(names) if n not in existing]
+    if not wanted:
+        return
+    for name, fut in admin.create_topics(wanted, operation_timeout=30).items():
+        try:
+            fut.result()
+            log.info("created topic %s", name)
+        except KafkaException as err:
+            if "TOPIC_ALREADY_EXISTS" not in str(err):
+                raise
+
+
+def topics_main(args) -> int:
+    ensure_topics(load_settings())
+    return 0
+
+
+def subscription(pattern_or_names: list[str]) -> list[str]:
+    """librdkafka treats a topic starting with '^' as a regex."""
+    out = []
+    for t in pattern_or_names:
+        if any(c in t for c in "*+?[](){}|\\") and not t.startswith("^"):
+            t = "^" + t
+        out.append(t)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+class StageRunner:
+    """Runs one StageSpec: the poll/produce/ack/commit loop."""
+
+    def __init__(self, settings: Settings, spec: StageSpec, stop: threading.Event | None = None):
+        self.settings = settings
+        self.spec = spec
+        self.stop = stop or threading.Event()
+        self.producer = Producer(producer_config(settings))
+        self.consumer = Consumer(consumer_config(settings, settings.group(spec.name)))
+        self._delivery_error: str | None = None
+        self._pending: dict[tuple[str, int], int] = {}   # next offset to commit per partition
+        self._assigned: set[tuple[str, int]] = set()
+        self.last_input = time.monotonic()
+
+    # -- callbacks ----------------------------------------------------------------------------
+    def _on_delivery(self, err, msg) -> None:
+        if err is not None:
+            self._delivery_error = f"{msg.topic()}: {err}"
+        else:
+            metrics.RECORDS_OUT.labels(self.spec.name, msg.topic()).inc()
+
+    def _on_assign(self, consumer, partitions) -> None:
+        self._assigned |= {(p.topic, p.partition) for p in partitions}
+        if self.spec.on_assign:
+            resume = self.spec.on_assign([(p.topic, p.partition) for p in partitions])
+            for p in partitions:
+                if (p.topic, p.partition) in resume:
+                    p.offset = resume[(p.topic, p.partition)]
+            consumer.assign(partitions)
+        log.info("%s: assigned %s", self.spec.name,
+                 ", ".join(f"{p.topic}[{p.partition}]@{p.offset}" for p in partitions))
+
+    def _on_revoke(self, consumer, partitions) -> None:
+        # Hand the partitions over cleanly: everything processed so far is acked and committed.
+        try:
+            self.flush_and_commit()
+        except Exception:   # the new owner replays from the last commit; nothing is lost
+            log.exception("%s: commit on revoke failed", self.spec.name)
+        revoked = [(p.topic, p.partition) for p in partitions]
+        if self.spec.on_revoke:
+            self.spec.on_revoke(revoked)
+        self._assigned -= set(revoked)
+        for tp in revoked:
+            self._pending.pop(tp, None)
+
+    # -- output -------------------------------------------------------------------------------
+    def produce(self, outs: Iterable[Out]) -> None:
+        for out in outs:
+            while True:
+                try:
+                    self.producer.produce(out.topic, out.value, out.key, on_delivery=self._on_delivery)
+                    break
+                except BufferError:          # local queue full: let the producer drain
+                    self.producer.poll(0.05)
+        self.producer.poll(0)
+
+    def dead_letter(self, record: Record, reason: str, detail: str) -> Out:
+        metrics.DEADLETTERS.labels(self.spec.name, reason).inc()
+        letter = DeadLetter(stage=self.spec.name, reason=reason, detail=detail[:500], topic=record.topic,
+                            partition=record.partition, offset=record.offset,
+                            key_b64=DeadLetter.encode(record.key),
+                            value_b64=DeadLetter.encode(record.value or b""), time=time.time())
+        return Out(self.settings.deadletter_topic, letter.model_dump_json().encode(), record.key)
+
+    def flush_and_commit(self) -> None:
+        """Wait for every output to be acknowledged, checkpoint, then commit the input offsets."""
+        remaining = self.producer.flush(30)
+        if remaining or self._delivery_error:
+            raise DeliveryFailed(self._delivery_error or f"{remaining} outputs not acknowledged in 30 s")
+        if not self._pending:
+            return
+        if self.spec.checkpoint:
+            self.spec.checkpoint(dict(self._pending))
+        offsets = [TopicPartition(t, p, off) for (t, p), off in self._pending.items()]
+        self.consumer.commit(offsets=offsets, asynchronous=False)
+        self._pending.clear()
+        metrics.COMMITS.labels(self.spec.name).inc()
+
+    # -- loop ---------------------------------------------------------------------------------
+    def run(self, exit_when_idle: float | None = None) -> None:
+        spec = self.spec
+        metrics.STAGE_INFO.labels(spec.name).set(1)
+        self.consumer.subscribe(subscription(spec.topics), on_assign=self._on_assign,
+                                on_revoke=self._on_revoke)
+        last_commit = last_lag = time.monotonic()
+        try:
+            while not self.stop.is_set():
+                msgs = self.consumer.consume(spec.batch_size, timeout=0.2)
+                started = time.perf_counter()
+                outs: list[Out] = []
+                for msg in msgs:
+                    if msg.error():
+                        log.warning("%s: consume error %s", spec.name, msg.error())
+                        continue
+                    rec = Record(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
+                                 msg.timestamp()[1])
+                    metrics.RECORDS_IN.labels(spec.name, rec.topic).inc()
+                    try:
+                        outs.extend(spec.core.handle(rec))
+                    except BadRecord as bad:
+                        outs.append(self.dead_letter(rec, bad.reason, bad.detail))
+                    except Exception as err:   # a bug must not stop the stream: keep the record
+                        log.exception("%s: failed on %s[%d]@%d", spec.name, rec.topic, rec.partition, rec.offset)
+                        outs.append(self.dead_letter(rec, "stage_error", f"{type(err).__name__}: {err}"))
+                    self._pending[(rec.topic, rec.partition)] = rec.offset + 1
+                now = time.monotonic()
+                if msgs:
+                    self.last_input = now
+                    metrics.BATCH_SECONDS.labels(spec.name).observe(time.perf_counter() - started)
+                outs.extend(spec.core.tick(time.time()))
+                self.produce(outs)
+                if self._delivery_error:
+                    raise DeliveryFailed(self._delivery_error)
+                if now - last_commit >= spec.commit_interval_s:
+                    self.flush_and_commit()
+                    last_commit = now
+                if now - last_lag >= 5:
+                    self._export_lag()
+                    last_lag = now
+                if exit_when_idle and now - self.last_input >= exit_when_idle and not outs:
+                    log.info("%s: idle for %.1f s, stopping", spec.name, exit_when_idle)
+                    break
+            self.flush_and_commit()
+        finally:
+            metrics.STAGE_INFO.labels(spec.name).set(0)
+            self.consumer.close()          # leaves the group now, so a restart rebalances fast
+
+    def _export_lag(self) -> None:
+        try:
+            parts = self.consumer.assignment()
+            if not parts:
+                return
+            positions = {(p.topic, p.partition): p.offset for p in self.consumer.position(parts)}
+            lag: dict[str, int] = {}
+            for p in parts:
+                low, high = self.consumer.get_watermark_offsets(p, timeout=1, cached=True)
+                pos = positions.get((p.topic, p.partition), -1)
+                behind = high - (pos if pos >= 0 else low)
+                lag[p.topic] = lag.get(p.topic, 0) + max(0, behind)
+            for topic, value in lag.items():
+                metrics.CONSUMER_LAG.labels(self.spec.name, topic).set(value)
+        except KafkaException as err:
+            log.debug("lag export failed: %s", err)
+
+
+def json_out(topic: str, payload: dict | object, key: str | None) -> Out:
+    if hasattr(payload, "model_dump_json"):
+        data = payload.model_dump_json(by_alias=True).encode()
+    else:
+        data = json.dumps(payload, separators=(",", ":")).encode()
+    return Out(topic, data, key)
+
+
+HOST_TOPIC = re.compile(r"^logs\.(?P<host>.+)$")
