@@ -72,6 +72,7 @@ class Source(BaseModel):
     offset: int
     file_path: str = Field(alias="log.file.path")
     file_offset: int = Field(alias="log.offset")
+    kafka_timestamp: float | None = None   # when the line was produced to logs.<host> (epoch s)
 
 
 class ParsedEvent(BaseModel):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -161,6 +160,7 @@ class StageRunner:
         self.consumer = Consumer(consumer_config(settings, settings.group(spec.name)))
         self._delivery_error: str | None = None
         self._pending: dict[tuple[str, int], int] = {}   # next offset to commit per partition
+        self._produced = False                            # outputs since the last checkpoint
         self._assigned: set[tuple[str, int]] = set()
         self.last_input = time.monotonic()
 
@@ -184,7 +184,11 @@ class StageRunner:
 
     def _on_revoke(self, consumer, partitions) -> None:
         # Hand the partitions over cleanly: everything processed so far is acked and committed.
+        # A core that buffers input (detect batches windows) emits what it holds first.
+        drain = getattr(self.spec.core, "drain", None)
         try:
+            if drain:
+                self.produce(drain())
             self.flush_and_commit()
         except Exception:   # the new owner replays from the last commit; nothing is lost
             log.exception("%s: commit on revoke failed", self.spec.name)
@@ -201,6 +205,7 @@ class StageRunner:
             while True:
                 try:
                     self.producer.produce(out.topic, out.value, out.key, on_delivery=self._on_delivery)
+                    self._produced = True
                     break
                 except BufferError:          # local queue full: let the producer drain
                     self.producer.poll(0.05)
@@ -219,10 +224,13 @@ class StageRunner:
         remaining = self.producer.flush(30)
         if remaining or self._delivery_error:
             raise DeliveryFailed(self._delivery_error or f"{remaining} outputs not acknowledged in 30 s")
+        # State changes without input too (a tick closes idle sessions): checkpoint then as well,
+        # or a restart would close those sessions a second time.
+        if self.spec.checkpoint and (self._pending or self._produced):
+            self.spec.checkpoint(dict(self._pending))
+        self._produced = False
         if not self._pending:
             return
-        if self.spec.checkpoint:
-            self.spec.checkpoint(dict(self._pending))
         offsets = [TopicPartition(t, p, off) for (t, p), off in self._pending.items()]
         self.consumer.commit(offsets=offsets, asynchronous=False)
         self._pending.clear()
@@ -237,6 +245,11 @@ class StageRunner:
         last_commit = last_lag = time.monotonic()
         try:
             while not self.stop.is_set():
+                if not getattr(spec.core, "ready", lambda: True)():
+                    # e.g. detect without a model: leave the input in Kafka until it can be judged
+                    self.produce(spec.core.tick(time.time()))
+                    self.stop.wait(0.5)
+                    continue
                 msgs = self.consumer.consume(spec.batch_size, timeout=0.2)
                 started = time.perf_counter()
                 outs: list[Out] = []
@@ -302,5 +315,3 @@ def json_out(topic: str, payload: dict | object, key: str | None) -> Out:
         data = json.dumps(payload, separators=(",", ":")).encode()
     return Out(topic, data, key)
 
-
-HOST_TOPIC = re.compile(r"^logs\.(?P<host>.+)$")

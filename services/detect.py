@@ -1,0 +1,249 @@
+"""detect: windows -> alerts. The GPU worker.
+
+`DetectCore` is pure (windows in, alerts out; no Kafka): it turns each window into a
+`models.base.Sequence`, batches them across keys per detector, calls `Detector.score` — the very
+call evaluation makes — and keeps one alert per (session, detector):
+
+  sliding window, anomalous  -> alert "open" at the first anomalous event, "update" after that
+                                (same alert id: stable_id(detector, session id))
+  closed session window      -> "final": the verdict on the whole session, which is exactly the
+                                batch evaluation verdict; a session that was never flagged and is
+                                normal produces no alert (only a metric)
+
+`ModelSet` serves the newest version of each detector in MODEL_DIR and reloads when a newer
+version appears (or the newest is rolled back).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from models import artifacts
+from models.base import Detector, Sequence, Verdict, pick_device
+from services import metrics
+from services.records import Alert, AlertEvent, ExpectedKey, ParsedEvent, Window, stable_id
+from services.settings import Settings
+from services.shell import BadRecord, Out, Record, StageSpec
+
+log = logging.getLogger(__name__)
+
+
+def numeric_params(params: list[str]) -> list[float]:
+    out = []
+    for p in params:
+        try:
+            out.append(float(p))
+        except ValueError:
+            continue
+    return out
+
+
+def to_sequence(window: Window) -> Sequence:
+    """The detector's view of a window; the same function builds sequences for evaluation."""
+    events = window.events
+    if window.kind == "sliding":
+        complete, judge_from = False, max(0, len(events) - 1)
+    else:
+        complete, judge_from = True, 0
+    return Sequence(keys=[e.template_id for e in events], templates=[e.template for e in events],
+                    params=[numeric_params(e.params) for e in events],
+                    timestamps=[e.timestamp for e in events], complete=complete,
+                    start=window.first_index == 0, judge_from=judge_from)
+
+
+def session_id(window: Window) -> str:
+    if window.session_id:
+        return window.session_id
+    return stable_id(window.key, window.events[0].event_id if window.events else "")
+
+
+class ModelSet:
+    """The newest model version of each detector found in MODEL_DIR."""
+
+    def __init__(self, model_dir: Path, device: str = "auto", detectors: tuple[str, ...] = tuple(artifacts.DETECTORS)):
+        self.model_dir = Path(model_dir)
+        self.device = pick_device(device)
+        self.names = detectors
+        self.loaded: dict[str, tuple[str, Detector]] = {}   # name -> (version dir name, detector)
+
+    def refresh(self) -> bool:
+        """Load any detector whose newest version changed; True when something changed."""
+        changed = False
+        for name in self.names:
+            newest = artifacts.latest(self.model_dir, name)
+            current = self.loaded.get(name)
+            if newest is None:
+                if current:
+                    log.warning("%s: no model version left in %s; detector stopped", name, self.model_dir)
+                    metrics.MODEL_VERSION.labels(name, current[0]).set(0)
+                    del self.loaded[name]
+                    changed = True
+                continue
+            if current and current[0] == newest.name:
+                continue
+            try:
+                detector = artifacts.load(newest, device=self.device)
+            except Exception:
+                log.exception("%s: cannot load %s; keeping the current version", name, newest)
+                continue
+            if current:
+                metrics.MODEL_VERSION.labels(name, current[0]).set(0)
+            metrics.MODEL_VERSION.labels(name, newest.name).set(1)
+            self.loaded[name] = (newest.name, detector)
+            log.info("%s: serving %s on %s", name, newest, self.device)
+            changed = True
+        return changed
+
+
+class DetectCore:
+    def __init__(self, models: dict[str, tuple[str, Detector]], max_alerts: int = 100_000,
+                 dedup_windows: int = 200_000):
+        self.models = models
+        self.open: OrderedDict[tuple[str, str], Alert] = OrderedDict()   # (detector, session) -> alert
+        self.max_alerts = max_alerts
+        self.texts: dict[str, str] = {}                                  # template id -> text
+        self._seen: OrderedDict[str, None] = OrderedDict()               # window ids (at-least-once)
+        self._dedup_windows = dedup_windows
+
+    def _fresh(self, window: Window) -> bool:
+        if window.window_id in self._seen:
+            return False
+        self._seen[window.window_id] = None
+        if len(self._seen) > self._dedup_windows:
+            self._seen.popitem(last=False)
+        return True
+
+    def process(self, windows: list[Window], now: float | None = None) -> list[Alert]:
+        windows = [w for w in windows if w.events and self._fresh(w)]
+        for w in windows:
+            for e in w.events:
+                self.texts.setdefault(e.template_id, e.template)
+        alerts: list[Alert] = []
+        if not windows:
+            return alerts
+        sequences = [to_sequence(w) for w in windows]
+        for name, (version, detector) in self.models.items():
+            started = time.perf_counter()
+            verdicts = detector.score(sequences)
+            metrics.SCORE_SECONDS.labels(name).observe(time.perf_counter() - started)
+            for window, verdict in zip(windows, verdicts):
+                metrics.WINDOWS_SCORED.labels(name, window.kind).inc()
+                alert = self._alert(name, version, window, verdict, now or time.time())
+                if alert:
+                    alerts.append(alert)
+        return alerts
+
+    # ------------------------------------------------------------------------------------
+    def _alert(self, name: str, version: str, window: Window, verdict: Verdict, now: float) -> Alert | None:
+        sid = session_id(window)
+        slot = (name, sid)
+        previous = self.open.get(slot)
+        closed = window.kind != "sliding"
+        if closed:
+            self.open.pop(slot, None)
+            metrics.SESSIONS_JUDGED.labels(name, "anomalous" if verdict.anomalous else "normal").inc()
+            if not verdict.anomalous and previous is None:
+                return None
+            status = "final"
+        else:
+            if not verdict.anomalous:
+                return None
+            status = "update" if previous else "open"
+        alert = self._build(name, version, window, verdict, status, previous, now)
+        if not closed:
+            self.open[slot] = alert
+            if len(self.open) > self.max_alerts:       # sessions that never closed: forget the oldest
+                self.open.popitem(last=False)
+        if verdict.anomalous and previous is None:
+            metrics.ANOMALIES.labels(alert.hosts[0] if alert.hosts else "", name).inc()
+            metrics.ANOMALOUS_TEMPLATES.labels(name, alert.first_anomaly.template_id).inc()
+        metrics.ALERTS.labels(name, status).inc()
+        return alert
+
+    def _key(self, template_id: str, probability: float | None = None) -> ExpectedKey:
+        return ExpectedKey(template_id=template_id, template=self.texts.get(template_id), probability=probability)
+
+    def _build(self, name, version, window: Window, verdict: Verdict, status, previous: Alert | None,
+               now: float) -> Alert:
+        events = window.events
+        if verdict.anomalies:
+            first = verdict.anomalies[0]
+            pos = min(first.position, len(events) - 1)     # position len(events) = the session end
+            kind, expected, observed = first.kind, first.expected, first.observed
+            details = dict(first.details)
+        else:                                               # a cleared alert: nothing anomalous
+            pos, kind, expected, observed, details = len(events) - 1, "none", [], events[-1].template_id, {}
+        details.update({k: v for k, v in verdict.details.items() if k not in details})
+        event: ParsedEvent = events[pos]
+        anomaly_event = event if previous is None or status == "final" else None
+        if anomaly_event is None:      # an update keeps the first anomalous event of the alert
+            first_event = previous.first_anomaly
+        else:
+            first_event = AlertEvent(position=window.first_index + pos, template_id=event.template_id,
+                                     template=event.template, message=event.message,
+                                     timestamp=event.timestamp, source=event.source)
+        count = (previous.anomalies + 1) if previous and status != "final" else max(1, len(verdict.anomalies))
+        return Alert(
+            alert_id=stable_id(name, session_id(window)), status=status, detector=name,
+            model_version=version, key=window.key,
+            hosts=sorted(set(window.hosts) | set(previous.hosts if previous else [])),
+            anomalous=verdict.anomalous,
+            severity="critical" if status == "final" and verdict.anomalous else ("warning" if verdict.anomalous else "info"),
+            score=float(verdict.score), kind=kind, first_anomaly=first_event,
+            expected=[self._key(k, p) for k, p in expected],
+            observed=self._key(observed),
+            window=[self._key(e.template_id) for e in events[max(0, pos - 10):pos]],
+            anomalies=count, event_time=event.timestamp, detection_time=now, details=details)
+
+
+class DetectStage:
+    """Kafka adapter: buffers windows of a consumed batch, scores them together in tick()."""
+    name = "detect"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.models = ModelSet(settings.model_dir, settings.device)
+        self.models.refresh()
+        if not self.models.loaded:
+            log.warning("no model in %s yet: windows are consumed only once a model appears", settings.model_dir)
+        self.core = DetectCore(self.models.loaded)
+        self.buffer: list[Window] = []
+        self.last_check = time.monotonic()
+
+    def ready(self) -> bool:
+        return bool(self.models.loaded)
+
+    def handle(self, rec: Record) -> list[Out]:
+        try:
+            window = Window.model_validate_json(rec.value or b"")
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise BadRecord("bad_window", f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        self.buffer.append(window)
+        return self.drain() if len(self.buffer) >= self.settings.detect_batch else []
+
+    def drain(self) -> list[Out]:
+        windows, self.buffer = self.buffer, []
+        alerts = self.core.process(windows)
+        topic = self.settings.alerts_topic
+        outs = []
+        for a in alerts:
+            src = a.first_anomaly.source
+            if src is not None and src.kafka_timestamp and a.status == "open":
+                metrics.ALERT_LATENCY.labels(a.detector).observe(max(0.0, time.time() - src.kafka_timestamp))
+            outs.append(Out(topic, a.model_dump_json(by_alias=True).encode(), a.alert_id))
+        return outs
+
+    def tick(self, now: float) -> list[Out]:
+        if time.monotonic() - self.last_check >= self.settings.reload_check_s:
+            self.last_check = time.monotonic()
+            if self.models.refresh():
+                self.core.models = self.models.loaded
+        return self.drain()
+
+    def spec(self) -> StageSpec:
+        return StageSpec(self.name, [self.settings.windows_topic], self, batch_size=self.settings.detect_batch)

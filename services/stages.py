@@ -1,0 +1,306 @@
+"""The dataflow, in one place: which topic feeds which stage and what comes out.
+
+    logs.<host>  (LOGS_PATTERN)  --parse-->   EVENTS_TOPIC   key = session key (blk_..., else host)
+    EVENTS_TOPIC                 --window-->  WINDOWS_TOPIC  key = session key
+    WINDOWS_TOPIC                --detect-->  ALERTS_TOPIC   key = alert id
+    FEEDBACK_TOPIC               --feedback-> new model version in MODEL_DIR (workers reload it)
+    any bad record               ----------> DEADLETTER_TOPIC
+
+Each stage below is a thin adapter from Kafka `Record`s to a pure core (services.parse,
+services.window, services.detect) run by the one shell (services.shell). `logwarden run all`
+runs every stage in one process, each in its own thread with its own consumer group member.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from services import checkpoint, metrics
+from services.records import FilebeatEvent, ParsedEvent, Source
+from services.settings import Settings, UsageError, load_settings
+from services.shell import BadRecord, Out, Record, StageRunner, StageSpec, ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------
+# parse: logs.<host> -> events
+def classify_envelope_error(value: bytes, err: ValidationError) -> BadRecord:
+    """Name why a Filebeat record was rejected, in the dead-letter vocabulary."""
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return BadRecord("not_utf8", f"invalid UTF-8 at byte {bad.start}")
+    first = err.errors()[0]
+    if first["type"] == "json_invalid":
+        return BadRecord("not_json", f"not JSON: {first['msg']}")
+    if first["type"] == "model_type":
+        return BadRecord("not_json_object", "JSON value is not an object")
+    where = ".".join(str(p) for p in first["loc"])
+    if where == "message" and first["type"] == "missing":
+        return BadRecord("missing_message", "Filebeat record has no 'message'")
+    return BadRecord("bad_envelope", f"{where}: {first['msg']}")
+
+
+def looks_binary(text: str) -> bool:
+    """NUL or mostly control characters: not a log line a template can describe."""
+    if "\x00" in text:
+        return True
+    control = sum(1 for c in text if c < " " and c not in "\t")
+    return control > max(2, len(text) // 10)
+
+
+class ParseStage:
+    name = "parse"
+
+    def __init__(self, settings: Settings):
+        from services.parse import Deduper, ParseConfig, ParseCore, load_catalog
+
+        self.settings = settings
+        catalog = load_catalog(settings.template_catalog) if settings.template_catalog else None
+        self.core = ParseCore(ParseConfig.load(settings.parse_config), catalog=catalog,
+                              frozen=settings.freeze_templates)
+        self.dedup = Deduper()
+        self.state_path = Path(settings.state_dir) / "parse" / f"{settings.group('parse')}.ckpt"
+        saved = checkpoint.load(self.state_path)
+        if saved:
+            self.restore(saved[0])
+        self._templates_seen = 0
+
+    # state = miner + dedup marks; template ids are derived from template text, so a replica
+    # that starts without this file still gives every template the same id.
+    def snapshot(self) -> bytes:
+        import json
+
+        return json.dumps({"core": self.core.snapshot().decode(), "dedup": self.dedup.snapshot().decode()}).encode()
+
+    def restore(self, data: bytes) -> None:
+        import json
+
+        state = json.loads(data)
+        self.core.restore(state["core"].encode())
+        self.dedup.restore(state["dedup"].encode())
+
+    def checkpoint(self, offsets: dict[tuple[str, int], int]) -> None:
+        checkpoint.save(self.state_path, self.snapshot(), {f"{t}:{p}": o for (t, p), o in offsets.items()})
+
+    def handle(self, rec: Record) -> list[Out]:
+        value = rec.value
+        if not value:
+            raise BadRecord("empty", "record has no value")
+        if len(value) > self.settings.max_line_bytes + 16384:   # envelope around the line
+            raise BadRecord("line_too_long", f"record of {len(value)} bytes")
+        try:
+            event = FilebeatEvent.model_validate_json(value)
+        except ValidationError as err:
+            raise classify_envelope_error(value, err) from None
+        message = event.message.rstrip("\r\n")
+        if len(message) > self.settings.max_line_bytes:
+            raise BadRecord("line_too_long", f"line of {len(message)} characters > LOGWARDEN_MAX_LINE_BYTES")
+        if looks_binary(message):
+            raise BadRecord("binary", "line holds NUL or control bytes")
+        host = event.host.name
+        if self.dedup.seen(host, event.log.file.path, event.log.offset):
+            metrics.DUPLICATES.labels(self.name).inc()
+            return []
+        source = Source(host=host, topic=rec.topic, partition=rec.partition, offset=rec.offset,
+                        file_path=event.log.file.path, file_offset=event.log.offset,
+                        kafka_timestamp=rec.timestamp_ms / 1000 if rec.timestamp_ms > 0 else None)
+        started = time.perf_counter()
+        from services.parse import ParseError
+
+        try:
+            parsed = self.core.parse(message, host, source, event.timestamp.timestamp())
+        except ParseError as err:
+            raise BadRecord(err.reason, err.detail) from None
+        metrics.PARSE_SECONDS.observe(time.perf_counter() - started)
+        metrics.LINES.labels(host).inc()
+        topic = self.settings.events_topic
+        return [Out(topic, ev.model_dump_json(by_alias=True).encode(), ev.key) for ev in parsed]
+
+    def tick(self, now: float) -> list[Out]:
+        self._export_counters()
+        return []
+
+    def _export_counters(self) -> None:
+        stats = self.core.stats() if hasattr(self.core, "stats") else {}
+        if "catalog_templates" in stats:
+            metrics.TEMPLATES.labels("catalog").set(stats["catalog_templates"])
+        if "mined_templates" in stats:
+            mined = stats["mined_templates"]
+            metrics.TEMPLATES.labels("mined").set(mined)
+            if mined > self._templates_seen:
+                metrics.NEW_TEMPLATES.inc(mined - self._templates_seen)
+                self._templates_seen = mined
+        if "unknown" in stats:
+            unknown = stats["unknown"]
+            delta = unknown - getattr(self, "_unknown_seen", 0)
+            if delta > 0:
+                metrics.UNKNOWN_LINES.inc(delta)
+            self._unknown_seen = unknown
+
+    def spec(self) -> StageSpec:
+        return StageSpec(self.name, [self.settings.logs_pattern], self,
+                         checkpoint=self.checkpoint, on_assign=self.on_assign)
+
+    def on_assign(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """Resume where the checkpointed miner/dedup state ends (it can be ahead of the commit)."""
+        saved = checkpoint.load(self.state_path)
+        if not saved:
+            return {}
+        offsets = saved[1]
+        return {tp: offsets[f"{tp[0]}:{tp[1]}"] for tp in partitions if f"{tp[0]}:{tp[1]}" in offsets}
+
+
+# ------------------------------------------------------------------------------------------
+# window: events -> windows (one WindowCore per input partition: a key lives in one partition)
+class WindowStage:
+    name = "window"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.cores: dict[tuple[str, int], object] = {}
+        self.next_offset: dict[tuple[str, int], int] = {}
+        self.state_dir = Path(settings.state_dir) / "window" / settings.group("window")
+
+    def _new_core(self):
+        from services.window import WindowCore
+
+        s = self.settings
+        return WindowCore(window_size=s.window_size, session_gap_s=s.session_gap_s,
+                          session_max_events=s.session_max_events, idle_close_s=s.idle_close_s,
+                          time_window_s=s.time_window_s)
+
+    def _path(self, tp: tuple[str, int]) -> Path:
+        return self.state_dir / f"{tp[0]}-{tp[1]}.ckpt"
+
+    def on_assign(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        resume = {}
+        for tp in partitions:
+            core = self._new_core()
+            saved = checkpoint.load(self._path(tp))
+            if saved:
+                core.restore(saved[0])
+                resume[tp] = saved[1]["next"]
+                self.next_offset[tp] = saved[1]["next"]
+            self.cores[tp] = core
+        self._export_open()
+        return resume
+
+    def on_revoke(self, partitions: list[tuple[str, int]]) -> None:
+        for tp in partitions:          # their state was checkpointed by the commit on revoke
+            self.cores.pop(tp, None)
+            self.next_offset.pop(tp, None)
+
+    def checkpoint(self, offsets: dict[tuple[str, int], int]) -> None:
+        for tp, core in self.cores.items():
+            if tp in self.next_offset:
+                checkpoint.save(self._path(tp), core.snapshot(), {"next": self.next_offset[tp]})
+
+    def handle(self, rec: Record) -> list[Out]:
+        try:
+            event = ParsedEvent.model_validate_json(rec.value or b"")
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise BadRecord("bad_event", f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        tp = (rec.topic, rec.partition)
+        core = self.cores.get(tp)
+        if core is None:               # assignment without callback (manual assign in tests)
+            core = self.cores[tp] = self._new_core()
+        self.next_offset[tp] = rec.offset + 1
+        return self._outs(core.process(event, time.time()))
+
+    def tick(self, now: float) -> list[Out]:
+        outs = []
+        for core in self.cores.values():
+            outs.extend(self._outs(core.tick(now)))
+        self._export_open()
+        return outs
+
+    def _outs(self, windows) -> list[Out]:
+        topic = self.settings.windows_topic
+        outs = []
+        for w in windows:
+            metrics.WINDOWS.labels(w.kind).inc()
+            if w.kind == "session":
+                metrics.SESSIONS_CLOSED.labels(w.closed_reason or "unknown").inc()
+            outs.append(Out(topic, w.model_dump_json(by_alias=True).encode(), w.key))
+        return outs
+
+    def _export_open(self) -> None:
+        metrics.OPEN_SESSIONS.set(sum(c.open_sessions for c in self.cores.values()))
+
+    def spec(self) -> StageSpec:
+        return StageSpec(self.name, [self.settings.events_topic], self, on_assign=self.on_assign,
+                         on_revoke=self.on_revoke, checkpoint=self.checkpoint)
+
+
+# ------------------------------------------------------------------------------------------
+def build(stage: str, settings: Settings) -> StageSpec:
+    if stage == "parse":
+        return ParseStage(settings).spec()
+    if stage == "window":
+        return WindowStage(settings).spec()
+    if stage == "detect":
+        from services.detect import DetectStage
+
+        return DetectStage(settings).spec()
+    if stage == "feedback":
+        from services.feedback import FeedbackStage
+
+        return FeedbackStage(settings).spec()
+    raise UsageError(f"unknown stage {stage!r}")
+
+
+ALL_STAGES = ("parse", "window", "detect", "feedback")
+
+
+def run(stages: list[str], settings: Settings, exit_when_idle: float | None = None,
+        stop: threading.Event | None = None) -> None:
+    """Run stages until stopped (SIGTERM/SIGINT, `stop`, or idle for exit_when_idle seconds)."""
+    stop = stop or threading.Event()
+    ensure_topics(settings)
+    runners = [StageRunner(settings, build(name, settings), stop) for name in stages]
+    if len(runners) == 1:
+        runners[0].run(exit_when_idle)
+        return
+    errors: list[BaseException] = []
+
+    def target(runner: StageRunner) -> None:
+        try:
+            runner.run(exit_when_idle)
+        except BaseException as err:   # one stage failing stops the process: restart replays
+            errors.append(err)
+            stop.set()
+
+    threads = [threading.Thread(target=target, args=(r,), name=r.spec.name, daemon=True) for r in runners]
+    for t in threads:
+        t.start()
+    # With exit_when_idle, upstream idleness must not stop downstream stages that are still
+    # draining: each stage decides for itself, and `all` ends when every stage has.
+    while any(t.is_alive() for t in threads):
+        for t in threads:
+            t.join(0.2)
+    if errors:
+        raise errors[0]
+
+
+def main(args) -> int:
+    settings = load_settings()
+    stages = list(ALL_STAGES) if args.stage == "all" else [args.stage]
+    metrics.serve(settings.metrics_bind, settings.metrics_port)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        log.info("signal %d: stopping after the current batch", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    run(stages, settings, getattr(args, "exit_when_idle", None), stop)
+    return 0
