@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     deadletter_topic: str = "logwarden.deadletter"
     feedback_topic: str = "logwarden.feedback"
     group_prefix: str = Field("logwarden", description="consumer group = <prefix>.<stage>")
+    instance_id: str | None = Field(
+        None, description="static group membership: a restarted stage with the same id gets its "
+                          "partitions back at once instead of after the session timeout")
     topic_partitions: int = Field(6, ge=1, description="partitions of the topics logwarden creates")
     replication_factor: int = Field(1, ge=1, description="replication of the topics logwarden creates")
     # Security, passed through to librdkafka unchanged.

@@ -157,7 +157,8 @@ class StageRunner:
         self.spec = spec
         self.stop = stop or threading.Event()
         self.producer = Producer(producer_config(settings))
-        self.consumer = Consumer(consumer_config(settings, settings.group(spec.name)))
+        extra = {"group.instance.id": f"{settings.instance_id}.{spec.name}"} if settings.instance_id else {}
+        self.consumer = Consumer(consumer_config(settings, settings.group(spec.name), **extra))
         self._delivery_error: str | None = None
         self._pending: dict[tuple[str, int], int] = {}   # next offset to commit per partition
         self._produced = False                            # outputs since the last checkpoint

@@ -1,0 +1,101 @@
+"""Helpers for end-to-end tests of the stages through the real broker."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from confluent_kafka import Consumer
+
+from services.records import Window
+from services.settings import Settings
+
+BLOCK = re.compile(r"blk_-?\d+")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def deal_lines(src: Path, hosts: list[str], out_dir: Path) -> dict[str, Path]:
+    """Deal the lines of one log across hosts (line i -> hosts[i % n]), one file per host,
+    as if each host had written its share: blocks then span hosts."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {h: open(out_dir / f"{h}.log", "wb") for h in hosts}
+    with open(src, "rb") as fh:
+        for i, line in enumerate(fh):
+            files[hosts[i % len(hosts)]].write(line)
+    for f in files.values():
+        f.close()
+    return {h: out_dir / f"{h}.log" for h in hosts}
+
+
+def lines_by_block(src: Path) -> dict[str, list[str]]:
+    """Ground truth: every line naming a block, per block (a line naming two belongs to both)."""
+    blocks: dict[str, list[str]] = defaultdict(list)
+    with open(src, encoding="utf-8", newline="") as fh:
+        for line in fh:
+            text = line.rstrip("\r\n")
+            for blk in dict.fromkeys(BLOCK.findall(text)):
+                blocks[blk].append(text)
+    return dict(blocks)
+
+
+def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """Environment that gives a `logwarden` subprocess exactly these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOGWARDEN_")}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        env[f"LOGWARDEN_{name.upper()}"] = str(value)
+    env.update(extra)
+    return env
+
+
+def logwarden(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("logwarden")
+    return subprocess.Popen([str(exe), *args], env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                            cwd=REPO)
+
+
+def collect_windows(settings: Settings, stop: threading.Event, out: list[Window], kinds=("session",)) -> None:
+    """Consume WINDOWS_TOPIC from the beginning into `out` until `stop` is set."""
+    consumer = Consumer(settings.kafka_config() | {
+        "group.id": f"{settings.group_prefix}.test-reader", "auto.offset.reset": "earliest",
+        "enable.auto.commit": False})
+    consumer.subscribe([settings.windows_topic])
+    try:
+        while not stop.is_set():
+            for msg in consumer.consume(500, timeout=0.2):
+                if msg.error():
+                    continue
+                w = Window.model_validate_json(msg.value())
+                if w.kind in kinds:
+                    out.append(w)
+    finally:
+        consumer.close()
+
+
+def wait_until(predicate, timeout: float, every: float = 0.25, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def unique_sessions(windows: list[Window]) -> dict[str, Window]:
+    """Closed session windows by key, replays (same window id) counted once; a key closed twice
+    with different content is a failure the caller sees as a duplicate key."""
+    by_id = {w.window_id: w for w in windows}
+    by_key: dict[str, list[Window]] = defaultdict(list)
+    for w in by_id.values():
+        by_key[w.key].append(w)
+    dupes = {k: len(v) for k, v in by_key.items() if len(v) > 1}
+    assert not dupes, f"keys with more than one distinct session window: {list(dupes.items())[:5]}"
+    return {k: v[0] for k, v in by_key.items()}
