@@ -30,11 +30,11 @@ class Settings(BaseSettings):
     kafka_bootstrap: str | None = Field(
         None, description="host:port[,host:port]; unset: the local broker in .run/kafka.bootstrap")
     logs_pattern: str = Field(r"^logs\..*", description="regex of the host topics Filebeat writes")
-    events_topic: str = "logwarden.events"
-    windows_topic: str = "logwarden.windows"
-    alerts_topic: str = "logwarden.alerts"
-    deadletter_topic: str = "logwarden.deadletter"
-    feedback_topic: str = "logwarden.feedback"
+    events_topic: str = Field("logwarden.events", description="parsed events, keyed by session key")
+    windows_topic: str = Field("logwarden.windows", description="sliding, session and time windows")
+    alerts_topic: str = Field("logwarden.alerts", description="alerts, keyed by alert id")
+    deadletter_topic: str = Field("logwarden.deadletter", description="records a stage could not process")
+    feedback_topic: str = Field("logwarden.feedback", description="operator verdicts on alerts")
     group_prefix: str = Field("logwarden", description="consumer group = <prefix>.<stage>")
     instance_id: str | None = Field(
         None, description="static group membership: a restarted stage with the same id gets its "
@@ -42,13 +42,15 @@ class Settings(BaseSettings):
     topic_partitions: int = Field(6, ge=1, description="partitions of the topics logwarden creates")
     replication_factor: int = Field(1, ge=1, description="replication of the topics logwarden creates")
     # Security, passed through to librdkafka unchanged.
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER"] | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (passed to librdkafka)")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER"] | None = Field(
+        None, description="PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, GSSAPI or OAUTHBEARER")
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
-    ssl_ca_location: Path | None = None
-    ssl_certificate_location: Path | None = None
-    ssl_key_location: Path | None = None
+    ssl_ca_location: Path | None = Field(None, description="CA certificate file")
+    ssl_certificate_location: Path | None = Field(None, description="client certificate file")
+    ssl_key_location: Path | None = Field(None, description="client key file")
     ssl_key_password: SecretStr | None = None
 
     # --- parse / window ----------------------------------------------------------------------
@@ -68,12 +70,13 @@ class Settings(BaseSettings):
 
     # --- detect --------------------------------------------------------------------------
     model_dir: Path = Field(Path("artifacts/models"), description="model versions: <dir>/<detector>/<version>/")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto, cpu or cuda (auto: CUDA when torch finds a GPU)")
     detect_batch: int = Field(256, ge=1, description="windows scored per batch")
     reload_check_s: float = Field(5.0, gt=0, description="how often the worker looks for a newer model")
 
     # --- metrics -------------------------------------------------------------------------
-    metrics_bind: str = "127.0.0.1"
+    metrics_bind: str = Field("127.0.0.1", description="address of the /metrics endpoint")
     metrics_port: int = Field(9400, ge=0, le=65535, description="0 picks a free port and logs it")
 
     @field_validator("logs_pattern")
@@ -123,6 +126,15 @@ class Settings(BaseSettings):
 
     def group(self, stage: str) -> str:
         return f"{self.group_prefix}.{stage}"
+
+
+def settings_table() -> str:
+    """The README's settings table, generated from this model (tests/test_readme.py compares)."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = "" if field.default is None else f"`{field.default}`"
+        rows.append(f"| `LOGWARDEN_{name.upper()}` | {default} | {field.description or ''} |")
+    return "\n".join(rows)
 
 
 def load_settings(**overrides) -> Settings:
