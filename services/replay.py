@@ -1,0 +1,382 @@
+"""`logwarden replay FILE... --host NAME`: produce log files to ``logs.<host>`` exactly as
+Filebeat 8.x's filestream input + Kafka output (codec.json) would, one record per line.
+
+It is how users backfill history and how the demo, tests and benchmarks feed the pipeline, so
+the per-line path is kept minimal: the JSON document is assembled from pre-encoded pieces around
+the two per-line values (offset, message) instead of building dicts or pydantic models.
+
+What Filebeat writes, and what this module copies (beats: libbeat/outputs/codec/json,
+libbeat/reader/readfile/metafields.go, filebeat/input/filestream/input.go):
+  * ``@timestamp``: the time the line was read, UTC, millisecond precision, ``...SSSZ``;
+  * ``@metadata``: ``{"beat": "filebeat", "type": "_doc", "version": <beat version>}``;
+  * ``log.offset``: byte offset of the line's first byte in the file; ``log.file.path`` (absolute),
+    ``log.file.device_id`` and ``log.file.inode`` (decimal strings, filestream on Linux);
+  * ``message``: the line without its terminator (``\\n`` or ``\\r\\n``); empty lines are not sent
+    (their bytes still count for the offsets of later lines);
+  * ``input.type: filestream``, ``ecs.version: 8.0.0``, ``host.name``, and ``agent``
+    {ephemeral_id, id, name, type: filebeat, version} as the publisher pipeline adds them;
+  * JSON with HTML escaping (``<`` -> ``\\u003c``), UTF-8 unescaped, invalid bytes as U+FFFD.
+
+Kafka key: the file path. Filebeat's default is no key (random partition); we set the key so
+every line of one file lands in one partition, in file order, which the window stage relies on
+for events within the same second. A Filebeat deployment gets the same with
+``output.kafka.key: '%{[log.file.path]}'``.
+
+One deliberate difference: a last line with no newline is sent at the end of a non-follow
+replay (Filebeat would wait for its newline forever); with ``--follow`` it waits, like Filebeat.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from json.encoder import encode_basestring as _json_string   # the C encoder, ensure_ascii=False
+from pathlib import Path
+
+from services.settings import Settings, UsageError, load_settings
+
+log = logging.getLogger(__name__)
+
+FILEBEAT_VERSION = "8.17.0"
+ECS_VERSION = "8.0.0"
+READ_CHUNK_BYTES = 1 << 20          # lines are read (and timestamped) in ~1 MiB chunks
+FOLLOW_POLL_S = 0.25                # how often --follow looks for appended lines
+# Filebeat's default max_bytes: longer lines are truncated by filestream, here skipped and counted.
+MAX_LINE_BYTES = 10 * 1024 * 1024
+# Go's JSON encoder escapes these (HTML safety, JavaScript line terminators); Python's does not.
+_GO_ESCAPED = re.compile("[<>&\u2028\u2029]")
+# A machine-wide namespace for agent ids: one host name gives the same agent.id in every run, as
+# a real Filebeat keeps its id in data/meta.json across restarts.
+_AGENT_NAMESPACE = uuid.UUID("6f3c1d52-8a7e-4c1f-9b43-2f0b6a5d9e11")
+
+
+def logs_topic(host: str) -> str:
+    return f"logs.{host}"
+
+
+def _go_escape(match: re.Match) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def json_string(text: str) -> str:
+    """``text`` as a JSON string literal the way Filebeat's encoder writes it."""
+    encoded = _json_string(text)
+    if _GO_ESCAPED.search(encoded):
+        encoded = _GO_ESCAPED.sub(_go_escape, encoded)
+    return encoded
+
+
+def filebeat_timestamp(epoch_s: float) -> str:
+    """``2024-05-01T12:00:00.123Z`` (UTC, milliseconds), Filebeat's ``@timestamp`` format."""
+    moment = datetime.fromtimestamp(epoch_s, tz=timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+@dataclass(frozen=True)
+class Agent:
+    """The Filebeat instance a replay pretends to be (one per host and process)."""
+    host: str
+    version: str = FILEBEAT_VERSION
+    id: str = ""
+    ephemeral_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def __post_init__(self):
+        if not self.id:
+            object.__setattr__(self, "id", str(uuid.uuid5(_AGENT_NAMESPACE, self.host)))
+
+
+class LineEncoder:
+    """Builds the Filebeat JSON document of one file's lines from pre-encoded pieces."""
+
+    def __init__(self, agent: Agent, path: Path, device_id: int, inode: int):
+        meta = json.dumps({"beat": "filebeat", "type": "_doc", "version": agent.version},
+                          separators=(",", ":"))
+        self._after_timestamp = f'","@metadata":{meta},"log":{{"offset":'
+        self._after_offset = (f',"file":{{"path":{json_string(str(path))},'
+                              f'"device_id":"{device_id}","inode":"{inode}"}}}},"message":')
+        agent_doc = json.dumps({"ephemeral_id": agent.ephemeral_id, "id": agent.id, "name": agent.host,
+                                "type": "filebeat", "version": agent.version}, separators=(",", ":"))
+        self._after_message = (f',"input":{{"type":"filestream"}},"ecs":{{"version":"{ECS_VERSION}"}},'
+                               f'"host":{{"name":{json_string(agent.host)}}},"agent":{agent_doc}}}')
+        self.head = ""
+        self.stamp(time.time())
+
+    def stamp(self, epoch_s: float) -> None:
+        """Set the read time of the lines encoded next."""
+        self.head = '{"@timestamp":"' + filebeat_timestamp(epoch_s) + self._after_timestamp
+
+    def encode(self, offset: int, message: str) -> str:
+        return f"{self.head}{offset}{self._after_offset}{json_string(message)}{self._after_message}"
+
+
+def split_lines(chunk: bytes, start_offset: int) -> tuple[list[tuple[int, str]], int]:
+    """Complete lines of ``chunk`` (read at file offset ``start_offset``) as (offset, text) with
+    the terminator stripped and empty lines dropped, plus the number of bytes consumed (the
+    unterminated rest, if any, is left for the next read)."""
+    lines = []
+    offset = start_offset
+    consumed = 0
+    for raw in chunk.splitlines(keepends=True):
+        if not raw.endswith(b"\n"):
+            break                              # a partial line or a lone CR: wait for more
+        end = len(raw) - 1
+        if end and raw[end - 1] == 13:         # CRLF
+            end -= 1
+        if end and end <= MAX_LINE_BYTES:
+            lines.append((offset, raw[:end].decode("utf-8", "replace")))
+        offset += len(raw)
+        consumed += len(raw)
+    return lines, consumed
+
+
+class Throttle:
+    """Keeps a producer at ``rate`` lines per second on average (None: no limit)."""
+
+    def __init__(self, rate: float | None):
+        self.rate = rate
+        self.started = time.monotonic()
+        self.sent = 0
+
+    def wait(self, lines: int) -> None:
+        if not self.rate:
+            return
+        self.sent += lines
+        ahead = self.started + self.sent / self.rate - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+def _produce(producer, topic: str, value: str, key: bytes | None) -> None:
+    while True:
+        try:
+            producer.produce(topic, value, key)
+            return
+        except BufferError:                    # local queue full: let librdkafka send some
+            producer.poll(0.05)
+
+
+def replay_lines(producer, topic: str, host: str, path: Path | str, *, rate: float | None = None,
+                 follow: bool = False, stop: threading.Event | None = None, progress=None,
+                 agent: Agent | None = None, key_by_path: bool = True,
+                 throttle: Throttle | None = None) -> int:
+    """Produce every line of ``path`` to ``topic`` as Filebeat would; returns the number of
+    records produced (not yet acknowledged: the caller flushes). With ``follow`` it keeps
+    reading appended lines (reopening a rotated file, restarting a truncated one) until ``stop``
+    is set. ``progress`` is a tqdm-like object updated with bytes read."""
+    path = Path(os.path.abspath(path))         # absolute and normalised, symlinks kept: a glob match
+    agent = agent or Agent(host)
+    throttle = throttle or Throttle(rate)
+    stop = stop or threading.Event()
+    key = str(path).encode() if key_by_path else None
+    produced = 0
+    handle = open(path, "rb")
+    try:
+        info = os.fstat(handle.fileno())
+        encoder = LineEncoder(agent, path, info.st_dev, info.st_ino)
+        position = 0                            # file offset of the first unconsumed byte
+        pending = b""                           # an unterminated line read so far
+        while not stop.is_set():
+            chunk = handle.read(READ_CHUNK_BYTES)
+            if chunk:
+                data = pending + chunk
+                encoder.stamp(time.time())
+                lines, consumed = split_lines(data, position)
+                pending = data[consumed:]
+                position += consumed
+                if progress is not None:
+                    progress.update(len(chunk))
+                if throttle.rate:
+                    for offset, message in lines:
+                        _produce(producer, topic, encoder.encode(offset, message), key)
+                        throttle.wait(1)
+                        if stop.is_set():
+                            break
+                else:
+                    encode = encoder.encode
+                    for offset, message in lines:
+                        _produce(producer, topic, encode(offset, message), key)
+                produced += len(lines)
+                producer.poll(0)                # serve delivery (error) callbacks
+                continue
+            # End of file.
+            if not follow:
+                if pending.strip(b"\r\n"):
+                    text = pending.rstrip(b"\r").decode("utf-8", "replace")
+                    _produce(producer, topic, encoder.encode(position, text), key)
+                    produced += 1
+                break
+            reopened = _reopen_if_rotated_or_truncated(handle, path, position)
+            if reopened is not None:
+                handle.close()
+                handle, position, pending = reopened, 0, b""
+                info = os.fstat(handle.fileno())
+                encoder = LineEncoder(agent, path, info.st_dev, info.st_ino)
+                continue
+            producer.poll(0)
+            stop.wait(FOLLOW_POLL_S)
+    finally:
+        handle.close()
+    return produced
+
+
+def _reopen_if_rotated_or_truncated(handle, path: Path, position: int):
+    """A new file at ``path`` (rotation) or the same file shorter than what was read
+    (truncation): Filebeat starts reading it from offset 0; so do we."""
+    try:
+        current = os.stat(path)
+    except FileNotFoundError:
+        return None                             # rotated away, new file not there yet
+    opened = os.fstat(handle.fileno())
+    if (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino) or current.st_size < position:
+        return open(path, "rb")
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Kafka side
+def make_producer(settings: Settings, **overrides):
+    """The replay producer: idempotent (acks=all), lz4, large batches, only errors reported."""
+    from confluent_kafka import Producer
+
+    from services.shell import producer_config
+    conf = producer_config(settings, **{
+        "linger.ms": 50,
+        "batch.size": 4_000_000,
+        "batch.num.messages": 100_000,
+        "queue.buffering.max.messages": 1_000_000,
+        "queue.buffering.max.kbytes": 1_048_576,
+        "delivery.report.only.error": True,   # a callback per line would cost more than the line
+        "logger": log,                        # librdkafka's retries/warnings through logging
+    } | overrides)
+    failures: list[str] = []
+
+    def on_delivery(err, msg):
+        if err is not None:
+            failures.append(f"{msg.topic()}: {err}")
+
+    return _ReplayProducer(Producer(conf | {"on_delivery": on_delivery}), failures)
+
+
+class _ReplayProducer:
+    """A Producer plus the delivery failures its callback collected."""
+
+    def __init__(self, producer, failures: list[str]):
+        self._producer = producer
+        self.failures = failures
+        self.produce = producer.produce
+        self.poll = producer.poll
+
+    def flush(self, timeout: float = 60.0) -> None:
+        """Wait until every record is acknowledged; raise if any was not."""
+        remaining = self._producer.flush(timeout)
+        if remaining:
+            raise RuntimeError(f"{remaining} records not acknowledged by Kafka within {timeout:.0f} s")
+        if self.failures:
+            raise RuntimeError(f"{len(self.failures)} records failed: {self.failures[0]}")
+
+
+def ensure_topic(settings: Settings, topic: str) -> None:
+    """Create ``topic`` with settings.topic_partitions if missing (clusters may not auto-create)."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+    admin = AdminClient(settings.kafka_config())
+    if topic in admin.list_topics(timeout=15).topics:
+        return
+    created = admin.create_topics([NewTopic(topic, num_partitions=settings.topic_partitions,
+                                            replication_factor=settings.replication_factor)])
+    try:
+        created[topic].result(30)
+    except KafkaException as err:
+        if "TOPIC_ALREADY_EXISTS" not in str(err):
+            raise
+
+
+def _check_files(paths) -> list[Path]:
+    checked = []
+    for name in paths:
+        path = Path(name)
+        if not path.exists():
+            raise UsageError(f"no such file: {name}")
+        if not path.is_file():
+            raise UsageError(f"not a regular file: {name}")
+        if not os.access(path, os.R_OK):
+            raise UsageError(f"cannot read {name}: permission denied")
+        checked.append(path)
+    return checked
+
+
+def _progress_bar(paths: list[Path], host: str, follow: bool, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    total = None if follow else sum(p.stat().st_size for p in paths)
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=logs_topic(host),
+                file=sys.stderr, mininterval=0.5)
+
+
+def replay_files(settings: Settings, paths, host: str, *, rate: float | None = None,
+                 follow: bool = False, stop: threading.Event | None = None,
+                 progress: bool = False) -> int:
+    """Replay ``paths`` (in order; with ``follow``, all of them concurrently) to logs.<host>;
+    returns the number of records produced and acknowledged."""
+    paths = _check_files(paths)
+    if not host or not re.fullmatch(r"[A-Za-z0-9._-]+", host):
+        raise UsageError(f"--host {host!r}: a Kafka topic name needs letters, digits, '.', '_' or '-'")
+    topic = logs_topic(host)
+    ensure_topic(settings, topic)
+    producer = make_producer(settings)
+    agent = Agent(host)
+    throttle = Throttle(rate)
+    stop = stop or threading.Event()
+    bar = _progress_bar(paths, host, follow, progress)
+    counts = [0] * len(paths)
+    try:
+        if follow:
+            def tail(index: int, path: Path) -> None:
+                counts[index] = replay_lines(producer, topic, host, path, follow=True, stop=stop,
+                                             progress=bar, agent=agent, throttle=throttle)
+            threads = [threading.Thread(target=tail, args=(i, p), daemon=True) for i, p in enumerate(paths)]
+            for thread in threads:
+                thread.start()
+            try:
+                while any(t.is_alive() for t in threads):
+                    for thread in threads:
+                        thread.join(0.2)
+            except KeyboardInterrupt:   # Ctrl-C ends a follow: deliver what was read, then stop
+                stop.set()
+                for thread in threads:
+                    thread.join()
+        else:
+            for index, path in enumerate(paths):
+                counts[index] = replay_lines(producer, topic, host, path, stop=stop, progress=bar,
+                                             agent=agent, throttle=throttle)
+        producer.flush()
+    finally:
+        if bar is not None:
+            bar.close()
+    return sum(counts)
+
+
+def replay_file(settings: Settings, path, host: str, **options) -> int:
+    """One file; see replay_files."""
+    return replay_files(settings, [path], host, **options)
+
+
+def main(args) -> int:
+    """`logwarden replay FILE... --host NAME [--rate R] [--follow] [--no-progress]`."""
+    settings = load_settings()
+    started = time.monotonic()
+    progress = not args.no_progress and sys.stderr.isatty()
+    count = replay_files(settings, args.files, args.host, rate=args.rate, follow=args.follow,
+                         progress=progress)
+    elapsed = time.monotonic() - started
+    print(f"replay: {count} records to {logs_topic(args.host)} in {elapsed:.1f} s "
+          f"({count / elapsed if elapsed else 0:,.0f} lines/s)", file=sys.stderr)
+    return 0
