@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from models import artifacts
 from models.base import Detector, Sequence, Verdict, pick_device
 from services import metrics
-from services.records import Alert, AlertEvent, ExpectedKey, ParsedEvent, Window, stable_id
+from services.records import Alert, AlertEvent, ExpectedKey, KeySequence, ParsedEvent, Window, stable_id
 from services.settings import Settings
 from services.shell import BadRecord, Out, Record, StageSpec
 
@@ -53,6 +53,13 @@ def to_sequence(window: Window) -> Sequence:
                     params=[numeric_params(e.params) for e in events],
                     timestamps=[e.timestamp for e in events], complete=complete,
                     start=window.first_index == 0, judge_from=judge_from)
+
+
+def key_sequence(window: Window) -> KeySequence:
+    """What the detector judged, as an alert carries it for feedback's online update."""
+    return KeySequence(keys=[e.template_id for e in window.events], start=window.first_index == 0,
+                       complete=window.kind != "sliding",
+                       templates={e.template_id: e.template for e in window.events})
 
 
 def session_id(window: Window) -> str:
@@ -197,7 +204,8 @@ class DetectCore:
             expected=[self._key(k, p) for k, p in expected],
             observed=self._key(observed),
             window=[self._key(e.template_id) for e in events[max(0, pos - 10):pos]],
-            anomalies=count, event_time=event.timestamp, detection_time=now, details=details)
+            anomalies=count, event_time=event.timestamp, detection_time=now, details=details,
+            sequence=key_sequence(window))
 
 
 class DetectStage:

@@ -140,6 +140,15 @@ class AlertEvent(BaseModel):
     source: Source | None = None
 
 
+class KeySequence(BaseModel):
+    """The template ids a detector judged, so feedback can teach the model that exact sequence:
+    the whole session for a final alert, the sliding window for an open/update alert."""
+    keys: list[str]
+    start: bool = True             # keys[0] is the session's first event
+    complete: bool = True          # the session is closed (its end was judged too)
+    templates: dict[str, str] = Field(default_factory=dict)   # template id -> text, for new ids
+
+
 class Alert(BaseModel):
     schema_version: int = SCHEMA_VERSION
     alert_id: str                  # stable_id(detector, key, first event id of the session)
@@ -160,6 +169,7 @@ class Alert(BaseModel):
     event_time: float
     detection_time: float
     details: dict[str, Any] = Field(default_factory=dict)
+    sequence: KeySequence | None = None   # what was judged (feedback's online update learns it)
 
 
 class Feedback(BaseModel):
@@ -167,7 +177,7 @@ class Feedback(BaseModel):
     verdict: Literal["false_positive", "true_positive"]
     detector: str | None = None
     key: str | None = None
-    keys: list[str] | None = None  # the session's template ids, for the online update
+    sequence: KeySequence | None = None   # the alert's judged keys, for the online update
     time: float
     note: str | None = None
 

@@ -1,0 +1,203 @@
+"""`logwarden alerts tail`: follow ALERTS_TOPIC and print alerts as they arrive.
+
+    logwarden alerts tail [--host H]... [--detector D] [--json] [--from-beginning] [--max N] [--timeout S]
+
+The reader assigns itself every partition of the topic (no consumer group join, no commits), so
+any number of tails can follow the topic side by side without taking records from each other or
+from real subscribers, and a tail starts printing at once instead of after a group rebalance.
+Partitions added to the topic after the tail started are not followed.
+
+The alert record's JSON Schema is ``schemas/alert.v<SCHEMA_VERSION>.json``; regenerate it after
+changing ``services.records.Alert`` with ``python -m services.alerts --write-schema`` (a test
+fails while the file and the model disagree; bump SCHEMA_VERSION for incompatible changes).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Callable, Iterable, TextIO
+
+from pydantic import ValidationError
+
+from services.records import SCHEMA_VERSION, Alert, ExpectedKey
+from services.settings import REPO_ROOT, Settings, UsageError, load_settings
+
+SCHEMA_PATH = REPO_ROOT / "schemas" / f"alert.v{SCHEMA_VERSION}.json"
+
+
+# --------------------------------------------------------------------------------------------
+# schema
+def alert_schema() -> dict:
+    """The Alert record's JSON Schema as the file in schemas/ holds it (field names as on the
+    wire: ``by_alias``, e.g. ``log.file.path``)."""
+    schema = Alert.model_json_schema(by_alias=True)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": f"https://logwarden.invalid/schemas/alert.v{SCHEMA_VERSION}.json", **schema}
+
+
+def write_schema() -> None:
+    SCHEMA_PATH.parent.mkdir(parents=True, exist_ok=True)
+    SCHEMA_PATH.write_text(json.dumps(alert_schema(), indent=2, sort_keys=True) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# pure parts: filter and format
+def matches(alert: Alert, hosts: Iterable[str] | None = None, detector: str | None = None) -> bool:
+    """True when the alert touches one of ``hosts`` (any, when none given) and comes from
+    ``detector`` (any, when None)."""
+    if detector and alert.detector != detector:
+        return False
+    wanted = set(hosts or ())
+    return not wanted or bool(wanted & set(alert.hosts))
+
+
+def _when(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def _key_line(k: ExpectedKey) -> str:
+    p = f"{k.probability:6.3f}  " if k.probability is not None else ""
+    return f"{k.template_id:<10} {p}{k.template or '(template text unknown)'}"
+
+
+def format_alert(alert: Alert) -> str:
+    """One readable block per alert (no trailing newline)."""
+    first = alert.first_anomaly
+    lines = [
+        f"{_when(alert.event_time)}  {alert.severity.upper():<8}  {alert.detector} {alert.model_version}  "
+        f"{alert.status}  score {alert.score:.3f}  alert {alert.alert_id}",
+        f"  key       {alert.key}",
+        f"  hosts     {', '.join(alert.hosts) or '-'}",
+        f"  anomaly   {alert.kind} at event {first.position} ({alert.anomalies} anomalous so far), "
+        f"detected {_when(alert.detection_time)}",
+        f"  line      {first.message}",
+    ]
+    src = first.source
+    if src is not None:
+        lines.append(f"  from      {src.host} {src.file_path}:{src.file_offset}  "
+                     f"(Kafka {src.topic}[{src.partition}]@{src.offset})")
+    lines.append(f"  observed  {_key_line(alert.observed)}")
+    for n, k in enumerate(alert.expected):
+        lines.append(f"  {'expected' if n == 0 else '':<8}  {_key_line(k)}")
+    if not alert.expected:
+        lines.append("  expected  -")
+    window = " ".join(k.template_id for k in alert.window)
+    lines.append(f"  window    {window or '(session start)'}")
+    diagnosis = alert.details.get("diagnosis")
+    if diagnosis:
+        lines.append(f"  why       {diagnosis}")
+    return "\n".join(lines)
+
+
+def render(alert: Alert, raw: dict, as_json: bool) -> str:
+    """What tail prints for one alert: compact JSON of the record as received (fields a newer
+    producer added are kept), or the readable block followed by a blank line."""
+    if as_json:
+        return json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
+    return format_alert(alert) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Kafka
+def _partitions(consumer, topic: str, wait_s: float | None, log: TextIO) -> list[int]:
+    """Partition ids of ``topic``, waiting for it to exist (up to wait_s; None = forever)."""
+    deadline = None if wait_s is None else time.monotonic() + wait_s
+    announced = False
+    while True:
+        described = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if described is not None and described.error is None and described.partitions:
+            return sorted(described.partitions)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise UsageError(f"topic {topic} does not exist (waited {wait_s:g} s)")
+        if not announced:
+            print(f"waiting for topic {topic} ...", file=log, flush=True)
+            announced = True
+        time.sleep(1.0)
+
+
+def reader(settings: Settings, from_beginning: bool, wait_s: float | None = None, log: TextIO = sys.stderr):
+    """A consumer assigned to every partition of ALERTS_TOPIC at concrete offsets: the
+    beginning, or the end as it is now (resolved here, so nothing produced after this returns
+    is missed)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from services.shell import consumer_config
+
+    consumer = Consumer(consumer_config(settings, f"{settings.group_prefix}.alerts-tail.{uuid.uuid4().hex[:12]}"))
+    try:
+        topic = settings.alerts_topic
+        assignment = []
+        for p in _partitions(consumer, topic, wait_s, log):
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            assignment.append(TopicPartition(topic, p, low if from_beginning else high))
+        consumer.assign(assignment)
+    except BaseException:
+        consumer.close()
+        raise
+    return consumer
+
+
+def tail(settings: Settings, hosts: list[str] | None = None, detector: str | None = None,
+         as_json: bool = False, from_beginning: bool = False, max_alerts: int | None = None,
+         timeout: float | None = None, out: TextIO = sys.stdout, log: TextIO = sys.stderr,
+         stop: Callable[[], bool] = lambda: False) -> int:
+    """Print matching alerts until ``max_alerts`` were printed, ``timeout`` seconds passed
+    without one, or ``stop()``; returns how many were printed."""
+    consumer = reader(settings, from_beginning, wait_s=timeout, log=log)
+    printed = 0
+    last = time.monotonic()
+    try:
+        where = "the beginning" if from_beginning else "the end"
+        print(f"following {settings.alerts_topic} from {where}", file=log, flush=True)
+        while not stop():
+            if max_alerts is not None and printed >= max_alerts:
+                break
+            if timeout is not None and time.monotonic() - last >= timeout:
+                break
+            for msg in consumer.consume(500, timeout=0.2):
+                if msg.error():
+                    print(f"alerts tail: consume error: {msg.error()}", file=log, flush=True)
+                    continue
+                try:
+                    raw = json.loads(msg.value() or b"")
+                    alert = Alert.model_validate(raw)
+                except (ValueError, ValidationError) as err:
+                    reason = str(err).splitlines()[0]
+                    print(f"alerts tail: skipping {msg.topic()}[{msg.partition()}]@{msg.offset()}: "
+                          f"not an alert ({reason})", file=log, flush=True)
+                    continue
+                if not matches(alert, hosts, detector):
+                    continue
+                print(render(alert, raw, as_json), file=out, flush=True)
+                printed += 1
+                last = time.monotonic()
+                if max_alerts is not None and printed >= max_alerts:
+                    break
+    finally:
+        consumer.close()
+    return printed
+
+
+def main(args) -> int:
+    if args.action != "tail":
+        raise UsageError(f"unknown action {args.action!r}")
+    settings = load_settings()
+    printed = tail(settings, hosts=args.host, detector=args.detector, as_json=args.json,
+                   from_beginning=args.from_beginning, max_alerts=args.max, timeout=args.timeout)
+    if args.max is not None and printed < args.max:
+        # A script waiting for N alerts learns from the exit code that they did not come.
+        print(f"logwarden alerts: {printed} of {args.max} alerts within the {args.timeout:g} s timeout",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--write-schema"]:
+        write_schema()
+        print(SCHEMA_PATH)
+    else:
+        sys.exit("usage: python -m services.alerts --write-schema")
