@@ -166,6 +166,7 @@ class WindowStage:
         self.settings = settings
         self.cores: dict[tuple[str, int], object] = {}
         self.next_offset: dict[tuple[str, int], int] = {}
+        self.last_input: float | None = None       # wall time of the stage's last event, any partition
         self.state_dir = Path(settings.state_dir) / "window" / settings.group("window")
 
     def _new_core(self):
@@ -213,12 +214,13 @@ class WindowStage:
         if core is None:               # assignment without callback (manual assign in tests)
             core = self.cores[tp] = self._new_core()
         self.next_offset[tp] = rec.offset + 1
-        return self._outs(core.process(event, time.time()))
+        self.last_input = time.time()
+        return self._outs(core.process(event, self.last_input))
 
     def tick(self, now: float) -> list[Out]:
         outs = []
-        for core in self.cores.values():
-            outs.extend(self._outs(core.tick(now)))
+        for core in self.cores.values():   # one idle clock for the stage, not one per partition
+            outs.extend(self._outs(core.tick(now, stage_input_at=self.last_input)))
         self._export_open()
         return outs
 

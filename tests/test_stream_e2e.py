@@ -56,7 +56,7 @@ def test_hdfs_20000_as_three_hosts_gives_one_session_window_per_block(kafka_sett
     truth = lines_by_block(src)
     assert len(truth) == 1782
     settings = stream_settings(kafka_settings, datasets, tmp_path, idle_close_s=3.0)
-    files = deal_lines(src, HOSTS, tmp_path / "logs")
+    files = deal_lines(src, [settings.host(h) for h in HOSTS], tmp_path / "logs")
     for p in replay_hosts(settings, files, log=tmp_path / "replay.log"):
         assert p.wait(120) == 0, (tmp_path / "replay.log").read_text()[-2000:]
 
@@ -88,7 +88,7 @@ def test_sigkill_of_parse_then_window_mid_replay_loses_and_duplicates_nothing(ka
     settings = stream_settings(kafka_settings, datasets, tmp_path, idle_close_s=8.0, instance_id="e2e")
     env = settings_env(settings)
     log = tmp_path / "stages.log"
-    files = deal_lines(src, HOSTS, tmp_path / "logs")
+    files = deal_lines(src, [settings.host(h) for h in HOSTS], tmp_path / "logs")
     parse = logwarden("run", "parse", env=env, log=log)
     window = logwarden("run", "window", env=env, log=log)
     events_seen = _counter(settings, settings.events_topic)
@@ -160,7 +160,7 @@ def malformed(kind: str, i: int, max_line: int) -> bytes:
 
 def test_ten_thousand_malformed_records_each_dead_lettered_and_stage_keeps_consuming(kafka_settings, datasets, tmp_path):
     settings = stream_settings(kafka_settings, datasets, tmp_path, max_line_bytes=1024)
-    topic = settings.logs_pattern.lstrip("^").replace("\\.", ".").replace(".*", "") + "fuzz"
+    topic = settings.logs_topic("fuzz")
     producer = Producer(settings.kafka_config() | {"enable.idempotence": True, "linger.ms": 20})
     sent = {}
     for i in range(10_000):
