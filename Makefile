@@ -11,7 +11,7 @@ KAFKA_LIBS := .cache/kafka/libs
 DATA ?= ../shared/datasets
 PYTEST_ARGS ?=
 
-.PHONY: install kafka-jars kafka-up kafka-down prometheus deps test test-fast demo bench clean
+.PHONY: install kafka-jars kafka-up kafka-down prometheus compose-tools deps test test-fast demo bench clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -43,7 +43,14 @@ prometheus:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null; }
 	@prometheus --version 2>&1 | head -n 1
 
-deps: install kafka-jars prometheus
+# docker-compose from Debian's package: tests validate docker-compose.yml with it (no engine needed).
+compose-tools:
+	@command -v docker-compose >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq docker-compose >/dev/null; }
+	@docker-compose version --short
+
+deps: install kafka-jars prometheus compose-tools
 
 # Unit tests, end-to-end tests through the real broker, and the Prometheus tests.
 test: deps
