@@ -10,7 +10,9 @@ libbeat/reader/readfile/metafields.go, filebeat/input/filestream/input.go):
   * ``@timestamp``: the time the line was read, UTC, millisecond precision, ``...SSSZ``;
   * ``@metadata``: ``{"beat": "filebeat", "type": "_doc", "version": <beat version>}``;
   * ``log.offset``: byte offset of the line's first byte in the file; ``log.file.path`` (absolute),
-    ``log.file.device_id`` and ``log.file.inode`` (decimal strings, filestream on Linux);
+    ``log.file.device_id`` and ``log.file.inode`` (decimal strings, filestream on Linux), and
+    ``log.file.fingerprint`` (with filebeat.yml's fingerprint file identity; files shorter than
+    1024 bytes have none, where Filebeat would not read them yet);
   * ``message``: the line without its terminator (``\\n`` or ``\\r\\n``); empty lines are not sent
     (their bytes still count for the offsets of later lines);
   * ``input.type: filestream``, ``ecs.version: 8.0.0``, ``host.name``, and ``agent``
@@ -27,6 +29,7 @@ replay (Filebeat would wait for its newline forever); with ``--follow`` it waits
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -44,14 +47,16 @@ from services.settings import Settings, UsageError, load_settings
 
 log = logging.getLogger(__name__)
 
-FILEBEAT_VERSION = "8.17.0"
+FILEBEAT_VERSION = "8.19.5"          # the image docker-compose.yml runs (.env FILEBEAT_IMAGE)
 ECS_VERSION = "8.0.0"
+# filebeat/filebeat.yml identifies files by a fingerprint: sha256 of the first 1024 bytes
+# (prospector.scanner.fingerprint), which filestream then writes as log.file.fingerprint.
+FINGERPRINT_BYTES = 1024
 READ_CHUNK_BYTES = 1 << 20          # lines are read (and timestamped) in ~1 MiB chunks
 FOLLOW_POLL_S = 0.25                # how often --follow looks for appended lines
-# Filebeat's default max_bytes: longer lines are truncated by filestream, here skipped and counted.
-MAX_LINE_BYTES = 10 * 1024 * 1024
 # Go's JSON encoder escapes these (HTML safety, JavaScript line terminators); Python's does not.
 _GO_ESCAPED = re.compile("[<>&\u2028\u2029]")
+_GO_ESCAPED_UTF8 = re.compile(rb"[<>&]|\xe2\x80[\xa8\xa9]")   # the same, found in raw bytes
 # A machine-wide namespace for agent ids: one host name gives the same agent.id in every run, as
 # a real Filebeat keeps its id in data/meta.json across restarts.
 _AGENT_NAMESPACE = uuid.UUID("6f3c1d52-8a7e-4c1f-9b43-2f0b6a5d9e11")
@@ -95,12 +100,13 @@ class Agent:
 class LineEncoder:
     """Builds the Filebeat JSON document of one file's lines from pre-encoded pieces."""
 
-    def __init__(self, agent: Agent, path: Path, device_id: int, inode: int):
+    def __init__(self, agent: Agent, path: Path, device_id: int, inode: int, fingerprint: str | None = None):
         meta = json.dumps({"beat": "filebeat", "type": "_doc", "version": agent.version},
                           separators=(",", ":"))
         self._after_timestamp = f'","@metadata":{meta},"log":{{"offset":'
-        self._after_offset = (f',"file":{{"path":{json_string(str(path))},'
-                              f'"device_id":"{device_id}","inode":"{inode}"}}}},"message":')
+        fingerprint_field = f',"fingerprint":"{fingerprint}"' if fingerprint else ""
+        self._after_offset = (f',"file":{{"path":{json_string(str(path))},"device_id":"{device_id}",'
+                              f'"inode":"{inode}"{fingerprint_field}}}}},"message":')
         agent_doc = json.dumps({"ephemeral_id": agent.ephemeral_id, "id": agent.id, "name": agent.host,
                                 "type": "filebeat", "version": agent.version}, separators=(",", ":"))
         self._after_message = (f',"input":{{"type":"filestream"}},"ecs":{{"version":"{ECS_VERSION}"}},'
@@ -115,25 +121,50 @@ class LineEncoder:
     def encode(self, offset: int, message: str) -> str:
         return f"{self.head}{offset}{self._after_offset}{json_string(message)}{self._after_message}"
 
+    def pieces(self) -> tuple[str, str, str]:
+        """(head, after offset, after message): a document is head + offset + after offset +
+        JSON string of the message + after message. For loops that inline ``encode``."""
+        return self.head, self._after_offset, self._after_message
+
+
+def file_fingerprint(handle) -> str | None:
+    """Filebeat's fingerprint of an open file: sha256 hex of its first 1024 bytes, None when the
+    file is shorter. Leaves the read position where it was."""
+    data = os.pread(handle.fileno(), FINGERPRINT_BYTES, 0)
+    return hashlib.sha256(data).hexdigest() if len(data) == FINGERPRINT_BYTES else None
+
+
+def open_encoder(handle, agent: Agent, path: Path) -> LineEncoder:
+    info = os.fstat(handle.fileno())
+    return LineEncoder(agent, path, info.st_dev, info.st_ino, file_fingerprint(handle))
+
 
 def split_lines(chunk: bytes, start_offset: int) -> tuple[list[tuple[int, str]], int]:
     """Complete lines of ``chunk`` (read at file offset ``start_offset``) as (offset, text) with
-    the terminator stripped and empty lines dropped, plus the number of bytes consumed (the
-    unterminated rest, if any, is left for the next read)."""
-    lines = []
+    the terminator (``\\n`` or ``\\r\\n``) stripped and empty lines dropped, plus the number of
+    bytes consumed: an unterminated rest is left for the next read. Only ``\\n`` ends a line (a
+    lone ``\\r`` stays in the text, as in Filebeat)."""
+    end = chunk.rfind(b"\n") + 1
+    lines: list[tuple[int, str]] = []
     offset = start_offset
-    consumed = 0
-    for raw in chunk.splitlines(keepends=True):
-        if not raw.endswith(b"\n"):
-            break                              # a partial line or a lone CR: wait for more
-        end = len(raw) - 1
-        if end and raw[end - 1] == 13:         # CRLF
-            end -= 1
-        if end and end <= MAX_LINE_BYTES:
-            lines.append((offset, raw[:end].decode("utf-8", "replace")))
-        offset += len(raw)
-        consumed += len(raw)
-    return lines, consumed
+    body = chunk[:end]
+    if body.isascii():                          # the common case: characters are bytes
+        for text in body.decode("ascii").split("\n")[:-1]:
+            size = len(text) + 1
+            if text and text[-1] == "\r":
+                text = text[:-1]
+            if text:
+                lines.append((offset, text))
+            offset += size
+    else:
+        for raw in body.split(b"\n")[:-1]:
+            size = len(raw) + 1
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            if raw:
+                lines.append((offset, raw.decode("utf-8", "replace")))
+            offset += size
+    return lines, end
 
 
 class Throttle:
@@ -178,8 +209,7 @@ def replay_lines(producer, topic: str, host: str, path: Path | str, *, rate: flo
     produced = 0
     handle = open(path, "rb")
     try:
-        info = os.fstat(handle.fileno())
-        encoder = LineEncoder(agent, path, info.st_dev, info.st_ino)
+        encoder = open_encoder(handle, agent, path)
         position = 0                            # file offset of the first unconsumed byte
         pending = b""                           # an unterminated line read so far
         while not stop.is_set():
@@ -188,21 +218,30 @@ def replay_lines(producer, topic: str, host: str, path: Path | str, *, rate: flo
                 data = pending + chunk
                 encoder.stamp(time.time())
                 lines, consumed = split_lines(data, position)
+                # Most chunks have nothing Go would escape beyond what json does: skip that pass.
+                quote = json_string if _GO_ESCAPED_UTF8.search(data, 0, consumed) else _json_string
                 pending = data[consumed:]
                 position += consumed
                 if progress is not None:
                     progress.update(len(chunk))
+                head, after_offset, after_message = encoder.pieces()
                 if throttle.rate:
                     for offset, message in lines:
-                        _produce(producer, topic, encoder.encode(offset, message), key)
+                        value = f"{head}{offset}{after_offset}{quote(message)}{after_message}"
+                        _produce(producer, topic, value, key)
+                        produced += 1
                         throttle.wait(1)
                         if stop.is_set():
                             break
                 else:
-                    encode = encoder.encode
+                    produce = producer.produce
                     for offset, message in lines:
-                        _produce(producer, topic, encode(offset, message), key)
-                produced += len(lines)
+                        value = f"{head}{offset}{after_offset}{quote(message)}{after_message}"
+                        try:
+                            produce(topic, value, key)
+                        except BufferError:     # local queue full: wait for librdkafka to send
+                            _produce(producer, topic, value, key)
+                    produced += len(lines)
                 producer.poll(0)                # serve delivery (error) callbacks
                 continue
             # End of file.
@@ -216,8 +255,7 @@ def replay_lines(producer, topic: str, host: str, path: Path | str, *, rate: flo
             if reopened is not None:
                 handle.close()
                 handle, position, pending = reopened, 0, b""
-                info = os.fstat(handle.fileno())
-                encoder = LineEncoder(agent, path, info.st_dev, info.st_ino)
+                encoder = open_encoder(handle, agent, path)
                 continue
             producer.poll(0)
             stop.wait(FOLLOW_POLL_S)
@@ -241,6 +279,20 @@ def _reopen_if_rotated_or_truncated(handle, path: Path, position: int):
 
 # --------------------------------------------------------------------------------------------
 # Kafka side
+class _AsDebug(logging.Filter):
+    """librdkafka logs every retry (a broker still loading its coordinators after `make
+    kafka-up`, a refused connection); what fails for good reaches us as an exception or a failed
+    delivery, and the CLI says it in one line. Its own messages are for `logwarden -v`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+_rdkafka_log = logging.getLogger("services.replay.rdkafka")
+_rdkafka_log.addFilter(_AsDebug())
+
+
 def make_producer(settings: Settings, **overrides):
     """The replay producer: idempotent (acks=all), lz4, large batches, only errors reported."""
     from confluent_kafka import Producer
@@ -253,7 +305,7 @@ def make_producer(settings: Settings, **overrides):
         "queue.buffering.max.messages": 1_000_000,
         "queue.buffering.max.kbytes": 1_048_576,
         "delivery.report.only.error": True,   # a callback per line would cost more than the line
-        "logger": log,                        # librdkafka's retries/warnings through logging
+        "logger": _rdkafka_log,               # librdkafka's own messages through logging
     } | overrides)
     failures: list[str] = []
 
@@ -262,6 +314,10 @@ def make_producer(settings: Settings, **overrides):
             failures.append(f"{msg.topic()}: {err}")
 
     return _ReplayProducer(Producer(conf | {"on_delivery": on_delivery}), failures)
+
+
+class DeliveryFailed(RuntimeError):
+    """Records were produced but not acknowledged by Kafka."""
 
 
 class _ReplayProducer:
@@ -277,17 +333,17 @@ class _ReplayProducer:
         """Wait until every record is acknowledged; raise if any was not."""
         remaining = self._producer.flush(timeout)
         if remaining:
-            raise RuntimeError(f"{remaining} records not acknowledged by Kafka within {timeout:.0f} s")
+            raise DeliveryFailed(f"{remaining} records not acknowledged within {timeout:.0f} s")
         if self.failures:
-            raise RuntimeError(f"{len(self.failures)} records failed: {self.failures[0]}")
+            raise DeliveryFailed(f"{len(self.failures)} records not delivered, first: {self.failures[0]}")
 
 
 def ensure_topic(settings: Settings, topic: str) -> None:
     """Create ``topic`` with settings.topic_partitions if missing (clusters may not auto-create)."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
-    admin = AdminClient(settings.kafka_config())
-    if topic in admin.list_topics(timeout=15).topics:
+    admin = AdminClient(settings.kafka_config() | {"logger": _rdkafka_log})
+    if topic in admin.list_topics(timeout=10).topics:
         return
     created = admin.create_topics([NewTopic(topic, num_partitions=settings.topic_partitions,
                                             replication_factor=settings.replication_factor)])
@@ -371,11 +427,17 @@ def replay_file(settings: Settings, path, host: str, **options) -> int:
 
 def main(args) -> int:
     """`logwarden replay FILE... --host NAME [--rate R] [--follow] [--no-progress]`."""
+    from confluent_kafka import KafkaException
     settings = load_settings()
     started = time.monotonic()
     progress = not args.no_progress and sys.stderr.isatty()
-    count = replay_files(settings, args.files, args.host, rate=args.rate, follow=args.follow,
-                         progress=progress)
+    try:
+        count = replay_files(settings, args.files, args.host, rate=args.rate, follow=args.follow,
+                             progress=progress)
+    except KafkaException as err:
+        raise UsageError(f"Kafka at {settings.bootstrap()}: {err.args[0].str()}") from None
+    except DeliveryFailed as err:
+        raise UsageError(f"Kafka at {settings.bootstrap()}: {err}") from None
     elapsed = time.monotonic() - started
     print(f"replay: {count} records to {logs_topic(args.host)} in {elapsed:.1f} s "
           f"({count / elapsed if elapsed else 0:,.0f} lines/s)", file=sys.stderr)
