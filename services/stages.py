@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -51,7 +52,7 @@ def looks_binary(text: str) -> bool:
     """NUL or mostly control characters: not a log line a template can describe."""
     if "\x00" in text:
         return True
-    control = sum(1 for c in text if c < " " and c not in "\t")
+    control = sum(1 for c in text if c < " " and c not in "\t\n\r")   # multiline: stack traces
     return control > max(2, len(text) // 10)
 
 
@@ -66,7 +67,9 @@ class ParseStage:
         self.core = ParseCore(ParseConfig.load(settings.parse_config), catalog=catalog,
                               frozen=settings.freeze_templates)
         self.dedup = Deduper()
-        self.state_path = Path(settings.state_dir) / "parse" / f"{settings.group('parse')}.ckpt"
+        # One file per replica: replicas scaled in one deployment share the state volume.
+        replica = settings.instance_id or socket.gethostname()
+        self.state_path = Path(settings.state_dir) / "parse" / f"{settings.group('parse')}-{replica}.ckpt"
         saved = checkpoint.load(self.state_path)
         if saved:
             self.restore(saved[0])

@@ -9,10 +9,11 @@ import threading
 import time
 
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import KafkaException, Producer
 
 from services import stages
 from services.records import DeadLetter, ParsedEvent
+from tests.kafkautil import consume, record_count
 from tests.streamutil import (collect_windows, deal_lines, lines_by_block, logwarden, settings_env,
                               unique_sessions, wait_until)
 
@@ -123,16 +124,13 @@ def test_sigkill_of_parse_then_window_mid_replay_loses_and_duplicates_nothing(ka
 
 
 def _counter(settings, topic):
-    """A callable returning how many records `topic` holds (sum of partition end offsets)."""
-    consumer = Consumer(settings.kafka_config() | {"group.id": f"{settings.group_prefix}.counter"})
-
+    """A callable returning how many records `topic` holds; 0 while the topic is still being
+    created (its partitions have no leader yet)."""
     def count() -> int:
-        from confluent_kafka import TopicPartition
-
-        md = consumer.list_topics(topic, timeout=5).topics.get(topic)
-        if not md or md.error:
+        try:
+            return record_count(settings, topic)
+        except KafkaException:
             return 0
-        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[1] for p in md.partitions)
     return count
 
 
@@ -199,13 +197,4 @@ def test_ten_thousand_malformed_records_each_dead_lettered_and_stage_keeps_consu
 
 
 def _drain(settings, topic, expected: int, timeout: float = 90) -> list[bytes]:
-    consumer = Consumer(settings.kafka_config() | {"group.id": f"{settings.group_prefix}.drain.{topic}",
-                                                   "auto.offset.reset": "earliest"})
-    consumer.subscribe([topic])
-    out, deadline = [], time.monotonic() + timeout
-    try:
-        while len(out) < expected and time.monotonic() < deadline:
-            out.extend(m.value() for m in consumer.consume(1000, timeout=0.5) if not m.error())
-    finally:
-        consumer.close()
-    return out
+    return [m.value() for m in consume(settings, topic, expected, timeout=timeout)]
