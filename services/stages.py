@@ -148,17 +148,9 @@ class ParseStage:
             self._unknown_seen = unknown
 
     def spec(self) -> StageSpec:
-        return StageSpec(self.name, [self.settings.logs_pattern], self,
-                         checkpoint=self.checkpoint, on_assign=self.on_assign)
-
-    def on_assign(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
-        """Resume where the checkpointed miner/dedup state ends (it can be ahead of the commit)."""
-        saved = checkpoint.load(self.state_path)
-        if not saved:
-            return {}
-        offsets = saved[1]
-        return {tp: offsets[f"{tp[0]}:{tp[1]}"] for tp in partitions if f"{tp[0]}:{tp[1]}" in offsets}
-
+        # No seek to checkpointed offsets: the parser's state need not match its position
+        # (template ids come from template text; the window stage drops repeated event ids).
+        return StageSpec(self.name, [self.settings.logs_pattern], self, checkpoint=self.checkpoint)
 
 # ------------------------------------------------------------------------------------------
 # window: events -> windows (one WindowCore per input partition: a key lives in one partition)
