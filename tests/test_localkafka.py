@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from services import localkafka
+from services import localkafka, localprom
 from services.localkafka import BrokerError, RunFiles, broker_processes, port_is_free
 from tests.kafkautil import isolated_settings, topic_partitions
 
@@ -127,3 +127,43 @@ def test_a_test_broker_dies_with_its_parent_process(tmp_path):
         parent.wait()
     localkafka.Broker("", 0, 0, tmp_path, pid)._wait_gone(60)
     assert broker_processes(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------
+# The Prometheus fixture (services/localprom.py), the other piece of local infrastructure
+def serve_metrics(registry):
+    from prometheus_client import start_http_server
+    port = localkafka.free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    return server, f"127.0.0.1:{port}"
+
+
+def test_prometheus_scrapes_a_target_and_evaluates_alert_rules(prometheus, tmp_path):
+    from prometheus_client import CollectorRegistry, Counter
+    registry = CollectorRegistry()
+    probes = Counter("logwarden_probe", "test probe", ["stage"], registry=registry)
+    probes.labels(stage="parse").inc(7)
+    rules = tmp_path / "rules.yml"
+    rules.write_text("groups:\n- name: t\n  rules:\n  - alert: ProbeHigh\n"
+                     "    expr: logwarden_probe_total > 5\n    labels: {severity: warning}\n")
+    server, target = serve_metrics(registry)
+    try:
+        prom = prometheus([target], rule_files=[rules])
+        prom.wait_for('up{job="logwarden"} == 1', timeout=30)
+        assert prom.value('logwarden_probe_total{stage="parse"}') == 7.0
+        assert [t["health"] for t in prom.targets()] == ["up"]
+        probes.labels(stage="parse").inc(3)
+        prom.wait_for('logwarden_probe_total{stage="parse"} == 10', timeout=30)
+        prom.wait_for('ALERTS{alertname="ProbeHigh", alertstate="firing"}', timeout=30)
+        assert prom.query('logwarden_probe_total{stage="window"}') == []
+    finally:
+        server.shutdown()
+
+
+def test_prometheus_that_cannot_start_says_why(prometheus, tmp_path):
+    broken = tmp_path / "broken.yml"
+    broken.write_text("groups:\n- name: t\n  rules:\n  - alert: X\n    expr: this is not promql (\n")
+    with pytest.raises(localprom.PromError, match="exited with code"):
+        prometheus(["127.0.0.1:9"], rule_files=[broken])
+    with pytest.raises(ValueError, match="host:port"):
+        prometheus(["http://127.0.0.1:9/metrics"])
