@@ -11,7 +11,7 @@ KAFKA_LIBS := .cache/kafka/libs
 DATA ?= ../shared/datasets
 PYTEST_ARGS ?=
 
-.PHONY: install kafka-jars kafka-up kafka-down prometheus compose-tools deps test test-fast demo bench clean
+.PHONY: install kafka-jars kafka-up kafka-down kafka-status prometheus compose-tools deps test test-fast demo bench clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -26,8 +26,12 @@ kafka-jars: $(KAFKA_LIBS)/.complete
 $(KAFKA_LIBS)/.complete: kafka/pom.xml
 	@command -v mvn >/dev/null || { echo "kafka-jars: Maven (mvn) is needed to fetch the broker from Maven Central: apt-get install maven"; exit 1; }
 	@command -v java >/dev/null || { echo "kafka-jars: Java 17+ is needed to run the broker: apt-get install openjdk-17-jre-headless"; exit 1; }
-	rm -rf $(KAFKA_LIBS)
-	mvn -q -B -f kafka/pom.xml dependency:copy-dependencies -DoutputDirectory=$(abspath $(KAFKA_LIBS))
+	@# Fetched beside the old jars, then swapped in: a running broker keeps its classpath until the
+	@# last moment, and a failed fetch leaves the old jars as they were.
+	rm -rf $(KAFKA_LIBS).new
+	mvn -q -B -f kafka/pom.xml dependency:copy-dependencies -DoutputDirectory=$(abspath $(KAFKA_LIBS)).new || { \
+	  echo "kafka-jars: Maven could not fetch org.apache.kafka:kafka_2.13 from Maven Central (see the error above; network or proxy?)"; exit 1; }
+	rm -rf $(KAFKA_LIBS) && mv $(KAFKA_LIBS).new $(KAFKA_LIBS)
 	touch $@
 
 kafka-up: install kafka-jars
@@ -35,6 +39,9 @@ kafka-up: install kafka-jars
 
 kafka-down:
 	@if [ -x $(LOGWARDEN) ]; then $(LOGWARDEN) kafka down; else echo "kafka-down: nothing installed"; fi
+
+kafka-status:
+	@$(LOGWARDEN) kafka status
 
 # Prometheus from Debian's package (tests start their own instance on a free loopback port).
 prometheus:
