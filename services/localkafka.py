@@ -164,16 +164,21 @@ def check_jars(libs: Path = KAFKA_LIBS) -> None:
 
 
 def fetch_jars(libs: Path = KAFKA_LIBS) -> None:
-    """What `make kafka-jars` does, for `logwarden kafka up` run without make."""
+    """What `make kafka-jars` does, for `logwarden kafka up` run without make: fetch beside the
+    old jars, then swap them in (a failed fetch leaves the old ones as they were)."""
     if shutil.which("mvn") is None:
         raise BrokerError(f"Kafka jars missing in {libs} and Maven (mvn) is not installed: "
                           "apt-get install maven, then run `make kafka-jars`")
-    # No `rm -rf` first (unlike the make target): a broker may be running from these jars.
+    fresh = libs.with_name(libs.name + ".new")
+    shutil.rmtree(fresh, ignore_errors=True)
     result = subprocess.run(
         ["mvn", "-q", "-B", "-f", str(KAFKA_POM), "dependency:copy-dependencies",
-         f"-DoutputDirectory={libs}"], capture_output=True, text=True)
+         f"-DoutputDirectory={fresh}"], capture_output=True, text=True)
     if result.returncode != 0:
-        raise BrokerError(f"fetching the Kafka jars with Maven failed: {_tail(result.stdout + result.stderr, 5)}")
+        raise BrokerError("fetching the Kafka jars from Maven Central failed: "
+                          + _tail(result.stdout + result.stderr, 5))
+    shutil.rmtree(libs, ignore_errors=True)
+    fresh.rename(libs)
     (libs / ".complete").touch()
 
 
