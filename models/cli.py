@@ -1,0 +1,209 @@
+"""`logwarden train | evaluate | model`: generic over detectors (``models.artifacts.DETECTORS``).
+
+A detector gets its options through ``fit(sequences, labels, **options)``: the common ones (h, g,
+epochs, seed, device, progress, templates) are passed only when given, so each detector keeps its
+own defaults and ignores nothing silently. Errors a user can fix are one-line UsageErrors.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from models import artifacts
+from models.base import Sequence
+from models.data import read_sessions, read_templates, to_sequences
+from models.metrics import Confusion, confusion
+from services.settings import UsageError, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def _detector_class(name: str):
+    try:
+        return artifacts.detector_class(name)
+    except (ValueError, ImportError) as err:
+        raise UsageError(f"detector {name!r} is not available ({err})") from None
+
+
+def _device(setting: str | None) -> str:
+    from models.base import pick_device
+
+    try:
+        device = pick_device(setting or load_settings().device)
+    except RuntimeError as err:
+        raise UsageError(str(err)) from None
+    if device == "cpu":
+        _limit_cpu_threads()
+    return device
+
+
+def _limit_cpu_threads() -> None:
+    """Leave a core to the broker and the other stages: with every core busy, torch's worker
+    threads spin against them (measured on 2 shared cores: 1 thread trains ~10x faster than 2)."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - 1)))
+
+
+def _source(path: str | Path, sessions: int, role: str) -> dict[str, Any]:
+    path = Path(path)
+    return {"path": str(path.resolve()), "sha256": artifacts.sha256_file(path), "sessions": sessions, "role": role}
+
+
+def _training_data(args) -> tuple[list[Sequence], list[int] | None, list[dict], dict[str, str] | None]:
+    templates = read_templates(args.templates) if args.templates else None
+    if args.logs:
+        if args.normal or args.abnormal:
+            raise UsageError("give either --normal/--abnormal session files or --logs, not both")
+        if not args.labels:
+            raise UsageError("--logs needs --labels CSV (BlockId,Label)")
+        from models.data import sessions_from_logs
+
+        sequences, labels, sources = sessions_from_logs(args.logs, args.labels, h=args.h)
+        return sequences, labels, sources, templates
+    if args.labels:
+        raise UsageError("--labels goes with --logs")
+    if not args.normal:
+        raise UsageError("give --normal FILE (one session per line) or --logs FILE... --labels CSV")
+    normal = read_sessions(args.normal)
+    sequences = to_sequences(normal, templates)
+    sources = [_source(args.normal, len(normal), "normal")]
+    labels = None
+    if args.abnormal:
+        abnormal = read_sessions(args.abnormal)
+        sequences += to_sequences(abnormal, templates)
+        sources.append(_source(args.abnormal, len(abnormal), "abnormal"))
+        labels = [0] * len(normal) + [1] * len(abnormal)
+    return sequences, labels, sources, templates
+
+
+def _output_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / artifacts.MANIFEST).exists():
+        raise UsageError(f"--out {out}: a non-empty directory that holds no model; choose another")
+    return out
+
+
+def train(args) -> int:
+    cls = _detector_class(args.detector)
+    out = _output_dir(args.out)
+    sequences, labels, sources, templates = _training_data(args)
+    options = {"h": args.h, "g": args.g, "epochs": args.epochs, "seed": args.seed,
+               "device": _device(args.device), "progress": not args.no_progress, "templates": templates}
+    detector = cls()
+    try:
+        stats = detector.fit(sequences, labels, **{k: v for k, v in options.items() if v is not None})
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if out.exists():      # retraining into the same directory: nothing of the old model survives
+        for name in (artifacts.MANIFEST, "weights.safetensors"):
+            (out / name).unlink(missing_ok=True)
+    detector.save(out)
+    artifacts.update_manifest(out, training_data=sources)
+    print(f"trained {args.detector} on {len(sequences)} sessions in {stats.get('seconds', '?')} s -> {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+def _session_length_filter(sequences: list[Sequence], truth: list[int], predicted: list[bool],
+                           longer_than: int | None) -> Confusion:
+    if longer_than is None:
+        return confusion(truth, predicted)
+    keep = [i for i, s in enumerate(sequences) if len(s.keys) > longer_than]
+    return confusion([truth[i] for i in keep], [predicted[i] for i in keep])
+
+
+def score_in_chunks(detector, sequences: list[Sequence], chunk: int = 2000, desc: str = "scoring"):
+    """Verdicts for many sequences, with a progress bar on stderr (shown on a terminal)."""
+    from tqdm import tqdm
+
+    verdicts = []
+    with tqdm(total=len(sequences), desc=desc, unit="session", file=sys.stderr, disable=None) as bar:
+        for i in range(0, len(sequences), chunk):
+            verdicts += detector.score(sequences[i:i + chunk])
+            bar.update(min(chunk, len(sequences) - i))
+    return verdicts
+
+
+def evaluate(args) -> int:
+    cls = _detector_class(args.detector)
+    try:
+        model = artifacts.resolve(args.model, args.detector)
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
+    manifest = artifacts.read_manifest(model)
+    if manifest.get("detector") != args.detector:
+        raise UsageError(f"{model} holds a {manifest.get('detector')!r} model, not {args.detector!r}")
+    json_out = Path(args.json)
+    if not json_out.parent.is_dir():
+        raise UsageError(f"--json {json_out}: directory {json_out.parent} does not exist")
+    templates = read_templates(args.templates) if args.templates else None
+    normal, abnormal = read_sessions(args.normal), read_sessions(args.abnormal)
+    detector = cls.load(model, device=_device(args.device))
+    if args.g is not None:
+        if not hasattr(detector, "g"):
+            raise UsageError(f"--top-g does not apply to {args.detector}")
+        detector.g = args.g
+    sequences = to_sequences(normal, templates) + to_sequences(abnormal, templates)
+    truth = [0] * len(normal) + [1] * len(abnormal)
+    predicted = [v.anomalous for v in score_in_chunks(detector, sequences)]
+    h = manifest.get("h", getattr(detector, "h", None))
+    result = {
+        "all": _session_length_filter(sequences, truth, predicted, None).as_dict(),
+        "longer_than_window": _session_length_filter(sequences, truth, predicted, h).as_dict(),
+        "g": getattr(detector, "g", None),
+        "h": h,
+    }
+    json_out.write_text(json.dumps(result, indent=2) + "\n")
+    record = {"normal": _source(args.normal, len(normal), "normal"),
+              "abnormal": _source(args.abnormal, len(abnormal), "abnormal"), **result}
+    try:
+        artifacts.update_manifest(model, evaluations=manifest.get("evaluations", []) + [record])
+    except OSError as err:       # a read-only model directory still gets evaluated
+        log.warning("could not record the evaluation in %s: %s", model, err)
+    a = result["all"]
+    print(f"{args.detector} g={result['g']} h={h}: precision {a['precision']:.4f} recall {a['recall']:.4f} "
+          f"f1 {a['f1']:.4f} on {len(sequences)} sessions -> {json_out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+def model(args) -> int:
+    root = load_settings().model_dir
+    if args.action == "list":
+        names = [args.detector] if args.detector else list(artifacts.DETECTORS)
+        found = False
+        for name in names:
+            found_versions = artifacts.versions(root, name)
+            for path in found_versions:
+                found = True
+                m = artifacts.read_manifest(path)
+                f1 = (m.get("evaluations") or [{}])[-1].get("all", {}).get("f1")
+                served = "  (served)" if path == found_versions[-1] else ""
+                print(f"{name}\t{path.name}\tcreated {m.get('created')}\t"
+                      f"f1 {f1 if f1 is not None else '-'}\t{path}{served}")
+        if not found:
+            print(f"no model versions in {root}", file=sys.stderr)
+        return 0
+    if args.action == "publish":
+        source = Path(args.model)
+        if not (source / artifacts.MANIFEST).exists():
+            raise UsageError(f"{source}: no {artifacts.MANIFEST}; is it a trained model directory?")
+        name = artifacts.read_manifest(source).get("detector")
+        if name not in artifacts.DETECTORS:
+            raise UsageError(f"{source}: unknown detector {name!r} in its manifest")
+        print(artifacts.publish(source, root, name))
+        return 0
+    try:
+        aside, served = artifacts.rollback(root, args.detector)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    print(f"{args.detector}: set {aside.name} aside; serving {served}")
+    return 0

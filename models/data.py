@@ -1,0 +1,165 @@
+"""Training and evaluation data: session files, template and label CSVs, the HDFS test split.
+
+Session files hold one session per line as space-separated integer keys (the DeepLog format of
+``deeplog_hdfs_train``); key ``k`` is template id ``E<k>`` (loghub's HDFS ids). Every reader
+turns a malformed file into a one-line :class:`UsageError` naming the file and line.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Literal
+
+from models.base import Sequence
+from services.settings import REPO_ROOT, UsageError
+
+
+def datasets_dir() -> Path:
+    return Path(os.environ.get("LOGWARDEN_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
+
+
+def key_id(key: int | str) -> str:
+    return f"E{key}"
+
+
+def _existing_file(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{what} {path}: no such file")
+    if not path.is_file():
+        raise UsageError(f"{what} {path}: not a file")
+    return path
+
+
+def read_sessions(path: str | Path) -> list[list[str]]:
+    """Sessions as lists of template ids ("E5", ...). Blank lines are skipped; a file with no
+    session, or a key that is not a non-negative integer, is a UsageError."""
+    path = _existing_file(path, "session file")
+    sessions = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            tokens = line.split()
+            if not tokens:
+                continue
+            for token in tokens:
+                if not token.isdigit():
+                    raise UsageError(f"{path}:{number}: {token[:40]!r} is not an integer key")
+            sessions.append([key_id(int(token)) for token in tokens])
+    if not sessions:
+        raise UsageError(f"{path}: no sessions (empty file)")
+    return sessions
+
+
+def to_sequences(sessions: Iterable[list[str]], templates: dict[str, str] | None = None,
+                 complete: bool = True) -> list[Sequence]:
+    """Closed sessions as detector Sequences, with template texts where known."""
+    out = []
+    for keys in sessions:
+        texts = [templates.get(k, "") for k in keys] if templates else None
+        out.append(Sequence(keys=list(keys), templates=texts, complete=complete))
+    return out
+
+
+def _csv_rows(path: Path, required: tuple[str, ...], what: str) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise UsageError(f"{what} {path}: missing column(s) {', '.join(missing)}")
+        rows = list(reader)
+    if not rows:
+        raise UsageError(f"{what} {path}: no rows")
+    return rows
+
+
+def read_templates(path: str | Path) -> dict[str, str]:
+    """EventId -> EventTemplate (loghub's ``*_templates.csv``)."""
+    path = _existing_file(path, "template CSV")
+    rows = _csv_rows(path, ("EventId", "EventTemplate"), "template CSV")
+    return {row["EventId"].strip(): row["EventTemplate"] for row in rows}
+
+
+def _label_value(text: str, path: Path, line: int) -> int:
+    value = text.strip().lower()
+    if value in ("anomaly", "abnormal", "1"):
+        return 1
+    if value in ("normal", "0"):
+        return 0
+    raise UsageError(f"{path}:{line}: label {text!r} is neither Normal nor Anomaly")
+
+
+def read_block_labels(path: str | Path) -> dict[str, int]:
+    """BlockId -> 1 (Anomaly) / 0 (Normal) from a ``BlockId,Label`` CSV."""
+    path = _existing_file(path, "label CSV")
+    rows = _csv_rows(path, ("BlockId", "Label"), "label CSV")
+    return {row["BlockId"]: _label_value(row["Label"], path, i) for i, row in enumerate(rows, 2)}
+
+
+# --------------------------------------------------------------------------------------------
+# The HDFS 100k-line evaluation set
+@dataclass(frozen=True)
+class HdfsBlock:
+    block_id: str
+    label: int                 # 1 = anomalous
+    split: str                 # deep-loglizer's random 80/20 split ("train" | "test")
+    keys: tuple[str, ...]      # template ids of the block's events in the first 100k lines
+
+
+def read_hdfs_100k(path: str | Path) -> list[HdfsBlock]:
+    path = _existing_file(path, "HDFS block CSV")
+    rows = _csv_rows(path, ("BlockId", "Label", "deeploglizer_split", "EventSequence_first_100k_lines"),
+                     "HDFS block CSV")
+    return [HdfsBlock(row["BlockId"], _label_value(row["Label"], path, i), row["deeploglizer_split"],
+                      tuple(row["EventSequence_first_100k_lines"].split()))
+            for i, row in enumerate(rows, 2)]
+
+
+NormalSelection = Literal["not_in_training", "deeploglizer_test", "all"]
+
+
+def hdfs_test_split(blocks: list[HdfsBlock], training: list[list[str]],
+                    normals: NormalSelection = "not_in_training") -> tuple[list[HdfsBlock], list[HdfsBlock]]:
+    """(normal, abnormal) test blocks. Every anomalous block is a test block (DeepLog trains on
+    normal sessions only). The training file carries no block ids, so a block cannot be matched
+    to a training line by identity; ``not_in_training`` keeps the normal blocks whose key sequence
+    is not a line of the training file, so no test session was seen verbatim in training;
+    ``deeploglizer_test`` keeps deep-loglizer's random test fifth; ``all`` keeps every normal."""
+    seen = {tuple(keys) for keys in training}
+    abnormal = [b for b in blocks if b.label == 1]
+    if normals == "not_in_training":
+        normal = [b for b in blocks if b.label == 0 and b.keys not in seen]
+    elif normals == "deeploglizer_test":
+        normal = [b for b in blocks if b.label == 0 and b.split == "test"]
+    elif normals == "all":
+        normal = [b for b in blocks if b.label == 0]
+    else:
+        raise ValueError(f"unknown normal selection {normals!r}")
+    return normal, abnormal
+
+
+def quiet_blocks(blocks: list[HdfsBlock], first_20k_labels: str | Path) -> set[str]:
+    """Blocks whose every event in the first 100k lines already lies in the first 20k lines
+    (``n_lines`` of HDFS_20000_block_labels.csv equals the 100k event count): their sequence
+    ends at least 80k lines before the cut, so its end is a real end, not the truncation."""
+    path = _existing_file(first_20k_labels, "label CSV")
+    rows = _csv_rows(path, ("BlockId", "n_lines"), "label CSV")
+    lines_in_20k = {row["BlockId"]: int(row["n_lines"]) for row in rows}
+    return {b.block_id for b in blocks if lines_in_20k.get(b.block_id) == len(b.keys)}
+
+
+def sequence_ceiling(normal: list[tuple[str, ...]], abnormal: list[tuple[str, ...]]) -> dict:
+    """The best counts any detector that sees only the key sequence can reach: it must give
+    identical sequences the same verdict, so each distinct sequence goes to its majority label."""
+    from models.metrics import Confusion
+
+    n, a = Counter(normal), Counter(abnormal)
+    tp = fp = fn = 0
+    for keys in set(n) | set(a):
+        if a[keys] > n[keys]:
+            tp, fp = tp + a[keys], fp + n[keys]
+        else:
+            fn += a[keys]
+    return Confusion(tp=tp, fp=fp, tn=len(normal) - fp, fn=fn).as_dict()
