@@ -251,7 +251,7 @@ def replay_lines(producer, topic: str, host: str, path: Path | str, *, rate: flo
                     _produce(producer, topic, encoder.encode(position, text), key)
                     produced += 1
                 break
-            reopened = _reopen_if_rotated_or_truncated(handle, path, position)
+            reopened = _reopen_if_rotated_or_truncated(handle, path)
             if reopened is not None:
                 handle.close()
                 handle, position, pending = reopened, 0, b""
@@ -264,17 +264,20 @@ def replay_lines(producer, topic: str, host: str, path: Path | str, *, rate: flo
     return produced
 
 
-def _reopen_if_rotated_or_truncated(handle, path: Path, position: int):
-    """A new file at ``path`` (rotation) or the same file shorter than what was read
-    (truncation): Filebeat starts reading it from offset 0; so do we."""
+def _reopen_if_rotated_or_truncated(handle, path: Path):
+    """At the end of ``handle``: the file now at ``path`` when reading should go on there, as
+    Filebeat's does: a truncated file is read again from offset 0; after a rotation (another
+    file at ``path``) the renamed old file is finished first, then the new one is read."""
     try:
         current = os.stat(path)
     except FileNotFoundError:
-        return None                             # rotated away, new file not there yet
+        return None                             # rotated away, the new file not there yet
     opened = os.fstat(handle.fileno())
-    if (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino) or current.st_size < position:
-        return open(path, "rb")
-    return None
+    if (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
+        return open(path, "rb") if current.st_size < handle.tell() else None
+    if opened.st_size > handle.tell():
+        return None                             # lines were appended to the old file: read them
+    return open(path, "rb")
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,7 +303,6 @@ def make_producer(settings: Settings, **overrides):
     from services.shell import producer_config
     conf = producer_config(settings, **{
         "linger.ms": 50,
-        "batch.size": 4_000_000,
         "batch.num.messages": 100_000,
         "queue.buffering.max.messages": 1_000_000,
         "queue.buffering.max.kbytes": 1_048_576,

@@ -190,3 +190,25 @@ def test_last_line_without_newline_is_sent_at_the_end_of_a_replay(kafka_settings
     docs = consume_json(kafka_settings, replay.logs_topic(host), 2, timeout=30)
     assert [(d["log"]["offset"], d["message"]) for d in docs] == [(0, "one"), (5, "two")]
     assert "fingerprint" not in docs[0]["log"]["file"]   # under 1024 bytes: no fingerprint
+
+
+def test_follow_finishes_a_rotated_file_before_reading_its_successor(kafka_settings, tmp_path):
+    host = kafka_settings.host("rotate")
+    path = tmp_path / "app.log"
+    path.write_bytes(b"old 1\n")
+    stop = threading.Event()
+    worker = threading.Thread(target=replay.replay_file, args=(kafka_settings, path, host),
+                              kwargs={"follow": True, "stop": stop})
+    worker.start()
+    try:
+        consume_json(kafka_settings, replay.logs_topic(host), 1, timeout=30)
+        rotated = path.rename(tmp_path / "app.log.1")
+        with open(rotated, "ab") as fh:                # the writer had not let go yet
+            fh.write(b"old 2\n")
+        path.write_bytes(b"new 1\n")
+        docs = consume_json(kafka_settings, replay.logs_topic(host), 3, timeout=30, settle=1.0)
+    finally:
+        stop.set()
+        worker.join(30)
+    assert [(d["log"]["offset"], d["message"]) for d in docs] == [(0, "old 1"), (6, "old 2"), (0, "new 1")]
+    assert docs[0]["log"]["file"]["inode"] == docs[1]["log"]["file"]["inode"] != docs[2]["log"]["file"]["inode"]
