@@ -1,0 +1,376 @@
+"""The parse core without Kafka: headers, masking, templates and their ids, keys, state, dedup."""
+from __future__ import annotations
+
+import collections
+import csv
+import random
+import re
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from drain3 import TemplateMiner
+from drain3.masking import MaskingInstruction
+from drain3.template_miner_config import TemplateMinerConfig
+
+from services.parse import (UNKNOWN, Deduper, ParseConfig, ParseConfigError, ParseCore, ParseError,
+                            ParseStateError, digit_blind, load_catalog)
+from services.records import ParsedEvent, Source, stable_id
+
+HDFS_LINE = ("081109 203518 143 INFO dfs.DataNode$DataXceiver: Receiving block blk_-1608999687919862906 "
+             "src: /10.250.19.102:54106 dest: /10.250.19.102:50010")
+
+
+def utc(*fields) -> float:
+    return datetime(*fields, tzinfo=timezone.utc).timestamp()
+
+
+def source(offset: int = 0, host: str = "dn1", path: str = "/var/log/hadoop/hdfs.log") -> Source:
+    return Source(host=host, topic=f"logs.{host}", partition=0, offset=offset, file_path=path, file_offset=offset)
+
+
+def parse(core: ParseCore, line: str, offset: int = 0, host: str = "dn1", fallback_ts: float = 0.0):
+    return core.parse(line, host, source(offset, host), fallback_ts)
+
+
+@pytest.fixture(scope="module")
+def config() -> ParseConfig:
+    return ParseConfig.load()
+
+
+@pytest.fixture(scope="module")
+def hdfs_catalog(datasets) -> dict[str, str]:
+    return load_catalog(datasets / "hdfs" / "HDFS_templates.csv")
+
+
+@pytest.fixture(scope="module")
+def hdfs_lines(datasets) -> list[str]:
+    return (datasets / "hdfs" / "HDFS_20000.log").read_text(encoding="utf-8").splitlines()
+
+
+# ------------------------------------------------------------------------------------------
+# headers
+@pytest.mark.parametrize("line, fmt, timestamp, level, component, content", [
+    (HDFS_LINE, "hdfs", utc(2008, 11, 9, 20, 35, 18), "INFO", "dfs.DataNode$DataXceiver",
+     "Receiving block blk_-1608999687919862906 src: /10.250.19.102:54106 dest: /10.250.19.102:50010"),
+    ("2015-10-18 18:01:47,978 INFO [main] org.apache.hadoop.mapreduce.v2.app.MRAppMaster: Created MRAppMaster "
+     "for application appattempt_1445144423722_0020_000001", "log4j", utc(2015, 10, 18, 18, 1, 47) + 0.978, "INFO",
+     "org.apache.hadoop.mapreduce.v2.app.MRAppMaster",
+     "Created MRAppMaster for application appattempt_1445144423722_0020_000001"),
+    ("2015-10-18 18:05:01,100 WARN org.apache.hadoop.yarn.server.nodemanager.NodeManager: Node unhealthy",
+     "log4j", utc(2015, 10, 18, 18, 5, 1) + 0.1, "WARN", "org.apache.hadoop.yarn.server.nodemanager.NodeManager",
+     "Node unhealthy"),
+    ("- 1117838570 2005.06.03 R02-M1-N0-C:J12-U11 2005-06-03-15.42.50.675872 R02-M1-N0-C:J12-U11 RAS KERNEL INFO "
+     "instruction cache parity error corrected", "bgl", utc(2005, 6, 3, 15, 42, 50) + 0.675872, "INFO", "KERNEL",
+     "instruction cache parity error corrected"),
+    ("17/06/09 20:10:40 INFO executor.CoarseGrainedExecutorBackend: Registered signal handlers for [TERM, HUP, INT]",
+     "log4j-short", utc(2017, 6, 9, 20, 10, 40), "INFO", "executor.CoarseGrainedExecutorBackend",
+     "Registered signal handlers for [TERM, HUP, INT]"),
+    ("2023-01-29T08:30:00.250+02:00 ERROR payment failed for order 42", "generic",
+     utc(2023, 1, 29, 6, 30, 0) + 0.25, "ERROR", None, "payment failed for order 42"),
+    ("2015-07-29 17:41:44,747 - INFO  [QuorumPeer[myid=1]/0:0:0:0:0:0:0:0:2181:FastLeaderElection@774] - "
+     "Notification time out: 3200", "generic", utc(2015, 7, 29, 17, 41, 44) + 0.747, "INFO", None,
+     "[QuorumPeer[myid=1]/0:0:0:0:0:0:0:0:2181:FastLeaderElection@774] - Notification time out: 3200"),
+])
+def test_header_formats_split_time_level_component_and_content(config, line, fmt, timestamp, level, component, content):
+    core = ParseCore(config)
+    assert core.split_header(line, 0.0) == (fmt, pytest.approx(timestamp, abs=1e-6), level, component, content)
+    (event,) = parse(core, line)
+    assert event.timestamp == pytest.approx(timestamp, abs=1e-6)
+    assert (event.level, event.component) == (level, component)
+
+
+def test_syslog_header_takes_the_year_from_the_fallback_time(config):
+    core = ParseCore(config)
+    line = "Jun 14 15:16:01 combo sshd(pam_unix)[19939]: check pass; user unknown"
+    fmt, timestamp, _, component, content = core.split_header(line, utc(2005, 7, 1))
+    assert (fmt, component, content) == ("syslog", "sshd(pam_unix)", "check pass; user unknown")
+    assert timestamp == utc(2005, 6, 14, 15, 16, 1)
+    # a December line read in early January belongs to the year before
+    assert core.split_header("Dec 31 23:59:59 combo cron[1]: tick", utc(2006, 1, 1, 0, 5))[1] == utc(2005, 12, 31, 23, 59, 59)
+
+
+def test_a_line_without_a_known_header_is_a_parse_error(config):
+    core = ParseCore(config)
+    with pytest.raises(ParseError) as err:
+        parse(core, "just some words without a timestamp")
+    assert err.value.reason == "bad_header" and "just some words" in err.value.detail
+    with pytest.raises(ParseError) as err:    # month 13: the header shape fits, the time does not
+        parse(core, "081309 203518 143 INFO dfs.DataNode: Receiving block blk_1 src: /1.2.3.4:5 dest: /1.2.3.4:6")
+    assert err.value.reason == "bad_header"
+    assert core.stats()["bad_header"] == 2 and core.stats()["lines"] == 0
+
+
+def test_without_required_header_the_fallback_time_and_whole_line_are_used(config):
+    core = ParseCore(config.model_copy(update={"require_header": False}))
+    (event,) = parse(core, "no header at all, 17 retries", fallback_ts=1234.5)
+    assert event.timestamp == 1234.5 and event.level is None
+    assert event.params == ["17"] and "<NUM>" in core.match_content("no header at all, 17 retries").template
+
+
+# ------------------------------------------------------------------------------------------
+# masking
+def test_masking_replaces_blocks_ips_paths_hex_uuids_numbers_and_keeps_words_with_digits(config):
+    core = ParseCore(config)
+    masked, values = core.mask("blk_-42 from /10.1.2.3:50010 wrote /mnt/hadoop/job_1/job.jar at 0x7fed806e "
+                               "id 0b2c6a4e-1f2a-4c8e-9d3b-5e6f7a8b9c0d took 0.25 s on dn228")
+    assert masked == "<BLK> from /<IP> wrote <PATH> at <HEX> id <UUID> took <NUM> s on dn228"
+    assert values == ["blk_-42", "10.1.2.3:50010", "/mnt/hadoop/job_1/job.jar", "0x7fed806e",
+                      "0b2c6a4e-1f2a-4c8e-9d3b-5e6f7a8b9c0d", "0.25"]
+
+
+def test_one_combined_masking_pass_equals_drain3_applying_the_same_rules_one_by_one(config, hdfs_lines):
+    core = ParseCore(config)
+    tmc = TemplateMinerConfig()
+    tmc.mask_prefix = tmc.mask_suffix = ""
+    tmc.masking_instructions = [MaskingInstruction(r.pattern, r.placeholder) for r in config.masking]
+    masker = TemplateMiner(config=tmc).masker
+    contents = [core.split_header(line, 0.0)[4] for line in hdfs_lines[::4]]
+    differing = [c for c in contents if core.mask(c)[0] != masker.mask(c)]
+    assert not differing, differing[:3]
+
+
+def test_digit_blindness_of_regexes():
+    assert digit_blind(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?::\d{1,5})?(?![\w.])")
+    assert digit_blind(r"[0-9a-f]{8}\b[^a-z]")
+    assert not digit_blind(r"0x[0-9a-f]+")       # names the digit 0
+    assert not digit_blind(r"[1-9]\d*")         # a class with some digits only
+    assert not digit_blind(r"(\d)\1")           # a back-reference compares digit values
+
+
+# ------------------------------------------------------------------------------------------
+# templates
+def test_every_hdfs_20000_line_maps_to_its_loghub_event(datasets, config, hdfs_catalog, hdfs_lines):
+    core = ParseCore(config, catalog=hdfs_catalog)
+    sequences: dict[str, list[str]] = collections.defaultdict(list)
+    for offset, line in enumerate(hdfs_lines):
+        for event in parse(core, line, offset):
+            sequences[event.key].append(event.template_id)
+    with open(datasets / "hdfs" / "HDFS_100k_block_labels.csv", newline="") as fh:
+        truth = {r["BlockId"]: r["EventSequence_first_100k_lines"].split() for r in csv.DictReader(fh)}
+    with open(datasets / "hdfs" / "HDFS_20000_block_labels.csv", newline="") as fh:
+        blocks = {r["BlockId"] for r in csv.DictReader(fh)}
+    assert set(sequences) == blocks and len(blocks) == 1782
+    # HDFS_20000 is the first 20k of those 100k lines: each block's events are a prefix
+    wrong = {b: (s, truth[b][:len(s)]) for b, s in sequences.items() if truth[b][:len(s)] != s}
+    assert not wrong, list(wrong.items())[:3]
+    assert core.stats()["known"] == len(hdfs_lines) and core.stats()["mined"] == 0
+
+
+def test_parse_fills_a_parsed_event_as_records_defines_it(config, hdfs_catalog):
+    core = ParseCore(config, catalog=hdfs_catalog)
+    (event,) = core.parse(HDFS_LINE + "\r\n", "dn7", source(4242, "dn7"), 0.0)
+    assert event == ParsedEvent.model_validate(event.model_dump())
+    assert ParsedEvent.model_validate_json(event.model_dump_json(by_alias=True)) == event
+    assert event.event_id == stable_id("dn7", "/var/log/hadoop/hdfs.log", 4242)
+    assert (event.template_id, event.template) == ("E5", "<*>Receiving block<*>src:<*>dest:<*>")
+    assert event.params == ["", "blk_-1608999687919862906", "/10.250.19.102:54106", "/10.250.19.102:50010"]
+    assert event.message == HDFS_LINE and event.key == "blk_-1608999687919862906"
+
+
+def test_catalog_ids_do_not_depend_on_the_order_lines_arrive_in(config, hdfs_catalog, hdfs_lines):
+    lines = hdfs_lines[:3000]
+    shuffled = list(enumerate(lines))
+    random.Random(7).shuffle(shuffled)
+    first, second = ParseCore(config, catalog=hdfs_catalog), ParseCore(config, catalog=hdfs_catalog)
+    in_order = [parse(first, line)[0].template_id for line in lines]
+    reordered = dict((i, parse(second, line)[0].template_id) for i, line in shuffled)
+    assert in_order == [reordered[i] for i in range(len(lines))]
+    assert len(set(in_order)) > 5
+
+
+def test_most_specific_catalog_template_wins(config):
+    core = ParseCore(config, catalog={"E1": "<*>Exception<*>", "E2": "<*>Exception in receiveBlock for block<*>"})
+    assert core.match_content("Exception in receiveBlock for block blk_1 java.io.IOException").template_id == "E2"
+    assert core.match_content("Exception while reading").template_id == "E1"
+
+
+def test_mined_ids_come_from_the_template_text_and_follow_generalisation(config):
+    core = ParseCore(config)
+    first = parse(core, "2015-10-18 18:01:47,978 INFO [main] a.B: Starting task alpha now", 0)[0]
+    second = parse(core, "2015-10-18 18:01:48,000 INFO [main] a.B: Starting task beta now", 1)[0]
+    assert first.template == "Starting task alpha now" and first.template_id.startswith("T")
+    assert second.template == "Starting task <*> now" and second.params == ["beta"]
+    again = parse(core, "2015-10-18 18:01:49,000 INFO [main] a.B: Starting task alpha now", 2)[0]
+    assert (again.template_id, again.params) == (second.template_id, ["alpha"])
+    other = ParseCore(config)
+    for i, name in enumerate(("gamma", "delta")):
+        last = parse(other, f"2015-10-18 18:02:0{i},000 INFO [main] a.B: Starting task {name} now", i)[0]
+    assert last.template_id == second.template_id       # another replica, other lines, same text: same id
+    assert core.stats()["new_templates"] == 1 and core.stats()["mined"] == 3
+
+
+def test_params_of_mined_templates_are_masked_values_and_wildcards_in_order(config):
+    core = ParseCore(config)
+    core.match_content("user alice logged in from 10.0.0.1:22 after 3 tries")
+    match = core.match_content("user bob logged in from 10.0.0.2:22 after 5 tries")
+    assert match.template == "user <*> logged in from <IP> after <NUM> tries"
+    assert match.params == ["bob", "10.0.0.2:22", "5"]
+
+
+def test_frozen_vocabulary_maps_new_lines_to_unknown_and_counts_them(config, hdfs_catalog):
+    core = ParseCore(config, catalog=hdfs_catalog, frozen=True)
+    assert parse(core, HDFS_LINE)[0].template_id == "E5"
+    (event,) = parse(core, "081109 203519 143 INFO dfs.DataNode: Disk /data7 failed after 12 errors")
+    assert (event.template_id, event.template) == (UNKNOWN, "Disk /data7 failed after <NUM> errors")
+    assert event.params == ["12"]
+    stats = core.stats()
+    assert (stats["known"], stats["unknown"], stats["mined"], stats["mined_templates"]) == (1, 1, 0, 0)
+
+
+def test_a_frozen_core_knows_the_templates_mined_before_its_snapshot(config):
+    trainer = ParseCore(config)
+    mined = [parse(trainer, f"2015-10-18 18:01:4{i},000 INFO [main] a.B: Starting task {n} now", i)[0]
+             for i, n in enumerate(("alpha", "beta", "gamma"))]
+    frozen = ParseCore(config, frozen=True)
+    frozen.restore(trainer.snapshot())
+    known = parse(frozen, "2015-10-18 18:05:00,000 INFO [main] a.B: Starting task omega now")[0]
+    assert known.template_id == mined[-1].template_id
+    assert parse(frozen, "2015-10-18 18:05:01,000 INFO [main] a.B: Stopping everything")[0].template_id == UNKNOWN
+    assert frozen.stats()["known"] == 1 and frozen.stats()["unknown"] == 1 and frozen.stats()["mined_templates"] == 1
+
+
+# ------------------------------------------------------------------------------------------
+# keys
+def test_a_line_naming_several_blocks_gives_one_event_per_block(config, hdfs_catalog):
+    core = ParseCore(config, catalog=hdfs_catalog)
+    line = ("081109 204005 35 INFO dfs.FSNamesystem: BLOCK* ask 10.251.71.16:50010 to delete  "
+            "blk_-5140072410813878235 blk_7721371530452357398 blk_-5140072410813878235")
+    events = parse(core, line, 99)
+    assert [e.key for e in events] == ["blk_-5140072410813878235", "blk_7721371530452357398"]
+    assert all(e.keys == ["blk_-5140072410813878235", "blk_7721371530452357398"] for e in events)
+    assert len({e.event_id for e in events}) == 1 and {e.template_id for e in events} == {"E30"}
+
+
+def test_a_line_without_a_session_key_is_keyed_by_its_host(config, datasets):
+    core = ParseCore(config)
+    lines = (datasets / "bgl" / "BGL_first10k.log").read_text().splitlines()[:200]
+    events = [e for i, line in enumerate(lines) for e in parse(core, line, i, host="bgl-node")]
+    assert len(events) == 200
+    assert all(e.key == "bgl-node" and e.keys == [] for e in events)
+    assert events[0].template == "instruction cache parity error corrected"
+
+
+# ------------------------------------------------------------------------------------------
+# the line-shape cache must not change any result
+def test_shape_cache_gives_exactly_what_the_long_way_gives(config, hdfs_catalog, hdfs_lines, datasets):
+    bgl = (datasets / "bgl" / "BGL_first10k.log").read_text().splitlines()[:2000]
+    lines = hdfs_lines[:6000] + bgl
+    fast, slow = ParseCore(config, catalog=hdfs_catalog), ParseCore(config, catalog=hdfs_catalog)
+    slow.shape_cache_enabled = False
+    assert fast.shape_cache_enabled
+    for offset, line in enumerate(lines):
+        assert [e.model_dump() for e in parse(fast, line, offset)] == [e.model_dump() for e in parse(slow, line, offset)]
+    assert fast.stats() == slow.stats()
+
+
+def test_a_rule_naming_particular_digits_turns_the_shape_cache_off_and_is_still_right(config):
+    rules = [r.model_dump() for r in config.masking]
+    rules.insert(0, {"name": "hex0", "pattern": r"(?<!\w)0x[0-9a-f]+\b", "placeholder": "<HEX0>"})
+    core = ParseCore(ParseConfig.model_validate({**config.model_dump(), "masking": rules}), frozen=True)
+    assert not core.shape_cache_enabled
+    # one shape (digits read as 0), two different maskings; frozen, so the masked content shows
+    (event,) = parse(core, "081109 203518 143 INFO dfs.DataNode: wrote 0x1f")
+    (other,) = parse(core, "081109 203518 143 INFO dfs.DataNode: wrote 5x1f")
+    assert (event.template, other.template) == ("wrote <HEX0>", "wrote <HEX>")
+
+
+# ------------------------------------------------------------------------------------------
+# state
+def test_snapshot_restore_keeps_every_template_id(config, hdfs_lines):
+    lines = hdfs_lines[:4000]
+    original = ParseCore(config)                    # no catalog: everything is mined
+    for i, line in enumerate(lines[:2000]):
+        parse(original, line, i)
+    data = original.snapshot()
+    restored = ParseCore(config)
+    restored.restore(data)
+    assert restored.snapshot() == data
+    for i, line in enumerate(lines[2000:]):
+        assert parse(restored, line, i)[0].template_id == parse(original, line, i)[0].template_id
+    assert restored.snapshot() == original.snapshot()
+    assert restored.templates() == original.templates() and len(original.templates()) > 5
+
+
+def test_snapshot_is_json_and_refuses_other_masking(config):
+    core = ParseCore(config)
+    parse(core, "2015-10-18 18:01:47,978 INFO [main] a.B: hello 1")
+    data = core.snapshot()
+    assert data.startswith(b"{") and b"py/object" not in data
+    other = ParseCore(config.model_copy(update={"masking": config.masking[:2]}))
+    with pytest.raises(ParseStateError):
+        other.restore(data)
+    with pytest.raises(ParseStateError):
+        core.restore(b"not json")
+    adopted = ParseCore.from_snapshot(data, config.model_copy(update={"masking": config.masking[:2]}))
+    assert adopted.config.masking == config.masking and adopted.templates() == core.templates()
+
+
+# ------------------------------------------------------------------------------------------
+# dedup
+def test_deduper_drops_redelivered_lines_only():
+    dedup = Deduper(capacity=100)
+    assert not dedup.seen("dn1", "/var/log/a.log", 0, "line a")
+    assert dedup.seen("dn1", "/var/log/a.log", 0, "line a")
+    assert not dedup.seen("dn1", "/var/log/a.log", 7, "line b")
+    assert not dedup.seen("dn2", "/var/log/a.log", 0, "line a")        # another host
+    assert not dedup.seen("dn1", "/var/log/b.log", 0, "line a")        # another file
+    # rotation: a new file at the same path starts at offset 0 again, with other text
+    assert not dedup.seen("dn1", "/var/log/a.log", 0, "first line of the new file")
+    assert dedup.seen("dn1", "/var/log/a.log", 0, "first line of the new file")
+    assert dedup.seen("dn1", "/var/log/a.log", 7)                        # without text: by offset
+    assert dedup.duplicates == 3
+
+
+def test_deduper_memory_is_bounded_and_remembers_the_newest_half():
+    dedup = Deduper(capacity=1000)
+    for offset in range(10_000):
+        dedup.seen("dn1", "/var/log/a.log", offset, f"line {offset}")
+    remembered = sum(len(o) for gen in (dedup._young, dedup._old) for o in gen.values())
+    assert remembered <= 1000
+    assert all(dedup.seen("dn1", "/var/log/a.log", o, f"line {o}") for o in range(9500, 10_000))
+    assert not dedup.seen("dn1", "/var/log/a.log", 10, "line 10")       # long forgotten
+    copy = Deduper(capacity=1000)
+    copy.restore(dedup.snapshot())
+    assert copy.seen("dn1", "/var/log/a.log", 9999, "line 9999")
+    assert not copy.seen("dn1", "/var/log/a.log", 10_001, "line 10001")
+
+
+# ------------------------------------------------------------------------------------------
+# configuration errors
+def test_the_packaged_config_loads(config):
+    assert [h.name for h in config.headers][:2] == ["hdfs", "log4j"]
+    assert any(k.pattern == r"blk_-?\d+" for k in config.session_keys)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("headers:\n  - name: x\n    pattern: '(?P<ts>\\d+ (?P<content>.*)'\n    time_format: epoch\n",
+     r"headers\[0\]\.pattern: not a valid regular expression"),
+    ("headers:\n  - name: x\n    pattern: '(?P<ts>\\d+) (?P<body>.*)'\n    time_format: epoch\n",
+     r"headers\[0\]\.pattern: needs named groups .* missing content"),
+    ("headers:\n  - name: x\n    pattern: '(?P<ts>\\d+) (?P<content>.*)'\n    time_format: epoch\n"
+     "masking:\n  - name: n\n    pattern: '\\d+('\n    placeholder: '<N>'\n", r"masking\[0\]\.pattern"),
+    ("headers:\n  - name: x\n    pattern: '(?P<ts>\\d+) (?P<content>.*)'\n    time_format: epoch\n"
+     "masking:\n  - name: n\n    pattern: '\\d+'\n    placeholder: '<A NUMBER>'\n", r"masking\[0\]\.placeholder"),
+    ("headers:\n  - name: x\n    pattern: '(?P<ts>\\d+) (?P<content>.*)'\n    time_format: epoch\n"
+     "drain: {sim_th: 3}\n", r"drain\.sim_th"),
+    ("headers: []\nmaskin: []\n", r"headers|maskin"),
+    ("headers: [unclosed\n", r"not valid YAML at line"),
+    ("- just a list\n", r"expected a mapping"),
+])
+def test_a_bad_config_file_is_one_line_naming_the_file_and_the_problem(tmp_path, text, problem):
+    path = tmp_path / "parse.yaml"
+    path.write_text(text)
+    with pytest.raises(ParseConfigError) as err:
+        ParseConfig.load(path)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message
+    assert re.search(problem, message), message
+
+
+def test_missing_config_and_catalog_files_are_clear_errors(tmp_path):
+    with pytest.raises(ParseConfigError, match="no such file"):
+        ParseConfig.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "templates.csv"
+    bad.write_text("Id,Text\nE1,x\n")
+    with pytest.raises(ParseConfigError, match="EventId,EventTemplate"):
+        load_catalog(bad)
