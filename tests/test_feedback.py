@@ -1,0 +1,253 @@
+"""Feedback: the core that turns a false positive into a new DeepLog version, and the round trip
+through the real broker (alert -> `logwarden feedback` -> update -> reload -> rollback)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from models import artifacts
+from models.base import Sequence
+from models.data import hdfs_test_split, read_hdfs_100k, read_sessions, read_templates, to_sequences
+from services import stages
+from services.alerts import reader as alerts_reader
+from services.feedback import FeedbackCore, FeedbackError, FeedbackStage
+from services.records import Alert, Feedback, KeySequence, ParsedEvent, Source, Window, stable_id
+from services.shell import BadRecord, Record
+from tests.kafkautil import produce_values
+from tests.streamutil import REPO, settings_env, wait_until
+
+
+# --------------------------------------------------------------------------------------------
+# a small DeepLog and a normal session it wrongly flags
+@pytest.fixture(scope="module")
+def trained(datasets, tmp_path_factory):
+    """(model dir, templates, a held-out normal session the model flags) for this module."""
+    import torch
+
+    from models.deeplog import DeepLog
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1)))
+    hdfs = datasets / "hdfs"
+    training = read_sessions(hdfs / "deeplog_hdfs_train")
+    templates = read_templates(hdfs / "HDFS_templates.csv")
+    model = DeepLog(g=5, hidden=32, embedding=8, epochs=3, device="cpu")
+    model.fit(to_sequences(training[:400], templates), templates=templates)
+    out = tmp_path_factory.mktemp("deeplog")
+    model.save(out)
+    normal, _ = hdfs_test_split(read_hdfs_100k(hdfs / "HDFS_100k_block_labels.csv"), training)
+    candidates = to_sequences([list(b.keys) for b in normal[:1500]], templates)
+    flagged = [s for s, v in zip(candidates, model.score(candidates)) if v.anomalous]
+    assert flagged, "the small model flags none of 1500 normal sessions: pick another training size"
+    return out, templates, flagged[0].keys
+
+
+def published(model: Path, model_dir: Path) -> Path:
+    return artifacts.publish(model, model_dir, "deeplog")
+
+
+def flags(version: Path, keys: list[str]) -> bool:
+    return artifacts.load(version, device="cpu").score([Sequence(keys=list(keys))])[0].anomalous
+
+
+def false_positive(keys: list[str], templates: dict[str, str], alert_id: str = "a1", at: float = 1.0) -> Feedback:
+    return Feedback(alert_id=alert_id, verdict="false_positive", detector="deeplog", key="blk_1", time=at,
+                    sequence=KeySequence(keys=keys, templates={k: templates[k] for k in keys}))
+
+
+# --------------------------------------------------------------------------------------------
+# core
+@pytest.mark.slow
+def test_false_positive_becomes_a_new_version_that_no_longer_flags_it_and_rollback_restores(trained, tmp_path):
+    model, templates, keys = trained
+    v1 = published(model, tmp_path)
+    assert flags(v1, keys)
+    result = FeedbackCore(tmp_path, device="cpu").apply(false_positive(keys, templates))
+    assert result["action"] == "updated" and result["parent"] == "v0001" and result["version"] == "v0002"
+    v2 = artifacts.latest(tmp_path, "deeplog")
+    assert v2.name == "v0002"
+    manifest = artifacts.read_manifest(v2)
+    assert manifest["parent"] == "v0001"
+    assert manifest["feedback"] == [{"alert_id": "a1", "verdict": "false_positive", "time": 1.0}]
+    assert not flags(v2, keys)
+    assert flags(v2, [*keys, "E999"])            # an unseen template is still an anomaly
+    assert flags(v1, keys)                       # the previous version is kept as it was
+    artifacts.rollback(tmp_path, "deeplog")
+    assert artifacts.latest(tmp_path, "deeplog") == v1
+
+
+@pytest.mark.slow
+def test_replayed_feedback_is_not_learned_twice_but_a_new_report_is(trained, tmp_path):
+    model, templates, keys = trained
+    published(model, tmp_path)
+    core = FeedbackCore(tmp_path, device="cpu")
+    fb = false_positive(keys, templates)
+    assert core.apply(fb)["action"] == "updated"
+    assert core.apply(fb) == {"action": "duplicate", "detector": "deeplog", "version": "v0002"}
+    assert [p.name for p in artifacts.versions(tmp_path, "deeplog")] == ["v0001", "v0002"]
+    again = core.apply(false_positive(keys, templates, alert_id="a2", at=2.0))
+    assert again["action"] == "updated" and again["parent"] == "v0002"
+    assert len(artifacts.read_manifest(artifacts.latest(tmp_path, "deeplog"))["feedback"]) == 2
+
+
+def test_true_positives_and_detectors_without_online_update_change_no_model(tmp_path):
+    core = FeedbackCore(tmp_path, device="cpu")
+    seq = KeySequence(keys=["E5", "E22"])
+    tp = Feedback(alert_id="a", verdict="true_positive", detector="deeplog", sequence=seq, time=1)
+    fp_attgru = Feedback(alert_id="b", verdict="false_positive", detector="attgru", sequence=seq, time=1)
+    assert core.apply(tp)["action"] == "recorded"
+    assert core.apply(fp_attgru)["action"] == "recorded"
+    assert not (tmp_path / "deeplog").exists() and not (tmp_path / "attgru").exists()
+
+
+def test_feedback_that_cannot_be_applied_names_why(tmp_path):
+    core = FeedbackCore(tmp_path, device="cpu")
+    with pytest.raises(FeedbackError) as no_model:
+        core.apply(Feedback(alert_id="a", verdict="false_positive", detector="deeplog",
+                            sequence=KeySequence(keys=["E5"]), time=1))
+    assert no_model.value.reason == "no_model" and str(tmp_path) in no_model.value.detail
+    with pytest.raises(FeedbackError) as no_sequence:
+        core.apply(Feedback(alert_id="a", verdict="false_positive", detector="deeplog", time=1))
+    assert no_sequence.value.reason == "no_sequence"
+
+
+def test_stage_dead_letters_bad_records_and_counts_applied_feedback(tmp_path, kafka_settings_free):
+    stage = FeedbackStage(kafka_settings_free.model_copy(update={"model_dir": tmp_path}))
+
+    def record(value: bytes) -> Record:
+        return Record("fb", 0, 0, None, value, 0)
+
+    with pytest.raises(BadRecord) as bad:
+        stage.handle(record(b'{"alert_id": "x"}'))
+    assert bad.value.reason == "bad_feedback" and "verdict" in bad.value.detail
+    with pytest.raises(BadRecord) as unusable:
+        stage.handle(record(false_positive(["E5"], {"E5": "t"}).model_dump_json().encode()))
+    assert unusable.value.reason == "no_model"
+    labels = {"detector": "deeplog", "verdict": "true_positive"}
+    before = REGISTRY.get_sample_value("logwarden_feedback_total", labels) or 0
+    tp = Feedback(alert_id="a", verdict="true_positive", detector="deeplog", time=1)
+    assert stage.handle(record(tp.model_dump_json().encode())) == []
+    assert REGISTRY.get_sample_value("logwarden_feedback_total", labels) == before + 1
+
+
+@pytest.fixture
+def kafka_settings_free():
+    """Settings for a stage object that is never run (no broker needed)."""
+    from services.settings import Settings
+
+    return Settings(kafka_bootstrap="127.0.0.1:9", device="cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# through the broker
+def session_window(key: str, keys: list[str], templates: dict[str, str], host: str = "dn1") -> Window:
+    events = [ParsedEvent(event_id=stable_id(key, i), key=key, keys=[key], timestamp=1226262918.0 + i,
+                          template_id=k, template=templates.get(k, k), message=f"event {i} of {key}: {k}",
+                          source=Source(host=host, topic=f"logs.{host}", partition=0, offset=i,
+                                        file_path=f"/var/log/hadoop/{host}.log", file_offset=100 * i))
+              for i, k in enumerate(keys)]
+    return Window(window_id=stable_id("session", key, events[0].event_id, events[-1].event_id),
+                  session_id=stable_id(key, events[0].event_id), kind="session", key=key, hosts=[host],
+                  events=events, closed_reason="idle")
+
+
+def alert_id_of(window: Window) -> str:
+    return stable_id("deeplog", window.session_id)
+
+
+class AlertCollector(threading.Thread):
+    """Reads ALERTS_TOPIC from the beginning into ``alerts`` (alert id -> records)."""
+
+    def __init__(self, settings):
+        super().__init__(daemon=True)
+        self.settings, self.stop, self.alerts = settings, threading.Event(), {}
+
+    def run(self):
+        consumer = alerts_reader(self.settings, from_beginning=True, wait_s=30)
+        try:
+            while not self.stop.is_set():
+                for msg in consumer.consume(100, timeout=0.2):
+                    if not msg.error():
+                        alert = Alert.model_validate_json(msg.value())
+                        self.alerts.setdefault(alert.alert_id, []).append(alert)
+        finally:
+            consumer.close()
+
+    def wait(self, alert_id: str, timeout: float = 60) -> Alert:
+        wait_until(lambda: alert_id in self.alerts, timeout, what=f"alert {alert_id}")
+        return self.alerts[alert_id][-1]
+
+
+def served(version: str) -> bool:
+    return REGISTRY.get_sample_value("logwarden_model_version_info",
+                                     {"detector": "deeplog", "version": version}) == 1
+
+
+def cli(settings, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], env=settings_env(settings), cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_false_positive_fed_back_through_kafka_is_not_flagged_by_the_reloaded_model_until_rollback(
+        trained, kafka_settings, tmp_path):
+    model, templates, keys = trained
+    settings = kafka_settings.model_copy(update={
+        "model_dir": tmp_path / "models", "device": "cpu", "reload_check_s": 0.5, "state_dir": tmp_path / "state"})
+    published(model, settings.model_dir)
+    stop = threading.Event()
+    runner = threading.Thread(target=stages.run, args=(["detect", "feedback"], settings), kwargs={"stop": stop})
+    runner.start()
+    collector = AlertCollector(settings)
+    collector.start()
+
+    def send(*windows: Window) -> None:
+        # one Kafka key: one partition, so detect judges them in this order
+        produce_values(settings, settings.windows_topic, [w.model_dump_json() for w in windows], key="fb-test")
+
+    labels = {"detector": "deeplog", "verdict": "false_positive"}
+    feedback_before = REGISTRY.get_sample_value("logwarden_feedback_total", labels) or 0
+    try:
+        first = session_window("blk_101", keys, templates)
+        send(first)
+        alert = collector.wait(alert_id_of(first))
+        assert alert.status == "final" and alert.anomalous and alert.model_version == "v0001"
+        assert alert.sequence.keys == keys and alert.sequence.complete
+
+        missing = cli(settings, "feedback", "0123456789abcdef", "--false-positive")
+        assert missing.returncode == 2
+        assert missing.stderr.strip() == f"logwarden feedback: no alert 0123456789abcdef on {settings.alerts_topic}"
+
+        sent = cli(settings, "feedback", alert.alert_id, "--false-positive", "--note", "a normal block")
+        assert sent.returncode == 0, sent.stderr
+        assert alert.alert_id in sent.stdout and settings.feedback_topic in sent.stdout
+        wait_until(lambda: served("v0002"), 90, what="detect to serve the version made from the feedback")
+        assert artifacts.read_manifest(settings.model_dir / "deeplog" / "v0002")["parent"] == "v0001"
+        assert REGISTRY.get_sample_value("logwarden_feedback_total", labels) == feedback_before + 1
+
+        # The same sequence in another block is now normal: no alert. A block with a template the
+        # model never saw, judged right after it, shows the detector has got that far.
+        again, sentinel = session_window("blk_102", keys, templates), session_window("blk_103", [*keys, "E999"], templates)
+        send(again, sentinel)
+        assert collector.wait(alert_id_of(sentinel)).model_version == "v0002"
+        time.sleep(2)
+        assert alert_id_of(again) not in collector.alerts
+
+        rollback = cli(settings, "model", "rollback", "--detector", "deeplog")
+        assert rollback.returncode == 0, rollback.stderr
+        wait_until(lambda: served("v0001"), 30, what="detect to serve v0001 again")
+        third = session_window("blk_104", keys, templates)
+        send(third)
+        restored = collector.wait(alert_id_of(third))
+        assert restored.anomalous and restored.model_version == "v0001"
+    finally:
+        stop.set()
+        runner.join(60)
+        collector.stop.set()
+        collector.join(10)
