@@ -31,9 +31,13 @@ def test_missing_jars_say_run_make_kafka_jars(tmp_path):
 
 
 def test_missing_java_is_named(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path))   # no java on an empty PATH
+    libs = tmp_path / "libs"                    # jars that pass the check, so java is what is missing
+    libs.mkdir()
+    (libs / "kafka_2.13-4.1.1.jar").touch()
+    (libs / ".complete").touch()
+    monkeypatch.setenv("PATH", str(tmp_path))   # no java on this PATH
     with pytest.raises(BrokerError, match="java not found"):
-        localkafka.start(tmp_path / "data")
+        localkafka.start(tmp_path / "data", libs=libs)
 
 
 def test_generated_config_is_a_single_node_kraft_broker_on_loopback(tmp_path):
@@ -70,36 +74,31 @@ def test_a_broker_that_dies_at_start_reports_its_log(tmp_path):
     assert broker_processes(tmp_path) == []
 
 
-@pytest.mark.slow
-def test_started_broker_serves_records_and_stop_leaves_no_process(tmp_path):
-    broker = localkafka.start(tmp_path)
-    try:
-        assert broker_processes(tmp_path) == [broker.pid]
-        producer = Producer({"bootstrap.servers": broker.bootstrap, "enable.idempotence": True})
-        producer.produce("probe", b"hello")
-        assert producer.flush(30) == 0
-        partitions = topic_partitions(broker.bootstrap, "probe")
-        assert len(partitions) == 6                      # auto-created with num.partitions
-        consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "probe"})
-        consumer.assign([TopicPartition("probe", p, 0) for p in partitions])
-        message = None
-        while message is None:
-            message = consumer.poll(10)
-        assert message.value() == b"hello"
-        consumer.close()
-    finally:
-        broker.stop()
-    assert broker_processes(tmp_path) == []
-    assert port_is_free(broker.port) and port_is_free(broker.controller_port)
+def assert_serves_records(bootstrap: str) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    producer.produce("probe", b"hello")
+    assert producer.flush(30) == 0
+    partitions = topic_partitions(bootstrap, "probe")
+    assert len(partitions) == 6                          # auto-created with num.partitions
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "probe"})
+    consumer.assign([TopicPartition("probe", p, 0) for p in partitions])
+    message = None
+    while message is None:
+        message = consumer.poll(10)
+    assert message.value() == b"hello"
+    consumer.close()
 
 
 @pytest.mark.slow
-def test_kafka_up_is_idempotent_and_down_leaves_no_process(tmp_path, capsys):
+def test_kafka_up_serves_is_idempotent_and_down_leaves_no_process(tmp_path, capsys):
+    """`make kafka-up` / `make kafka-down` in a scratch run dir (the real .run/ stays untouched)."""
     files = RunFiles(tmp_path)
     ports = (localkafka.free_port(), localkafka.free_port())
     first = localkafka.up(files, preferred_ports=ports)
     try:
         assert files.bootstrap.read_text().strip() == first.bootstrap == f"127.0.0.1:{ports[0]}"
+        assert broker_processes(files.data_dir) == [first.pid]
+        assert_serves_records(first.bootstrap)
         again = localkafka.up(files, preferred_ports=ports)
         assert again.pid == first.pid
         assert "already up" in capsys.readouterr().out
@@ -107,6 +106,7 @@ def test_kafka_up_is_idempotent_and_down_leaves_no_process(tmp_path, capsys):
     finally:
         assert localkafka.down(files)
     assert broker_processes(files.data_dir) == []
+    assert port_is_free(first.port) and port_is_free(first.controller_port)
     assert not files.bootstrap.exists() and not files.pid.exists()
     assert not localkafka.status(files)
     assert not localkafka.down(files)        # a second down is harmless
