@@ -174,7 +174,7 @@ class ParseConfig(BaseModel):
     masking: list[MaskRule] = Field(default_factory=list)
     session_keys: list[KeyExtractor] = Field(default_factory=list)
     drain: DrainOptions = Field(default_factory=DrainOptions)
-    cache_size: int = Field(100_000, ge=16, description="line shapes and masked contents remembered")
+    cache_size: int = Field(20_000, ge=16, description="line shapes and masked contents remembered")
 
     @field_validator("timezone")
     @classmethod
@@ -509,10 +509,16 @@ class _Header:
 
     def epoch(self, ts_text: str, tz_text: str | None, fallback_ts: float) -> float:
         """Seconds since the epoch of a header timestamp (without its fraction)."""
-        key = ts_text if tz_text is None else f"{ts_text}|{tz_text}"
-        if not self.has_year:
-            year = datetime.fromtimestamp(fallback_ts, self.zone).year
-            key = f"{key}|{year}"
+        if self.has_year:
+            return self._epoch(ts_text, tz_text, None)
+        year = datetime.fromtimestamp(fallback_ts, self.zone).year
+        value = self._epoch(ts_text, tz_text, year)
+        if value > fallback_ts + 86400:      # "Dec 31" read on Jan 1: last year's line
+            value = self._epoch(ts_text, tz_text, year - 1)
+        return value
+
+    def _epoch(self, ts_text: str, tz_text: str | None, year: int | None) -> float:
+        key = ts_text if tz_text is None and year is None else f"{ts_text}|{tz_text}|{year}"
         value = self.cache.get(key)
         if value is not None:
             return value
@@ -524,15 +530,12 @@ class _Header:
                     moment = datetime.fromisoformat(ts_text)
                 elif self.numeric_time is not None:
                     moment = self._numeric(ts_text)
-                elif self.has_year:
+                elif year is None:
                     moment = datetime.strptime(ts_text, self.time_format)
                 else:
                     moment = datetime.strptime(f"{year} {ts_text}", f"%Y {self.time_format}")
                 zone = _offset_zone(tz_text) if tz_text else self.zone
                 value = moment.replace(tzinfo=zone).timestamp()
-                if not self.has_year and value > fallback_ts + 86400:
-                    # "Dec 31" read on Jan 1: last year's line
-                    value = moment.replace(year=moment.year - 1, tzinfo=zone).timestamp()
         except (ValueError, OverflowError) as err:
             raise ParseError("bad_header", f"{self.name} timestamp {ts_text!r} unreadable ({err})") from None
         if len(self.cache) >= 4096:  # distinct seconds; a dict this size is plenty
@@ -770,8 +773,8 @@ class ParseCore:
         return json.dumps(state, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
     def restore(self, data: bytes) -> None:
-        """Replace the miner state with a snapshot's. Its masking and drain settings must be this
-        core's (templates mined under other rules would not match these lines)."""
+        """Replace the miner state, catalog included, with a snapshot's. Its masking and drain
+        settings must be this core's (templates mined under other rules would not match)."""
         try:
             state = json.loads(data)
             if state.get("format") != SNAPSHOT_FORMAT:
@@ -788,7 +791,7 @@ class ParseCore:
             catalog = {str(i): str(t) for i, t in state["catalog"]}
         except ParseStateError:
             raise
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ParseStateError(f"unreadable parse-core snapshot ({type(err).__name__}: {err})") from None
         self._drain = drain
         self._set_catalog(catalog)
@@ -1042,9 +1045,10 @@ class Deduper:
     deterministic event_id). Per line it keeps the offset and a CRC32 of the text, no strings.
 
     File rotation: a new file at the same path starts again at offset 0, so (host, path, offset)
-    repeats for a different line. When ``message`` is given, a repeat with different text is a new
-    line: it passes and replaces the remembered one. Without ``message`` such a line would be
-    taken for a duplicate if its offset is still remembered.
+    repeats for a different line. Usually the old file's first offsets were forgotten long ago
+    (a file is rotated after many more lines than the memory holds). For small files, pass
+    ``message``: a repeat with different text is a new line; it passes and replaces the
+    remembered one. Without ``message`` such a line would be taken for a duplicate.
     """
 
     def __init__(self, capacity: int = 65_536):

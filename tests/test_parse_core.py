@@ -87,6 +87,8 @@ def test_syslog_header_takes_the_year_from_the_fallback_time(config):
     assert timestamp == utc(2005, 6, 14, 15, 16, 1)
     # a December line read in early January belongs to the year before
     assert core.split_header("Dec 31 23:59:59 combo cron[1]: tick", utc(2006, 1, 1, 0, 5))[1] == utc(2005, 12, 31, 23, 59, 59)
+    # ... and the same header read at the end of that year is that year's
+    assert core.split_header("Dec 31 23:59:59 combo cron[1]: tick", utc(2006, 12, 31, 23, 59))[1] == utc(2006, 12, 31, 23, 59, 59)
 
 
 def test_a_line_without_a_known_header_is_a_parse_error(config):
@@ -301,6 +303,8 @@ def test_snapshot_is_json_and_refuses_other_masking(config):
         other.restore(data)
     with pytest.raises(ParseStateError):
         core.restore(b"not json")
+    with pytest.raises(ParseStateError):
+        core.restore(b"[1, 2]")
     adopted = ParseCore.from_snapshot(data, config.model_copy(update={"masking": config.masking[:2]}))
     assert adopted.config.masking == config.masking and adopted.templates() == core.templates()
 
