@@ -17,7 +17,9 @@ libbeat/reader/readfile/metafields.go, filebeat/input/filestream/input.go):
     (their bytes still count for the offsets of later lines);
   * ``input.type: filestream``, ``ecs.version: 8.0.0``, ``host.name``, and ``agent``
     {ephemeral_id, id, name, type: filebeat, version} as the publisher pipeline adds them;
-  * JSON with HTML escaping (``<`` -> ``\\u003c``), UTF-8 unescaped, invalid bytes as U+FFFD.
+  * JSON as go-structform writes it with codec.json's defaults (escape_html: false): UTF-8
+    unescaped, U+2028/U+2029 and control characters other than \\n \\r \\t as ``\\u00XX``,
+    invalid UTF-8 as U+FFFD.
 
 Kafka key: the file path. Filebeat's default is no key (random partition); we set the key so
 every line of one file lands in one partition, in file order, which the window stage relies on
@@ -54,9 +56,13 @@ ECS_VERSION = "8.0.0"
 FINGERPRINT_BYTES = 1024
 READ_CHUNK_BYTES = 1 << 20          # lines are read (and timestamped) in ~1 MiB chunks
 FOLLOW_POLL_S = 0.25                # how often --follow looks for appended lines
-# Go's JSON encoder escapes these (HTML safety, JavaScript line terminators); Python's does not.
-_GO_ESCAPED = re.compile("[<>&\u2028\u2029]")
-_GO_ESCAPED_UTF8 = re.compile(rb"[<>&]|\xe2\x80[\xa8\xa9]")   # the same, found in raw bytes
+# Where Python's JSON string encoder and Beats' (go-structform) write different bytes: Go writes
+# \b and \f as \u0008 and \u000c and escapes the JavaScript line separators U+2028/U+2029.
+_PYTHON_DIFFERS = re.compile("[\x08\x0c\u2028\u2029]")
+_PYTHON_DIFFERS_UTF8 = re.compile(rb"[\x08\x0c]|\xe2\x80[\xa8\xa9]")   # the same, in raw bytes
+_GO_STRING_ESCAPES = {c: f"\\u{c:04x}" for c in range(0x20)} | {
+    ord('"'): '\\"', ord("\\"): "\\\\", ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t",
+    0x2028: "\\u2028", 0x2029: "\\u2029"}
 # A machine-wide namespace for agent ids: one host name gives the same agent.id in every run, as
 # a real Filebeat keeps its id in data/meta.json across restarts.
 _AGENT_NAMESPACE = uuid.UUID("6f3c1d52-8a7e-4c1f-9b43-2f0b6a5d9e11")
@@ -66,16 +72,11 @@ def logs_topic(host: str) -> str:
     return f"logs.{host}"
 
 
-def _go_escape(match: re.Match) -> str:
-    return f"\\u{ord(match.group()):04x}"
-
-
 def json_string(text: str) -> str:
-    """``text`` as a JSON string literal the way Filebeat's encoder writes it."""
-    encoded = _json_string(text)
-    if _GO_ESCAPED.search(encoded):
-        encoded = _GO_ESCAPED.sub(_go_escape, encoded)
-    return encoded
+    """``text`` as a JSON string literal, byte for byte as Filebeat's encoder writes it."""
+    if _PYTHON_DIFFERS.search(text):
+        return '"' + text.translate(_GO_STRING_ESCAPES) + '"'
+    return _json_string(text)
 
 
 def filebeat_timestamp(epoch_s: float) -> str:
@@ -218,8 +219,8 @@ def replay_lines(producer, topic: str, host: str, path: Path | str, *, rate: flo
                 data = pending + chunk
                 encoder.stamp(time.time())
                 lines, consumed = split_lines(data, position)
-                # Most chunks have nothing Go would escape beyond what json does: skip that pass.
-                quote = json_string if _GO_ESCAPED_UTF8.search(data, 0, consumed) else _json_string
+                # Most chunks hold nothing the two encoders write differently: skip that check.
+                quote = json_string if _PYTHON_DIFFERS_UTF8.search(data, 0, consumed) else _json_string
                 pending = data[consumed:]
                 position += consumed
                 if progress is not None:

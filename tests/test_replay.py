@@ -77,11 +77,13 @@ def test_invalid_utf8_becomes_the_replacement_character_like_go():
     assert lines == [(0, "ok \ufffd\ufffd end")]
 
 
-def test_json_strings_are_escaped_as_gos_encoder_does():
-    assert replay.json_string('<a href="x">&amp;</a>') == r'"\u003ca href=\"x\"\u003e\u0026amp;\u003c/a\u003e"'
-    assert replay.json_string("é\u2028\t") == '"é\\u2028\\t"'       # UTF-8 kept, JS separators not
-    text = "quote\" back\\slash \x01 ctrl <tag>"
-    assert json.loads(replay.json_string(text)) == text
+def test_json_strings_are_written_byte_for_byte_as_beats_encoder_does():
+    # codec.json's escape_html is false in 8.x: <, > and & stay as they are.
+    assert replay.json_string('<a href="x">&amp;</a>') == r'"<a href=\"x\">&amp;</a>"'
+    # UTF-8 unescaped; JavaScript line separators and \b \f as \u escapes, like go-structform.
+    assert replay.json_string("é\u2028\t\b\f\x01") == r'"é\u2028\t\u0008\u000c\u0001"'
+    for text in ("quote\" back\\slash \x01 ctrl <tag>", "sep\u2029 \\b \b", "plain"):
+        assert json.loads(replay.json_string(text)) == text
 
 
 def test_timestamp_is_utc_with_milliseconds():
