@@ -218,13 +218,13 @@ class DeepLog(Detector):
             if text and key in self.index:
                 self.templates[key] = text
 
-    def _padded(self, seq: Sequence) -> tuple[np.ndarray, int]:
+    def _padded(self, seq: Sequence) -> tuple[list[int], int]:
         """Vocabulary indices of the padded sequence, and the padding length before keys[0]."""
         pad = self.h if seq.start else 0
         ids = [START_ID] * pad + [self.index.get(k, UNK_ID) for k in seq.keys]
         if seq.complete:
             ids.append(END_ID)
-        return np.asarray(ids, dtype=np.int64), pad
+        return ids, pad
 
     def _judged(self, seq: Sequence, pad: int) -> tuple[list[int], int]:
         """Positions judged (len(keys) = the end) and how many wanted ones lack a full history."""
@@ -240,7 +240,7 @@ class DeepLog(Detector):
             ids, pad = self._padded(seq)
             if len(ids) <= self.h:
                 continue
-            rows.append(np.lib.stride_tricks.sliding_window_view(ids, self.h + 1))
+            rows.append(np.lib.stride_tricks.sliding_window_view(np.asarray(ids, np.int64), self.h + 1))
         if not rows:
             return _Windows(np.zeros((0, self.h), np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
         unique, counts = np.unique(np.concatenate(rows), axis=0, return_counts=True)
@@ -466,23 +466,22 @@ class DeepLog(Detector):
     def score(self, sequences: Seq[Sequence]) -> list[Verdict]:
         if self.model is None:
             raise RuntimeError("deeplog: score() before fit() or load()")
-        histories, targets, owners = [], [], []
+        rows: list[list[int]] = []        # (h history ids + the observed id) per judged position
+        owners: list[int] = []
         plans = []
+        h = self.h
         for n, seq in enumerate(sequences):
             ids, pad = self._padded(seq)
             judged, unjudged = self._judged(seq, pad)
             plans.append((judged, unjudged, pad))
-            if judged:
-                starts = np.asarray(judged) + pad - self.h
-                view = np.lib.stride_tricks.sliding_window_view(ids, self.h + 1)[starts]
-                histories.append(view[:, :-1])
-                targets.append(view[:, -1])
-                owners.append(np.full(len(judged), n))
+            rows.extend(ids[p + pad - h:p + pad + 1] for p in judged)
+            owners.extend([n] * len(judged))
         verdicts = [Verdict(anomalous=False, score=0.0, details={"judged": len(j), "unjudged": u})
                     for j, u, _ in plans]
-        if histories:
-            self._score_keys(sequences, plans, np.concatenate(histories), np.concatenate(targets),
-                             np.concatenate(owners), verdicts)
+        if rows:
+            windows = np.asarray(rows, dtype=np.int64)
+            self._score_keys(sequences, plans, np.ascontiguousarray(windows[:, :-1]), windows[:, -1],
+                             np.asarray(owners), verdicts)
         if self.params:
             self._score_params(sequences, plans, verdicts)
         for verdict in verdicts:
@@ -502,10 +501,10 @@ class DeepLog(Detector):
         flagged = (rank >= self.g) | (t == UNK_ID)
         surprise = (1.0 - observed).numpy()
         offsets = np.cumsum([0] + [len(j) for j, _, _ in plans])
-        for n, verdict in enumerate(verdicts):
-            lo, hi = offsets[n], offsets[n + 1]
-            if hi > lo:
-                verdict.score = float(surprise[lo:hi].max())
+        scored = np.flatnonzero(offsets[1:] > offsets[:-1])      # sequences with a judged position
+        # Empty segments have no length, so the starts of the others bound their segments.
+        for n, value in zip(scored.tolist(), np.maximum.reduceat(surprise, offsets[scored]).tolist()):
+            verdicts[n].score = value
         rows = torch.nonzero(flagged).squeeze(1).tolist()
         if not rows:
             return
