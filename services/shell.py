@@ -244,6 +244,7 @@ class StageRunner:
         self.consumer.subscribe(subscription(spec.topics), on_assign=self._on_assign,
                                 on_revoke=self._on_revoke)
         last_commit = last_lag = time.monotonic()
+        records_in: dict[str, object] = {}       # topic -> metric child
         try:
             while not self.stop.is_set():
                 if not getattr(spec.core, "ready", lambda: True)():
@@ -260,7 +261,10 @@ class StageRunner:
                         continue
                     rec = Record(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
                                  msg.timestamp()[1])
-                    metrics.RECORDS_IN.labels(spec.name, rec.topic).inc()
+                    counter = records_in.get(rec.topic)
+                    if counter is None:
+                        counter = records_in[rec.topic] = metrics.RECORDS_IN.labels(spec.name, rec.topic)
+                    counter.inc()
                     try:
                         outs.extend(spec.core.handle(rec))
                     except BadRecord as bad:
