@@ -59,7 +59,6 @@ FOLLOW_POLL_S = 0.25                # how often --follow looks for appended line
 # Where Python's JSON string encoder and Beats' (go-structform) write different bytes: Go writes
 # \b and \f as \u0008 and \u000c and escapes the JavaScript line separators U+2028/U+2029.
 _PYTHON_DIFFERS = re.compile("[\x08\x0c\u2028\u2029]")
-_PYTHON_DIFFERS_UTF8 = re.compile(rb"[\x08\x0c]|\xe2\x80[\xa8\xa9]")   # the same, in raw bytes
 _GO_STRING_ESCAPES = {c: f"\\u{c:04x}" for c in range(0x20)} | {
     ord('"'): '\\"', ord("\\"): "\\\\", ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t",
     0x2028: "\\u2028", 0x2029: "\\u2029"}
@@ -77,6 +76,13 @@ def json_string(text: str) -> str:
     if _PYTHON_DIFFERS.search(text):
         return '"' + text.translate(_GO_STRING_ESCAPES) + '"'
     return _json_string(text)
+
+
+def _python_may_differ(data: bytes) -> bool:
+    """Could a line in ``data`` hold a character json_string writes unlike Python's encoder?
+    Most chunks cannot, and then the per-line check is skipped. (Byte searches, not a regex:
+    an alternation regex scans a MiB in ~25 ms, these in well under 1 ms.)"""
+    return b"\x08" in data or b"\x0c" in data or b"\xe2\x80" in data   # \b, \f, U+2028/U+2029
 
 
 def filebeat_timestamp(epoch_s: float) -> str:
@@ -219,8 +225,7 @@ def replay_lines(producer, topic: str, host: str, path: Path | str, *, rate: flo
                 data = pending + chunk
                 encoder.stamp(time.time())
                 lines, consumed = split_lines(data, position)
-                # Most chunks hold nothing the two encoders write differently: skip that check.
-                quote = json_string if _PYTHON_DIFFERS_UTF8.search(data, 0, consumed) else _json_string
+                quote = json_string if _python_may_differ(data) else _json_string
                 pending = data[consumed:]
                 position += consumed
                 if progress is not None:
