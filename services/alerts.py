@@ -60,7 +60,8 @@ def _when(epoch: float) -> str:
 
 def _key_line(k: ExpectedKey) -> str:
     p = f"{k.probability:6.3f}  " if k.probability is not None else ""
-    return f"{k.template_id:<10} {p}{k.template or '(template text unknown)'}"
+    text = k.template or ("(end of session)" if k.template_id == "<end>" else "(template text unknown)")
+    return f"{k.template_id:<10} {p}{text}"
 
 
 def format_alert(alert: Alert) -> str:

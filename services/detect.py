@@ -171,8 +171,10 @@ class DetectCore:
         metrics.ALERTS.labels(name, status).inc()
         return alert
 
-    def _key(self, template_id: str, probability: float | None = None) -> ExpectedKey:
-        return ExpectedKey(template_id=template_id, template=self.texts.get(template_id), probability=probability)
+    def _key(self, template_id: str, probability: float | None = None, known: dict | None = None) -> ExpectedKey:
+        # known: texts the detector has for keys this stream has not shown yet (its vocabulary)
+        text = self.texts.get(template_id) or (known or {}).get(template_id)
+        return ExpectedKey(template_id=template_id, template=text, probability=probability)
 
     def _build(self, name, version, window: Window, verdict: Verdict, status, previous: Alert | None,
                now: float) -> Alert:
@@ -201,7 +203,7 @@ class DetectCore:
             anomalous=verdict.anomalous,
             severity="critical" if status == "final" and verdict.anomalous else ("warning" if verdict.anomalous else "info"),
             score=float(verdict.score), kind=kind, first_anomaly=first_event,
-            expected=[self._key(k, p) for k, p in expected],
+            expected=[self._key(k, p, details.get("expected_templates")) for k, p in expected],
             observed=self._key(observed),
             window=[self._key(e.template_id) for e in events[max(0, pos - 10):pos]],
             anomalies=count, event_time=event.timestamp, detection_time=now, details=details,

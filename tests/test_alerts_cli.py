@@ -99,6 +99,14 @@ def test_readable_block_says_what_where_and_what_was_expected():
     assert "after E9 expected E11|E26, saw E3" in joined
 
 
+def test_readable_block_names_the_session_end_and_keys_without_text():
+    alert = make_alert(1, ["dn1"]).model_copy(update={"expected": [
+        ExpectedKey(template_id="<end>", probability=0.6), ExpectedKey(template_id="T3fa9", probability=0.2)]})
+    lines = alerts.format_alert(alert).splitlines()
+    assert any("<end>" in line and "(end of session)" in line for line in lines)
+    assert any("T3fa9" in line and "(template text unknown)" in line for line in lines)
+
+
 def test_json_rendering_is_one_line_and_keeps_fields_a_newer_producer_added():
     raw = json.loads(make_alert(1, ["dn1"]).model_dump_json(by_alias=True)) | {"added_later": {"x": 1}}
     line = alerts.render(Alert.model_validate(raw), raw, as_json=True)

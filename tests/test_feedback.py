@@ -219,6 +219,8 @@ def test_false_positive_fed_back_through_kafka_is_not_flagged_by_the_reloaded_mo
         alert = collector.wait(alert_id_of(first))
         assert alert.status == "final" and alert.anomalous and alert.model_version == "v0001"
         assert alert.sequence.keys == keys and alert.sequence.complete
+        # texts of expected keys the stream has not shown come from the model's vocabulary
+        assert all(k.template == templates[k.template_id] for k in alert.expected if k.template_id in templates)
 
         missing = cli(settings, "feedback", "0123456789abcdef", "--false-positive")
         assert missing.returncode == 2
