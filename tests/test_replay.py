@@ -187,10 +187,13 @@ def test_rate_limits_lines_per_second(kafka_settings, tmp_path):
 def test_last_line_without_newline_is_sent_at_the_end_of_a_replay(kafka_settings, tmp_path):
     host = kafka_settings.host("tail")
     path = tmp_path / "tail.log"
-    path.write_bytes(b"one\r\ntwo")
-    assert replay.replay_file(kafka_settings, path, host) == 2
-    docs = consume_json(kafka_settings, replay.logs_topic(host), 2, timeout=30)
-    assert [(d["log"]["offset"], d["message"]) for d in docs] == [(0, "one"), (5, "two")]
+    path.write_bytes("one\r\nform\x0cfeed \u2028 <&>\r\ntwo".encode())
+    assert replay.replay_file(kafka_settings, path, host) == 3
+    records = consume(kafka_settings, replay.logs_topic(host), 3, timeout=30)
+    docs = [json.loads(r.value()) for r in records]
+    assert [(d["log"]["offset"], d["message"]) for d in docs] == [
+        (0, "one"), (5, "form\x0cfeed \u2028 <&>"), (24, "two")]
+    assert b'"message":"form\\u000cfeed \\u2028 <&>"' in records[1].value()   # as Beats writes it
     assert "fingerprint" not in docs[0]["log"]["file"]   # under 1024 bytes: no fingerprint
 
 
