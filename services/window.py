@@ -46,6 +46,7 @@ from typing import Iterable
 from services.records import ParsedEvent, Source, Window, stable_id
 
 SNAPSHOT_FORMAT = "logwarden.window/1"
+CHANGES_FORMAT = "logwarden.window-changes/1"
 
 # Strings that repeat across events (templates, hosts, topics, paths, levels, components) are
 # stored once; the table is capped so that a flood of one-off "templates" cannot grow it forever
@@ -137,6 +138,10 @@ class WindowCore:
         self._tails: OrderedDict[str, list[ParsedEvent]] = OrderedDict()
         self._last_input: float | None = None                # wall clock; not part of a snapshot
         self._snapshot_cache: bytes | None = None
+        self._version = 0                                    # state changes so far
+        self._journal: list[str] | None = None               # changes since the last hand-out
+        self._journal_version = 0                            # the version the journal starts at
+        self._journal_strings = 0                            # string-table size at that point
         self.duplicates = 0
 
     # ---------------------------------------------------------------------------------------
@@ -209,19 +214,10 @@ class WindowCore:
         session = self._sessions.get(key)
         if self._is_duplicate(session.ids if session else None, key, event.event_id):
             return []
-        self._snapshot_cache = None
         self._watermark = max(self._watermark, event.timestamp)
         out = self._close_expired()             # may close this key's session: then start anew
-        session = self._sessions.get(key)
-        if session is None:
-            session = self._new_session(key, event.event_id)
-        session.events.append(self._encode(event, default_keys=[key]))
-        session.ids.add(event.event_id)
-        if session.last_ts == -math.inf:
-            session.last_ts = event.timestamp
-            self._file_session(session)
-        elif event.timestamp > session.last_ts:
-            session.last_ts = event.timestamp
+        session = self._add_to_session(key, self._encode(event, default_keys=[key]),
+                                       event.event_id, event.timestamp)
         if self.sliding:
             out.append(self._sliding_window(session, event))
         if len(session.events) >= self.session_max_events:
@@ -230,6 +226,58 @@ class WindowCore:
             # A late event (older than the watermark allows) forms a session already over.
             out.append(self._close_session(key, "gap"))
         return out
+
+    # State changes. Each one is counted in the state's version and, after a snapshot, written
+    # to the journal that changes() hands out, so that a snapshot plus changes rebuilds the state.
+    def _record(self, kind: str, *parts) -> None:
+        self._version += 1
+        self._snapshot_cache = None
+        if self._journal is not None:            # parts: JSON values, and a row already encoded
+            self._journal.append(f'["{kind}",' + ",".join(
+                p if kind in "eb" and i == len(parts) - 1 else json.dumps(p) for i, p in enumerate(parts)) + "]")
+
+    def _add_to_session(self, key: str, row: str, event_id: str, ts: float) -> _Session:
+        session = self._sessions.get(key)
+        if session is None:
+            session = self._new_session(key, event_id)
+        session.events.append(row)
+        session.ids.add(event_id)
+        if session.last_ts == -math.inf:
+            session.last_ts = ts
+            self._file_session(session)
+        elif ts > session.last_ts:
+            session.last_ts = ts
+        if ts > self._watermark:
+            self._watermark = ts
+        self._record("e", key, row)
+        return session
+
+    def _drop_session(self, key: str) -> _Session:
+        session = self._sessions.pop(key)
+        self._tails.pop(key, None)
+        self._remember_closed(key, session.ids)
+        self._record("c", key)
+        return session
+
+    def _add_to_bucket(self, host: str, start: float, row: str, event_id: str, ts: float) -> None:
+        bucket = self._buckets.get((host, start)) or self._new_bucket(host, start)
+        bucket.events.append(row)
+        bucket.ids.add(event_id)
+        if ts > self._watermark:
+            self._watermark = ts
+        if ts > self._host_time.get(host, -math.inf):
+            self._host_time[host] = ts
+        self._record("b", host, start, row)
+
+    def _drop_bucket(self, slot: tuple[str, float]) -> _Bucket:
+        bucket = self._buckets.pop(slot)
+        starts = self._host_buckets[bucket.host]
+        starts.discard(bucket.start)
+        if not starts:
+            del self._host_buckets[bucket.host]
+        self._remember_closed(slot, bucket.ids)
+        self._record("x", *slot)
+        return bucket
 
     def _new_session(self, key: str, first_event_id: str) -> _Session:
         self._serial += 1
@@ -246,13 +294,7 @@ class WindowCore:
         bucket = self._buckets.get(slot)
         if self._is_duplicate(bucket.ids if bucket else None, slot, event.event_id):
             return []
-        self._snapshot_cache = None
-        self._watermark = max(self._watermark, event.timestamp)
-        self._host_time[host] = max(self._host_time.get(host, -math.inf), event.timestamp)
-        if bucket is None:
-            bucket = self._new_bucket(host, start)
-        bucket.events.append(self._encode(event, default_keys=[]))
-        bucket.ids.add(event.event_id)
+        self._add_to_bucket(host, start, self._encode(event, default_keys=[]), event.event_id, event.timestamp)
         return self._close_expired(moved_host=host)
 
     def _new_bucket(self, host: str, start: float) -> _Bucket:
@@ -303,23 +345,14 @@ class WindowCore:
             self._closed.popitem(last=False)
 
     def _close_session(self, key: str, reason: str) -> Window:
-        session = self._sessions.pop(key)
-        self._tails.pop(key, None)
-        self._snapshot_cache = None
-        self._remember_closed(key, session.ids)
+        session = self._drop_session(key)
         events = sorted((self._decode(text, key, keyless=False) for text in session.events),
                         key=_event_time_order)
         return _window("session", key, events, session_id=session.session_id, closed_reason=reason,
                        start=events[0].timestamp, end=max(e.timestamp for e in events))
 
     def _close_bucket(self, slot: tuple[str, float], reason: str) -> Window:
-        bucket = self._buckets.pop(slot)
-        starts = self._host_buckets[bucket.host]
-        starts.discard(bucket.start)
-        if not starts:
-            del self._host_buckets[bucket.host]
-        self._snapshot_cache = None
-        self._remember_closed(slot, bucket.ids)
+        bucket = self._drop_bucket(slot)
         events = sorted((self._decode(text, bucket.host, keyless=True) for text in bucket.events),
                         key=_event_time_order)
         return _window("time", bucket.host, events, closed_reason=reason,
@@ -388,12 +421,18 @@ class WindowCore:
     # crash safety
     def snapshot(self) -> bytes:
         """All open state as JSON bytes. Events are stored in snapshot form already, so this is a
-        join of strings; an unchanged core returns the previous bytes without any work."""
+        join of strings; an unchanged core returns the previous bytes without any work.
+
+        A snapshot also starts the journal of changes(): snapshot() once, then changes() at each
+        commit, is the cheap way to checkpoint often."""
+        if self._journal is None or self._journal:
+            self._start_journal()
         if self._snapshot_cache is not None:
             return self._snapshot_cache
         dumps = json.dumps
         parts = [
             '{"format":', dumps(SNAPSHOT_FORMAT),
+            ',"version":', str(self._version),
             ',"watermark":', dumps(self.watermark),
             ',"duplicates":', str(self.duplicates),
             ',"layout":', dumps([_EVENT_LAYOUT, _SOURCE_LAYOUT]),
@@ -412,19 +451,47 @@ class WindowCore:
         self._snapshot_cache = "".join(parts).encode("ascii")
         return self._snapshot_cache
 
-    def restore(self, data: bytes) -> None:
-        """Replace all state by a snapshot's. The idle clock restarts at the next call."""
-        try:
-            state = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise SnapshotError(f"window snapshot is not JSON ({err})") from None
-        if not isinstance(state, dict) or state.get("format") != SNAPSHOT_FORMAT:
-            found = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise SnapshotError(f"not a window snapshot (format {found!r}, expected {SNAPSHOT_FORMAT!r})")
+    def changes(self) -> bytes:
+        """The state changes since the last snapshot() or changes(), as JSON bytes: with the
+        snapshot before them, ``restore(snapshot, [changes, ...])`` rebuilds the state. Cheap:
+        proportional to the input since the last call, not to the open state."""
+        if self._journal is None:
+            raise RuntimeError("changes() follow a snapshot(): take one first")
+        dumps = json.dumps
+        data = "".join([
+            '{"format":', dumps(CHANGES_FORMAT),
+            ',"from":', str(self._journal_version), ',"to":', str(self._version),
+            ',"duplicates":', str(self.duplicates),
+            ',"layout":', dumps([_EVENT_LAYOUT, _SOURCE_LAYOUT]),
+            ',"strings_from":', str(self._journal_strings),
+            ',"strings":', dumps(self._strings[self._journal_strings:]),
+            ',"ops":[', ",".join(self._journal), "]}",
+        ]).encode("ascii")
+        self._start_journal()
+        return data
+
+    def _start_journal(self) -> None:
+        self._journal = []
+        self._journal_version = self._version
+        self._journal_strings = len(self._strings)
+
+    def restore(self, data: bytes, changes: Iterable[bytes] = ()) -> None:
+        """Replace all state by a snapshot's, then apply the changes() taken after it, in order
+        (changes the snapshot already includes are skipped; a gap is an error). The idle clock
+        restarts at the next call."""
+        state = _load(data, SNAPSHOT_FORMAT, "window snapshot")
         try:
             self._restore(state)
         except (KeyError, TypeError, ValueError, IndexError) as err:
             raise SnapshotError(f"damaged window snapshot ({type(err).__name__}: {err})") from None
+        for number, payload in enumerate(changes, start=1):
+            delta = _load(payload, CHANGES_FORMAT, f"window changes #{number}")
+            try:
+                self._apply_changes(delta)
+            except (KeyError, TypeError, ValueError, IndexError) as err:
+                raise SnapshotError(f"damaged window changes #{number} ({type(err).__name__}: {err})") from None
+        self._snapshot_cache = None
+        self._journal = None
 
     def _restore(self, state: dict) -> None:
         convert = _layout_converter(*state["layout"])
@@ -451,9 +518,39 @@ class WindowCore:
         self._closed = OrderedDict(
             ((tuple(slot) if isinstance(slot, list) else slot), set(ids))
             for slot, ids in state["closed"])
+        self._version = int(state["version"])
         self._tails = OrderedDict()
         self._last_input = None
-        self._snapshot_cache = None
+
+    def _apply_changes(self, delta: dict) -> None:
+        first, last = int(delta["from"]), int(delta["to"])
+        if last <= self._version:
+            return                               # already in the state restored so far
+        if first != self._version:
+            raise SnapshotError(f"window changes from state version {first} cannot follow version "
+                                f"{self._version}: a changes() record is missing")
+        if last - first != len(delta["ops"]):
+            raise ValueError(f"{len(delta['ops'])} changes where {last - first} were recorded")
+        known = int(delta["strings_from"])
+        self._strings[known:] = [str(v) for v in delta["strings"]]
+        self._string_index = {v: i for i, v in enumerate(self._strings)}
+        convert = _layout_converter(*delta["layout"])
+        self._journal = None
+        for op in delta["ops"]:
+            kind = op[0]
+            if kind == "e":
+                _, key, row = op
+                self._add_to_session(key, convert(row), row[_ID], float(row[_TS]))
+            elif kind == "c":
+                self._drop_session(op[1])
+            elif kind == "b":
+                _, host, start, row = op
+                self._add_to_bucket(host, float(start), convert(row), row[_ID], float(row[_TS]))
+            elif kind == "x":
+                self._drop_bucket((op[1], float(op[2])))
+            else:
+                raise ValueError(f"unknown change {kind!r}")
+        self.duplicates = int(delta["duplicates"])
 
     # ---------------------------------------------------------------------------------------
     # memory
@@ -486,6 +583,17 @@ def _trusted(cls, fields: frozenset[str], values: dict):
     object.__setattr__(instance, "__pydantic_extra__", None)
     object.__setattr__(instance, "__pydantic_private__", None)
     return instance
+
+
+def _load(data: bytes, expected_format: str, what: str) -> dict:
+    try:
+        state = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SnapshotError(f"{what} is not JSON ({err})") from None
+    if not isinstance(state, dict) or state.get("format") != expected_format:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise SnapshotError(f"{what}: not a {expected_format} record (format {found!r})")
+    return state
 
 
 def _layout_converter(event_layout: list[str], source_layout: list[str]):
@@ -526,10 +634,11 @@ def _window(kind: str, key: str, events: list[ParsedEvent], **fields) -> Window:
 # -------------------------------------------------------------------------------------------
 # measurement (issue 8: window.bytes_per_open_session)
 def measure_open_sessions(events: Iterable[ParsedEvent], n_sessions: int = 2000,
-                          **core_options) -> dict[str, float]:
+                          changes_after: int = 200, **core_options) -> dict[str, float]:
     """Feed events until ``n_sessions`` sessions are open (gap and idle closing disabled) and
     measure with tracemalloc the real memory the core holds per open session, apart from the
-    fixed-size cache of decoded tails (reported on its own), plus snapshot size and time.
+    fixed-size cache of decoded tails (reported on its own), plus snapshot size and time, and
+    the size and time of changes() after ``changes_after`` more events.
 
     Events of keys beyond the first ``n_sessions`` are skipped, so every measured session holds
     all of its events that the input has."""
@@ -541,11 +650,14 @@ def measure_open_sessions(events: Iterable[ParsedEvent], n_sessions: int = 2000,
         core = WindowCore(**options)
         chosen: set[str] = set()
         fed = 0
+        later: list[ParsedEvent] = []           # events of other keys, to measure changes()
         for event in materialised:
             if not event.keys:
                 continue
             if event.key not in chosen:
                 if len(chosen) >= n_sessions:
+                    if len(later) < changes_after:
+                        later.append(event)
                     continue
                 chosen.add(event.key)
             core.process(event, 0.0)             # its sliding windows are dropped at once
@@ -566,16 +678,25 @@ def measure_open_sessions(events: Iterable[ParsedEvent], n_sessions: int = 2000,
     WindowCore(**options).restore(snap)
     restore_s = time.perf_counter() - started
     sessions = max(1, core.open_sessions)
+    estimate = core.bytes_per_open_session()
+    for event in later:
+        core.process(event, 0.0)
+    started = time.perf_counter()
+    delta = core.changes()
+    changes_s = time.perf_counter() - started
     return {
-        "open_sessions": core.open_sessions,
+        "open_sessions": sessions,
         "events": fed,
         "events_per_session": fed / sessions,
         "bytes_per_open_session": held / sessions,
-        "estimated_bytes_per_open_session": core.bytes_per_open_session(),
+        "estimated_bytes_per_open_session": estimate,
         "tail_cache_bytes": with_cache - held,
         "snapshot_bytes": len(snap),
         "snapshot_s": min(snapshot_s, snapshot_again_s),
         "restore_s": restore_s,
+        "changes_events": len(later),
+        "changes_bytes": len(delta),
+        "changes_s": changes_s,
     }
 
 

@@ -425,6 +425,71 @@ def test_restore_and_replay_equals_an_uninterrupted_run(seed):
 
 
 @needs_hdfs
+@pytest.mark.parametrize("seed", range(4))
+def test_a_snapshot_and_the_changes_after_it_restore_to_the_same_state(seed):
+    rng = random.Random(seed)
+    stream = _stream_with_disorder_and_repeats(seed, limit=2000)
+    options = dict(window_size=4, session_gap_s=20, session_max_events=12, idle_close_s=1e9, time_window_s=30)
+    reference = WindowCore(**options)
+    expected = feed(reference, stream) + reference.close_all()
+
+    # snapshot at one point, changes() at later commits, a crash somewhere after the last one
+    points = sorted(rng.sample(range(1, len(stream)), 5))
+    core = WindowCore(**options)
+    produced = feed(core, stream[:points[0]])
+    base, changes = core.snapshot(), []
+    for start, end in zip(points, points[1:]):
+        produced += feed(core, stream[start:end])
+        changes.append(core.changes())
+    live_snapshot = core.snapshot()
+    produced += feed(core, stream[points[-1]:])             # lost with the crash
+
+    restored = WindowCore(**options)
+    restored.restore(base, changes)
+    assert restored.snapshot() == live_snapshot
+    produced += feed(restored, stream[points[-1]:]) + restored.close_all()
+    assert _closed(produced) == _closed(expected)
+    assert _sliding(produced) == _sliding(expected)
+
+
+def test_changes_cost_what_came_in_not_the_open_state():
+    core = WindowCore(window_size=3, session_gap_s=1e9, idle_close_s=60)
+    feed(core, [event(f"blk_{i}", ts=float(i), offset=i) for i in range(500)])
+    base = core.snapshot()
+    feed(core, [event("blk_new", ts=600.0, offset=600)])
+    delta = core.changes()
+    assert len(delta) < len(base) / 50
+    assert json.loads(core.changes())["ops"] == []          # nothing new since the last call
+
+
+def test_changes_that_do_not_follow_the_state_are_refused_and_old_ones_skipped():
+    core = WindowCore(window_size=3, session_gap_s=600, idle_close_s=60)
+    with pytest.raises(RuntimeError, match="take one first"):
+        core.changes()
+    feed(core, [event("blk_1", ts=0.0, offset=0)])
+    base = core.snapshot()
+    feed(core, [event("blk_1", ts=1.0, offset=1)])
+    first = core.changes()
+    feed(core, [event("blk_1", ts=2.0, offset=2)])
+    second = core.changes()
+    later_base = core.snapshot()
+
+    with pytest.raises(SnapshotError, match="a changes\\(\\) record is missing"):
+        WindowCore().restore(base, [second])
+    restored = WindowCore(window_size=3, session_gap_s=600, idle_close_s=60)
+    restored.restore(later_base, [first, second])           # both already in the snapshot
+    assert restored.snapshot() == later_base
+    (closed,) = restored.close_all()
+    assert len(closed.events) == 3
+
+
+def test_without_snapshots_no_journal_is_kept():
+    core = WindowCore(window_size=3, session_gap_s=600, idle_close_s=60)
+    feed(core, [event("blk_1", ts=float(i), offset=i) for i in range(50)])
+    assert core._journal is None
+
+
+@needs_hdfs
 def test_snapshot_restore_at_every_step_of_a_stream_changes_nothing():
     stream = _stream_with_disorder_and_repeats(11, limit=300)
     options = dict(window_size=3, session_gap_s=15, session_max_events=8, idle_close_s=1e9)
@@ -479,8 +544,8 @@ def test_snapshot_of_an_unchanged_core_is_reused_and_changes_after_input():
 
 @pytest.mark.parametrize("data, message", [
     (b"\xff\xfe", "not JSON"),
-    (b"[1, 2]", "not a window snapshot"),
-    (b'{"format": "logwarden.parse/1"}', "not a window snapshot"),
+    (b"[1, 2]", "not a logwarden.window/1 record"),
+    (b'{"format": "logwarden.parse/1"}', "not a logwarden.window/1 record"),
     (b'{"format": "logwarden.window/1", "strings": []}', "damaged window snapshot"),
 ])
 def test_a_bad_snapshot_is_refused_with_a_clear_error(data, message):
