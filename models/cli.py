@@ -64,7 +64,7 @@ def _training_data(args) -> tuple[list[Sequence], list[int] | None, list[dict], 
             raise UsageError("--logs needs --labels CSV (BlockId,Label)")
         from models.data import sessions_from_logs
 
-        sequences, labels, sources = sessions_from_logs(args.logs, args.labels, h=args.h)
+        sequences, labels, sources = sessions_from_logs(args.logs, args.labels, args.templates)
         return sequences, labels, sources, templates
     if args.labels:
         raise UsageError("--labels goes with --logs")

@@ -163,3 +163,73 @@ def sequence_ceiling(normal: list[tuple[str, ...]], abnormal: list[tuple[str, ..
         else:
             fn += a[keys]
     return Confusion(tp=tp, fp=fp, tn=len(normal) - fp, fn=fn).as_dict()
+
+
+# --------------------------------------------------------------------------------------------
+# Raw logs: the stream's own parse and window cores
+def sessions_from_logs(logs: list[str | Path], labels_csv: str | Path,
+                       templates_csv: str | Path | None = None) -> tuple[list[Sequence], list[int], list[dict]]:
+    """Labelled closed sessions from raw log files, built exactly as the stream builds them:
+    each file is one host's log (host = file name without suffix), lines go through the parse
+    core (same settings: LOGWARDEN_PARSE_CONFIG, the template catalog — ``templates_csv`` or
+    LOGWARDEN_TEMPLATE_CATALOG — and LOGWARDEN_FREEZE_TEMPLATES), events of all files are merged
+    in event-time order (hosts ship concurrently) and go through the window core (session gap
+    and length from the settings), and each closed session becomes a Sequence with the detect
+    stage's own ``to_sequence``. Sessions whose key has no label are left out (counted)."""
+    from models.artifacts import sha256_file
+    from services.detect import to_sequence
+    from services.parse import ParseConfig, ParseCore, ParseError, load_catalog
+    from services.records import Source
+    from services.settings import SettingsError, load_settings
+    from services.window import WindowCore
+
+    settings = load_settings()
+    labels = read_block_labels(labels_csv)
+    paths = [_existing_file(p, "log file") for p in logs]
+    try:
+        catalog_path = templates_csv or settings.template_catalog
+        parser = ParseCore(ParseConfig.load(settings.parse_config),
+                           catalog=load_catalog(catalog_path) if catalog_path else None,
+                           frozen=settings.freeze_templates)
+    except SettingsError as err:
+        raise UsageError(str(err)) from None
+    events, sources = [], []
+    for order, path in enumerate(paths):
+        host, offset, lines, unparsed = path.stem, 0, 0, 0
+        with open(path, "rb") as fh:
+            for number, raw in enumerate(fh):
+                line = raw.decode("utf-8", errors="replace")
+                source = Source(host=host, topic=f"logs.{host}", partition=0, offset=number,
+                                file_path=str(path), file_offset=offset)
+                offset += len(raw)
+                if not line.strip():
+                    continue
+                lines += 1
+                try:
+                    parsed = parser.parse(line, host, source, 0.0)
+                except ParseError:
+                    unparsed += 1         # the stream sends these to the dead-letter topic
+                    continue
+                events += [(e.timestamp, order, number, e) for e in parsed]
+        sources.append({"path": str(path.resolve()), "sha256": sha256_file(path), "lines": lines,
+                        "unparsed_lines": unparsed, "role": "log"})
+    events.sort(key=lambda item: item[:3])
+    windows = WindowCore(window_size=settings.window_size, session_gap_s=settings.session_gap_s,
+                         session_max_events=settings.session_max_events, sliding=False)
+    closed = [w for _, _, _, event in events for w in windows.process(event, 0.0)]
+    closed += windows.close_all()
+    sequences, session_labels, unlabelled = [], [], 0
+    for window in closed:
+        if window.kind != "session":
+            continue
+        if window.key not in labels:
+            unlabelled += 1
+            continue
+        sequences.append(to_sequence(window))
+        session_labels.append(labels[window.key])
+    if not sequences:
+        raise UsageError(f"no session of {', '.join(map(str, paths))} has a label in {labels_csv}")
+    sources.append({"path": str(Path(labels_csv).resolve()), "sha256": sha256_file(labels_csv),
+                    "sessions": len(sequences), "abnormal": sum(session_labels),
+                    "unlabelled_sessions": unlabelled, "role": "labels"})
+    return sequences, session_labels, sources

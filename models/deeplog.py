@@ -51,6 +51,7 @@ SPECIAL = (START, UNK, END)
 START_ID, UNK_ID, END_ID = 0, 1, 2
 WEIGHTS = "weights.safetensors"
 PARAM_BATCH = 64        # parameter samples per step (each key has a few hundred to thousands)
+MIN_ERROR_STD = 0.05
 
 
 def _key_order(template_id: str):
@@ -150,7 +151,7 @@ class DeepLog(Detector):
                  epochs: int = 40, batch_size: int = 256, lr: float = 5e-3, seed: int = 1,
                  device: str = "auto", progress: bool = False,
                  param_min_events: int = 200, param_hidden: int = 32, param_layers: int = 2,
-                 param_epochs: int = 40, param_confidence: float = 0.99, param_validation: float = 0.2,
+                 param_epochs: int = 20, param_confidence: float = 0.99, param_validation: float = 0.2,
                  workflow_min_probability: float = 0.2, score_batch: int = 4096):
         self.h, self.g, self.layers, self.hidden, self.embedding = h, g, layers, hidden, embedding
         self.epochs, self.batch_size, self.lr, self.seed = epochs, batch_size, lr, seed
@@ -457,7 +458,10 @@ class DeepLog(Detector):
             vx, vy = tensors(valid)
             with torch.no_grad():
                 errors = ((pk.model(vx) - vy) ** 2).mean(dim=1).cpu().numpy().astype(np.float64)
-            pk.error_mean, pk.error_std = float(errors.mean()), float(errors.std())
+            # A validation split where every error is the same (e.g. a time delta that is 0 s at
+            # 1 s log resolution) gives sigma 0 and would flag any other value; the floor keeps
+            # the interval a band (squared error in training-std units: 0.05 ~ a quarter std).
+            pk.error_mean, pk.error_std = float(errors.mean()), max(float(errors.std()), MIN_ERROR_STD)
             self.params[key] = pk
         return {"trained": len(self.params), "skipped": skipped}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +164,30 @@ def test_same_seed_gives_the_same_weights(files, tmp_path):
                      "--epochs", "2", "--seed", "5", "--no-progress", "--device", "cpu", "-H", "4"]) == 0
         paths.append(out / "weights.safetensors")
     assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
+@pytest.mark.slow
+def test_train_from_raw_logs_uses_the_stream_cores(datasets, tmp_path):
+    """--logs/--labels: lines through the parse core, sessions through the window core."""
+    hdfs = datasets / "hdfs"
+    lines = (hdfs / "HDFS_20000.log").read_text().splitlines(keepends=True)[:3000]
+    log = tmp_path / "datanode1.log"
+    log.write_text("".join(lines))
+    blocks = {b for line in lines for b in re.findall(r"blk_-?\d+", line)}
+    labels = tmp_path / "labels.csv"
+    rows = [r for r in (hdfs / "HDFS_20000_block_labels.csv").read_text().splitlines()[1:] if r.split(",")[0] in blocks]
+    labels.write_text("BlockId,Label\n" + "".join(",".join(r.split(",")[:2]) + "\n" for r in rows))
+    out = tmp_path / "model"
+    assert main(["train", "--detector", "deeplog", "--logs", str(log), "--labels", str(labels), "--templates",
+                 str(hdfs / "HDFS_templates.csv"), "--out", str(out), "--epochs", "2", "--no-progress",
+                 "--device", "cpu"]) == 0
+    manifest = artifacts.read_manifest(out)
+    log_source, label_source = manifest["training_data"]
+    assert log_source["sha256"] == artifacts.sha256_file(log) and log_source["lines"] == 3000
+    assert label_source["sessions"] == len(blocks) and label_source["unlabelled_sessions"] == 0
+    abnormal = sum(r.split(",")[1] == "Anomaly" for r in rows)
+    assert manifest["training"]["sessions"] == len(blocks) - abnormal        # normal sessions only
+    ids = {v["id"] for v in manifest["vocabulary"]}
+    assert {"E5", "E22", "E11", "E9", "E26"} <= ids                           # catalog ids, not mined
+    # Raw logs carry timestamps and numbers: the frequent keys get parameter-value models.
+    assert "E5" in manifest["thresholds"] and manifest["thresholds"]["E5"]["interval"][1] > 0
