@@ -31,6 +31,11 @@ State is kept small: each event of an open session is held as one compact JSON a
 table), which is also its snapshot form, so ``snapshot()`` is a join of stored strings with
 no re-encoding. Sliding windows decode the tail of a session on demand; a small LRU of decoded
 tails of recently active sessions avoids decoding the same events h+1 times.
+
+Checkpoints: ``snapshot()`` gives all open state; ``changes()`` gives only what changed since
+the last snapshot()/changes() (proportional to the input, not to the open state), and
+``restore(snapshot, [changes, ...])`` rebuilds the state from both. Restoring a checkpoint taken
+at input offset X and replaying the input from X yields the windows of an uninterrupted run.
 """
 from __future__ import annotations
 

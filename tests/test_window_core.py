@@ -396,31 +396,41 @@ def _sliding(windows) -> dict[str, str]:
     return {w.window_id: w.model_dump_json() for w in windows if w.kind == "sliding"}
 
 
+# A short gap and length make sessions close by gap and by length inside the stream.
+CRASH_OPTIONS = dict(window_size=4, session_gap_s=20, session_max_events=12, idle_close_s=1e9, time_window_s=30)
+
+
+def _uninterrupted(stream):
+    reference = WindowCore(**CRASH_OPTIONS)
+    windows = feed(reference, stream) + reference.close_all()
+    assert {"gap", "max_events", "shutdown"} <= {w.closed_reason for w in windows}
+    return reference, windows
+
+
+def _assert_same_windows(produced, expected):
+    assert _closed(produced) == _closed(expected)
+    assert _sliding(produced) == _sliding(expected)
+
+
 @needs_hdfs
 @pytest.mark.parametrize("seed", range(6))
 def test_restore_and_replay_equals_an_uninterrupted_run(seed):
     rng = random.Random(seed)
     stream = _stream_with_disorder_and_repeats(seed, limit=2500)
-    # A short gap and length make sessions close by gap and by length inside the stream.
-    options = dict(window_size=4, session_gap_s=20, session_max_events=12, idle_close_s=1e9, time_window_s=30)
-
-    reference = WindowCore(**options)
-    expected = feed(reference, stream) + reference.close_all()
-    assert {"gap", "max_events", "shutdown"} <= {w.closed_reason for w in expected}
+    reference, expected = _uninterrupted(stream)
 
     cut = rng.randrange(1, len(stream))
     crash = rng.randrange(cut, len(stream) + 1)            # the input after cut is uncommitted
-    before = WindowCore(**options)
+    before = WindowCore(**CRASH_OPTIONS)
     produced = feed(before, stream[:cut])
     saved = before.snapshot()
     produced += feed(before, stream[cut:crash])            # produced, then lost with the process
-    after = WindowCore(**options)
+    after = WindowCore(**CRASH_OPTIONS)
     after.restore(saved)
     assert after.snapshot() == saved
     produced += feed(after, stream[cut:]) + after.close_all()
 
-    assert _closed(produced) == _closed(expected)
-    assert _sliding(produced) == _sliding(expected)
+    _assert_same_windows(produced, expected)
     assert after.duplicates == reference.duplicates
 
 
@@ -429,13 +439,11 @@ def test_restore_and_replay_equals_an_uninterrupted_run(seed):
 def test_a_snapshot_and_the_changes_after_it_restore_to_the_same_state(seed):
     rng = random.Random(seed)
     stream = _stream_with_disorder_and_repeats(seed, limit=2000)
-    options = dict(window_size=4, session_gap_s=20, session_max_events=12, idle_close_s=1e9, time_window_s=30)
-    reference = WindowCore(**options)
-    expected = feed(reference, stream) + reference.close_all()
+    _, expected = _uninterrupted(stream)
 
     # snapshot at one point, changes() at later commits, a crash somewhere after the last one
     points = sorted(rng.sample(range(1, len(stream)), 5))
-    core = WindowCore(**options)
+    core = WindowCore(**CRASH_OPTIONS)
     produced = feed(core, stream[:points[0]])
     base, changes = core.snapshot(), []
     for start, end in zip(points, points[1:]):
@@ -444,12 +452,11 @@ def test_a_snapshot_and_the_changes_after_it_restore_to_the_same_state(seed):
     live_snapshot = core.snapshot()
     produced += feed(core, stream[points[-1]:])             # lost with the crash
 
-    restored = WindowCore(**options)
+    restored = WindowCore(**CRASH_OPTIONS)
     restored.restore(base, changes)
     assert restored.snapshot() == live_snapshot
     produced += feed(restored, stream[points[-1]:]) + restored.close_all()
-    assert _closed(produced) == _closed(expected)
-    assert _sliding(produced) == _sliding(expected)
+    _assert_same_windows(produced, expected)
 
 
 def test_changes_cost_what_came_in_not_the_open_state():
