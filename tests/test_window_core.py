@@ -355,7 +355,7 @@ def test_session_id_names_a_session_in_all_its_windows():
 @needs_hdfs
 def test_hdfs_20000_lines_dealt_across_three_hosts_give_one_session_per_block():
     stream = hdfs_events()
-    core = WindowCore(window_size=10, session_gap_s=3600, idle_close_s=60, sliding=False)
+    core = WindowCore(window_size=10, session_gap_s=600, idle_close_s=60, sliding=False)
     closed = feed(core, stream) + core.close_all()
     sessions = of_kind(closed, "session")
 
