@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from services import checkpoint, metrics
 from services.parse import ParseError
+from services.window import WindowInputError
 from services.records import FilebeatEvent, ParsedEvent, Source
 from services.settings import Settings, UsageError, load_settings
 from services.shell import BadRecord, Out, Record, StageRunner, StageSpec, ensure_topics
@@ -247,7 +248,10 @@ class WindowStage:
             core = self.cores[tp] = self._new_core()
         self.next_offset[tp] = rec.offset + 1
         self.last_input = time.time()
-        return self._outs(core.process(event, self.last_input))
+        try:
+            return self._outs(core.process(event, self.last_input))
+        except WindowInputError as err:
+            raise BadRecord("bad_event", str(err)) from None
 
     def tick(self, now: float) -> list[Out]:
         outs = []
