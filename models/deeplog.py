@@ -629,6 +629,9 @@ class DeepLog(Detector):
             self._grow(sorted(set(new), key=_key_order))
             self._learn_texts(sequences, None)
         reported = self._windows(sequences)
+        if not len(reported):          # e.g. a window shorter than h that starts mid-session
+            return {"sequences": len(sequences), "epochs": 0, "new_keys": sorted(set(new)),
+                    "still_flagged": sum(v.anomalous for v in self.score(sequences))}
         done = 0
         with _deterministic(self.device):
             torch.manual_seed(self.seed)
