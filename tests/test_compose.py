@@ -1,5 +1,5 @@
 """The compose deployment (docker-compose.yml, .env, services/Dockerfile, prometheus/, grafana/,
-docs/deploy.md) and `logwarden stack check`, verified without a Docker engine.
+README.md) and `logwarden stack check`, verified without a Docker engine.
 
 The compose file is validated by a real compose implementation: `docker-compose config`
 (Debian's docker-compose package, installed by `make compose-tools`, which `make test` runs).
@@ -26,7 +26,7 @@ from services.settings import Settings
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "services" / "Dockerfile"
-DEPLOY_DOC = REPO / "docs" / "deploy.md"
+DEPLOY_DOC = REPO / "README.md"   # the "Deploy beside Hadoop" section
 VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 PINNED_TAG = re.compile(r"^v?\d+\.\d+(\.\d+)*([-.][\w.-]+)?$")   # 3.4.1, v3.5.0, 3.11.13-slim-bookworm
 LONG_RUNNING_RESTART = {"always", "unless-stopped", "on-failure"}
@@ -387,7 +387,7 @@ def test_grafana_provisioning_is_where_grafana_looks():
 
 
 # ------------------------------------------------------------------------------------------
-# docs/deploy.md names only services that exist, and every service is described
+# README.md names only services that exist, and every service is described
 def _documented_services() -> tuple[set[str], set[str]]:
     """(services in the Services table, services named in `docker compose` commands)."""
     text = DEPLOY_DOC.read_text()
@@ -420,7 +420,7 @@ def _documented_services() -> tuple[set[str], set[str]]:
 def test_docs_name_only_existing_services_and_describe_all():
     in_table, in_commands = _documented_services()
     existing = set(services())
-    assert in_commands, "no `docker compose` command found in docs/deploy.md"
+    assert in_commands, "no `docker compose` command found in README.md"
     assert in_commands <= existing, f"docs name services that do not exist: {in_commands - existing}"
     assert in_table == existing, f"services table: missing {existing - in_table}, unknown {in_table - existing}"
 
