@@ -255,5 +255,10 @@ class DetectStage:
                 self.core.models = self.models.loaded
         return self.drain()
 
+    def close(self) -> None:
+        """A stopped worker serves no model version any more."""
+        for name, (version, _) in self.models.loaded.items():
+            metrics.MODEL_VERSION.labels(name, version).set(0)
+
     def spec(self) -> StageSpec:
         return StageSpec(self.name, [self.settings.windows_topic], self, batch_size=self.settings.detect_batch)

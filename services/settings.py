@@ -37,8 +37,8 @@ class Settings(BaseSettings):
     feedback_topic: str = Field("logwarden.feedback", description="operator verdicts on alerts")
     group_prefix: str = Field("logwarden", description="consumer group = <prefix>.<stage>")
     instance_id: str | None = Field(
-        None, description="static group membership: a restarted stage with the same id gets its "
-                          "partitions back at once instead of after the session timeout")
+        None, description="static group membership (stages with fixed topics): a restarted stage "
+                          "with the same id gets its partitions back at once instead of after the session timeout")
     topic_partitions: int = Field(6, ge=1, description="partitions of the topics logwarden creates")
     replication_factor: int = Field(1, ge=1, description="replication of the topics logwarden creates")
     # Security, passed through to librdkafka unchanged.

@@ -107,7 +107,7 @@ def consumer_config(settings: Settings, group: str, **overrides) -> dict:
         # A regex subscription sees topics created later only on a metadata refresh.
         "topic.metadata.refresh.interval.ms": 2000,
         "fetch.wait.max.ms": 50,
-        "session.timeout.ms": 10_000,
+        "session.timeout.ms": 6_000,          # the broker's minimum: a dead replica is replaced fast
         "heartbeat.interval.ms": 1000,
     }
     return conf | overrides
@@ -157,7 +157,12 @@ class StageRunner:
         self.spec = spec
         self.stop = stop or threading.Event()
         self.producer = Producer(producer_config(settings))
-        extra = {"group.instance.id": f"{settings.instance_id}.{spec.name}"} if settings.instance_id else {}
+        # Static membership only for fixed topic lists: a static member that rejoins after a
+        # restart gets its cached assignment without a rebalance, so nobody re-evaluates a regex
+        # subscription and host topics created afterwards would never be consumed.
+        regex = any(t.startswith("^") for t in subscription(spec.topics))
+        extra = ({"group.instance.id": f"{settings.instance_id}.{spec.name}"}
+                 if settings.instance_id and not regex else {})
         self.consumer = Consumer(consumer_config(settings, settings.group(spec.name), **extra))
         self._delivery_error: str | None = None
         self._pending: dict[tuple[str, int], int] = {}   # next offset to commit per partition
@@ -293,6 +298,9 @@ class StageRunner:
             self.flush_and_commit()
         finally:
             metrics.STAGE_INFO.labels(spec.name).set(0)
+            close = getattr(spec.core, "close", None)
+            if close:
+                close()
             self.consumer.close()          # leaves the group now, so a restart rebalances fast
 
     def _export_lag(self) -> None:

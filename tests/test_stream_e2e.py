@@ -84,9 +84,11 @@ def test_hdfs_20000_as_three_hosts_gives_one_session_window_per_block(kafka_sett
 def test_sigkill_of_parse_then_window_mid_replay_loses_and_duplicates_nothing(kafka_settings, datasets, tmp_path):
     src = datasets / "hdfs" / "HDFS_20000.log"
     truth = lines_by_block(src)
-    # idle close must outlast a restart; static membership gives a restarted stage its
-    # partitions back at once instead of after the dead member's session timeout.
-    settings = stream_settings(kafka_settings, datasets, tmp_path, idle_close_s=8.0, instance_id="e2e")
+    # Idle close must outlast a restart. Static membership gives the restarted window stage its
+    # partitions back at once; parse (a regex subscription, so no static membership) waits for the
+    # dead member's session timeout (6 s) first. The third host's topic appears only after parse
+    # has subscribed: it must be picked up too.
+    settings = stream_settings(kafka_settings, datasets, tmp_path, idle_close_s=20.0, instance_id="e2e")
     env = settings_env(settings)
     log = tmp_path / "stages.log"
     files = deal_lines(src, [settings.host(h) for h in HOSTS], tmp_path / "logs")
@@ -198,3 +200,32 @@ def test_ten_thousand_malformed_records_each_dead_lettered_and_stage_keeps_consu
 
 def _drain(settings, topic, expected: int, timeout: float = 90) -> list[bytes]:
     return [m.value() for m in consume(settings, topic, expected, timeout=timeout)]
+
+
+def test_host_topic_created_after_parse_started_and_restarted_is_picked_up(kafka_settings, datasets, tmp_path):
+    settings = stream_settings(kafka_settings, datasets, tmp_path, instance_id="later")
+    env = settings_env(settings)
+    log = tmp_path / "parse.log"
+    lines = (datasets / "hdfs" / "HDFS_20000.log").read_text().splitlines(keepends=True)
+    early, late = tmp_path / "early.log", tmp_path / "late.log"
+    early.write_text("".join(lines[:50]))
+    late.write_text("".join(lines[50:80]))
+    events = _counter(settings, settings.events_topic)
+    assert replay_hosts(settings, {settings.host("early"): early}, log=log)[0].wait(60) == 0
+    parse = logwarden("run", "parse", env=env, log=log)
+    try:
+        wait_until(lambda: events() >= 50, 60, what="the early host's lines")
+        # A host starts shipping, and the group's only member dies while it reacts to the new
+        # topic (the rebalance it started is in flight); its replacement must still pick it up.
+        assert replay_hosts(settings, {settings.host("late"): late}, log=log)[0].wait(60) == 0
+        time.sleep(1.5)
+        parse.send_signal(signal.SIGKILL)
+        parse.wait()
+        parse = logwarden("run", "parse", env=env, log=log)
+        wait_until(lambda: events() >= 80, 60, what="the late host's lines")
+    finally:
+        parse.terminate()
+        parse.wait(30)
+    hosts = {ParsedEvent.model_validate_json(m.value()).source.host
+             for m in consume(settings, settings.events_topic, 80, timeout=30)}
+    assert hosts == {settings.host("early"), settings.host("late")}
