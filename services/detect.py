@@ -213,6 +213,7 @@ class DetectCore:
 class DetectStage:
     """Kafka adapter: buffers windows of a consumed batch, scores them together in tick()."""
     name = "detect"
+    dead_letter_reasons = ("bad_window",)
 
     def __init__(self, settings: Settings):
         self.settings = settings

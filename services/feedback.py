@@ -117,6 +117,7 @@ class FeedbackCore:
 class FeedbackStage:
     """Kafka adapter: FEEDBACK_TOPIC -> FeedbackCore. Produces nothing; its output is a model
     version. Feedback that cannot be applied goes to the dead-letter topic."""
+    dead_letter_reasons = ("bad_feedback", "no_sequence", "no_model")
     name = "feedback"
 
     def __init__(self, settings: Settings):

@@ -164,6 +164,10 @@ class StageRunner:
         extra = ({"group.instance.id": f"{settings.instance_id}.{spec.name}"}
                  if settings.instance_id and not regex else {})
         self.consumer = Consumer(consumer_config(settings, settings.group(spec.name), **extra))
+        # Known dead-letter reasons exist at 0 from the start: rate() ignores a series' first
+        # sample, so a series born at its first dead letter would hide a single burst.
+        for reason in (*getattr(spec.core, "dead_letter_reasons", ()), "stage_error"):
+            metrics.DEADLETTERS.labels(spec.name, reason)
         self._delivery_error: str | None = None
         self._pending: dict[tuple[str, int], int] = {}   # next offset to commit per partition
         self._produced = False                            # outputs since the last checkpoint

@@ -91,6 +91,8 @@ def looks_binary(text: str) -> bool:
 
 class ParseStage:
     name = "parse"
+    dead_letter_reasons = ("empty", "not_json", "not_utf8", "not_json_object", "missing_message", "bad_envelope",
+                           "line_too_long", "binary", "bad_header")
 
     def __init__(self, settings: Settings):
         from services.parse import Deduper, ParseConfig, ParseCore, ParseStateError, load_catalog
@@ -194,6 +196,7 @@ class ParseStage:
 # window: events -> windows (one WindowCore per input partition: a key lives in one partition)
 class WindowStage:
     name = "window"
+    dead_letter_reasons = ("bad_event",)
 
     def __init__(self, settings: Settings):
         self.settings = settings

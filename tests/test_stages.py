@@ -69,3 +69,19 @@ def test_binary_lines_but_not_stack_traces():
     assert looks_binary("\x01\x02\x03\x04\x05 short")
     assert not looks_binary("2015-10-18 ERROR x: java.io.IOException: boom\n\tat a.b(C.java:1)\r\n\tat d(E.java:2)")
     assert not looks_binary("one \x1b escape in a long enough ordinary line of text")
+
+
+def test_dead_letter_series_exist_at_zero_before_the_first_bad_record(tmp_path):
+    # rate() ignores a series' first sample: a series born at its first dead letter would hide
+    # a burst of bad records from the dead-letter alert.
+    from prometheus_client import REGISTRY
+
+    from services.settings import load_settings
+    from services.shell import StageRunner
+    from services.stages import ParseStage
+
+    settings = load_settings(kafka_bootstrap="127.0.0.1:9", state_dir=tmp_path, group_prefix="zero-test")
+    stage = ParseStage(settings)
+    StageRunner(settings, stage.spec())          # no broker needed until it runs
+    for reason in (*ParseStage.dead_letter_reasons, "stage_error"):
+        assert REGISTRY.get_sample_value("logwarden_deadletter_total", {"stage": "parse", "reason": reason}) is not None
