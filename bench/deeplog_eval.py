@@ -59,18 +59,8 @@ def complete_sessions(detector: DeepLog, hdfs: Path, training: list[list[str]]) 
     parse and window cores (`sessions_from_logs`), closed only by their end (no event-time gap,
     the blocks span hours). Normal sessions whose key sequence is a training line are left out,
     as in the HDFS_100k split."""
-    import os
-
-    saved = os.environ.get("LOGWARDEN_SESSION_GAP_S")
-    os.environ["LOGWARDEN_SESSION_GAP_S"] = "1e9"
-    try:
-        sequences, labels, _ = sessions_from_logs([hdfs / "HDFS_5k.log"], hdfs / "HDFS_5k_block_labels.csv",
-                                                  hdfs / "HDFS_templates.csv")
-    finally:
-        if saved is None:
-            os.environ.pop("LOGWARDEN_SESSION_GAP_S")
-        else:
-            os.environ["LOGWARDEN_SESSION_GAP_S"] = saved
+    sequences, labels, _ = sessions_from_logs([hdfs / "HDFS_5k.log"], hdfs / "HDFS_5k_block_labels.csv",
+                                              hdfs / "HDFS_templates.csv", session_gap_s=1e9)
     seen = {tuple(s) for s in training}
     keep = [i for i, s in enumerate(sequences) if labels[i] or tuple(s.keys) not in seen]
     verdicts = detector.score([sequences[i] for i in keep])

@@ -168,7 +168,8 @@ def sequence_ceiling(normal: list[tuple[str, ...]], abnormal: list[tuple[str, ..
 # --------------------------------------------------------------------------------------------
 # Raw logs: the stream's own parse and window cores
 def sessions_from_logs(logs: list[str | Path], labels_csv: str | Path,
-                       templates_csv: str | Path | None = None) -> tuple[list[Sequence], list[int], list[dict]]:
+                       templates_csv: str | Path | None = None,
+                       session_gap_s: float | None = None) -> tuple[list[Sequence], list[int], list[dict]]:
     """Labelled closed sessions from raw log files, built exactly as the stream builds them:
     each file is one host's log (host = file name without suffix), lines go through the parse
     core (same settings: LOGWARDEN_PARSE_CONFIG, the template catalog — ``templates_csv`` or
@@ -214,7 +215,7 @@ def sessions_from_logs(logs: list[str | Path], labels_csv: str | Path,
         sources.append({"path": str(path.resolve()), "sha256": sha256_file(path), "lines": lines,
                         "unparsed_lines": unparsed, "role": "log"})
     events.sort(key=lambda item: item[:3])
-    windows = WindowCore(window_size=settings.window_size, session_gap_s=settings.session_gap_s,
+    windows = WindowCore(window_size=settings.window_size, session_gap_s=session_gap_s or settings.session_gap_s,
                          session_max_events=settings.session_max_events, sliding=False)
     closed = [w for _, _, _, event in events for w in windows.process(event, 0.0)]
     closed += windows.close_all()
