@@ -1,0 +1,156 @@
+"""Detector scoring throughput on CPU: the sliding windows the stream builds from real HDFS lines,
+scored in batches as the detect stage scores them.
+
+    python -m bench.detect_bench --data ../shared/datasets --models MODEL_DIR [--json OUT]
+
+Windows: HDFS_20000.log dealt over 3 hosts (line i -> host i % 3), parsed by the parse core with
+the loghub HDFS catalog and windowed by the window core with its defaults (h = 10): one sliding
+window per event. For each detector in MODEL_DIR (its newest version) and each batch size:
+  score   Detector.score(to_sequence(w) for w in batch)   (the model alone)
+  core    DetectCore.process(batch)                        (sequences + score + alerts, as the
+                                                           stage runs it, without JSON and Kafka)
+Rates are windows per CPU second of this process (time.process_time; torch limited to
+cores - 1 threads as training is) and per wall-clock second, each over at most ``seconds``.
+``threads``: the same core at two batch sizes with torch's own default thread count (what a
+`logwarden run detect` process uses) against one thread: on a few busy cores torch's intra-op
+threads spin against each other and everything else.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from models import artifacts
+from services.detect import DetectCore, to_sequence
+from services.records import Source, Window
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+COMMAND = "python -m bench.detect_bench --data ../shared/datasets --models MODEL_DIR"
+BATCHES = (32, 256, 4096)       # the latency run's setting, LOGWARDEN_DETECT_BATCH's default, large
+
+
+def stream_windows(data: Path, hosts: int = 3) -> list[Window]:
+    """Sliding windows of HDFS_20000.log as the parse and window cores emit them."""
+    from services.parse import ParseConfig, ParseCore, load_catalog
+    from services.window import WindowCore
+
+    hdfs = data / "hdfs"
+    parser = ParseCore(ParseConfig.load(), catalog=load_catalog(hdfs / "HDFS_templates.csv"))
+    windows = WindowCore()
+    offsets = [0] * hosts
+    out: list[Window] = []
+    with open(hdfs / "HDFS_20000.log", "rb") as fh:
+        for number, raw in enumerate(fh):
+            index = number % hosts
+            host = f"host{index}"
+            source = Source(host=host, topic=f"logs.{host}", partition=0, offset=number // hosts,
+                            file_path="/var/log/hadoop/hdfs.log", file_offset=offsets[index])
+            offsets[index] += len(raw)
+            for event in parser.parse(raw.decode("utf-8").rstrip("\r\n"), host, source, 0.0):
+                out += [w for w in windows.process(event, 0.0) if w.kind == "sliding"]
+    return out
+
+
+def timed(step, windows: list, batch: int, seconds: float) -> dict:
+    """Call ``step`` on consecutive batches until every window is done or ``seconds`` passed."""
+    cpu, wall, done = time.process_time(), time.perf_counter(), 0
+    while done < len(windows) and time.perf_counter() - wall < seconds:
+        chunk = windows[done:done + batch]
+        step(chunk)
+        done += len(chunk)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return {"batch": batch, "windows": done, "cpu_s": round(cpu, 2), "wall_s": round(wall, 2),
+            "windows_per_cpu_s": round(done / cpu), "windows_per_s": round(done / wall)}
+
+
+def compare_threads(detector, name: str, version: str, windows: list[Window], seconds: float) -> list[dict]:
+    import torch
+
+    from bench.e2e_bench import stage_torch_threads
+
+    limited, rows = torch.get_num_threads(), []
+    for threads in sorted({stage_torch_threads(), 1}, reverse=True):
+        torch.set_num_threads(threads)
+        for batch in (32, 256):
+            rows.append({"threads": threads, **timed(DetectCore({name: (version, detector)}).process, windows, batch, seconds)})
+    torch.set_num_threads(limited)
+    return rows
+
+
+def run(data: Path, models_dir: Path, seconds: float = 10.0, batches=BATCHES) -> dict:
+    """detect.* keys of bench/results.json for every detector found in ``models_dir``."""
+    from models.cli import _limit_cpu_threads
+
+    _limit_cpu_threads()
+    import torch
+
+    windows = stream_windows(data)
+    sequences = [to_sequence(w) for w in windows]
+    result: dict = {"detect.command": COMMAND, "detect.windows": len(windows), "detect.torch_threads": torch.get_num_threads(),
+                    "detect.torch": torch.__version__, "detect.machine": platform.machine(),
+                    "detect.windows_per_s_gpu": "not measured: no GPU machine was lent to this session"}
+    headline = {}
+    for name in artifacts.DETECTORS:
+        path = artifacts.latest(models_dir, name)
+        if path is None:
+            result[f"detect.{name}"] = "not measured: no model in MODEL_DIR"
+            continue
+        try:
+            detector = artifacts.load(path, device="cpu")
+        except Exception as err:       # a model its code can no longer read: say so, go on
+            result[f"detect.{name}"] = f"not measured: {path.name} does not load ({type(err).__name__}: {err})"
+            continue
+        detector.score(sequences[:batches[0]])            # first-call setup outside the timing
+        per_batch = []
+        for batch in batches:
+            core = DetectCore({name: (path.name, detector)})
+            per_batch.append({"score": timed(detector.score, sequences, batch, seconds),
+                              "core": timed(core.process, windows, batch, seconds)})
+        result[f"detect.{name}.per_batch"] = per_batch
+        result[f"detect.{name}.threads"] = compare_threads(detector, name, path.name, windows, seconds)
+        default = next(r for b, r in zip(batches, per_batch) if b == 256)
+        result[f"detect.{name}.windows_per_s_cpu"] = default["core"]["windows_per_cpu_s"]
+        headline[name] = default["core"]["windows_per_cpu_s"]
+    # The stage scores every window with every served detector: its rate is the harmonic sum.
+    if headline:
+        result["detect.windows_per_s_cpu"] = round(1 / sum(1 / r for r in headline.values()))
+        result["detect.windows_per_s_cpu_detectors"] = sorted(headline)
+    return result
+
+
+def markdown(result: dict) -> str:
+    rows = ["| detector | batch | score only: windows/CPU-s | DetectCore.process: windows/CPU-s | windows/s (wall) |",
+            "| --- | ---: | ---: | ---: | ---: |"]
+    for name in artifacts.DETECTORS:
+        for r in result.get(f"detect.{name}.per_batch") or []:
+            rows.append(f"| {name} | {r['score']['batch']} | {r['score']['windows_per_cpu_s']:,} | "
+                        f"{r['core']['windows_per_cpu_s']:,} | {r['core']['windows_per_s']:,} |")
+    rows += ["", "Torch threads (DetectCore.process):", "",
+             "| detector | torch threads | batch | windows/CPU-s | windows/s (wall) |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name in artifacts.DETECTORS:
+        for r in result.get(f"detect.{name}.threads") or []:
+            rows.append(f"| {name} | {r['threads']} | {r['batch']} | {r['windows_per_cpu_s']:,} | {r['windows_per_s']:,} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.detect_bench", description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=Path(os.environ.get("LOGWARDEN_DATASETS", REPO_ROOT.parent / "shared" / "datasets")))
+    p.add_argument("--models", type=Path, required=True, help="MODEL_DIR (<dir>/<detector>/vNNNN/)")
+    p.add_argument("--seconds", type=float, default=10.0, help="most time per detector and batch size")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    result = run(args.data, args.models, args.seconds)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

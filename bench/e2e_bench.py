@@ -1,0 +1,766 @@
+"""End to end through a real Kafka broker: lines/s per stage and whole, and alert latency.
+
+    python -m bench.e2e_bench --data ../shared/datasets [--lines 2000000] [--json OUT]
+
+Input. HDFS_20000.log scaled to ``--lines`` lines (scale_hdfs): copy c of the log appends the
+digits of c to every ``blk_`` id (so every copy has its own blocks) and shifts the header
+timestamps by c * (span + 60 s): the copies follow one another in event time, and a copy's
+sessions close by the event-time gap once later copies have moved the watermark past it, as real
+sessions do. Line i goes to host i % 3 (blocks span hosts). The files are written in a temporary
+directory and pre-produced with `replay` (its lines/s is reported too).
+
+Session gap. A pre-produced backlog reaches the window stage with the hosts out of step: the
+parse consumer fetches each host's partition in chunks (~1 MB of compressed records each), so one
+host's lines can arrive ~20k lines (about 3 copies of event time) after another's. With the
+default LOGWARDEN_SESSION_GAP_S=600 a session would then be closed before its late lines arrive
+and split in two; the throughput runs set BACKLOG_SESSION_GAP_S so that sessions stay whole. (A
+live stream, as in the latency run, keeps the hosts in step and runs with the default.)
+
+Throughput, one process per stage (`python -m services.cli run STAGE`), fresh consumer groups:
+  parse alone   lines / (last - first Kafka CreateTime of its output on the events topic);
+  window alone  on that events topic: events consumed / CreateTime span of its windows;
+  detect alone  on those windows: windows/s from its committed offsets, sampled every 0.5 s;
+  whole         parse, window and detect at once on fresh topics and groups: lines / (time at
+                which every stage has committed its whole input - first CreateTime on the events
+                topic). Sessions still open at the end are closed by the idle timer afterwards
+                and are not counted.
+Each stage may be capped at ``stage_seconds`` (then it is stopped with SIGTERM, commits and
+exits; the rate covers what it consumed). CPU seconds of each stage process are reported beside
+the wall-clock rates: on a machine shared with other jobs the wall clock measures them too.
+
+Latency: parse, window and detect processes running (default settings but
+LOGWARDEN_DETECT_BATCH), then the scaled HDFS lines replayed at a steady rate over 3 hosts (one
+replay thread per host), DeepLog in MODEL_DIR; for each "open" alert: its Kafka timestamp - the
+anomalous line's Kafka timestamp (``alert.first_anomaly.source.kafka_timestamp``), split into
+hops (line -> parsed event -> sliding window -> alert) with the CreateTime of the event and window
+records of that line. Alerts are few (the first anomalous window of a session), so the first two
+hops are also given for every line.
+"""
+from __future__ import annotations
+
+import argparse
+import calendar
+import gc
+import json
+import marshal
+import math
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+COMMAND = "python -m bench.e2e_bench --data ../shared/datasets"
+HOSTS = ("nn1", "dn1", "dn2")
+BACKLOG_SESSION_GAP_S = 3600.0             # see "Session gap" above
+COPY_GAP_S = 60                            # event time between the end of a copy and the next
+_HDFS_HEADER = re.compile(rb"^(\d{6} \d{6}) ")
+_BLOCK = re.compile(rb"(blk_-?\d+)")
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("LOGWARDEN_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
+
+
+# ------------------------------------------------------------------------------------------
+# input
+@dataclass
+class Scaled:
+    files: dict[str, Path]          # host -> its log file
+    lines: int
+    copies: int
+    span_s: float                   # event-time span of one copy
+    shift_s: float                  # event-time shift between copies
+
+
+def scale_hdfs(src: Path, out_dir: Path, lines: int, hosts=HOSTS) -> Scaled:
+    """``lines`` lines of ``src`` copied as often as needed, block ids re-mapped and timestamps
+    shifted per copy (see the module docstring), dealt round-robin to one file per host."""
+    original = src.read_bytes().splitlines(keepends=True)
+    stamps = []
+    for line in original:
+        m = _HDFS_HEADER.match(line)
+        if m is None:
+            raise ValueError(f"{src}: not an HDFS line (no 'yyMMdd HHmmss' header): {line[:60]!r}")
+        stamps.append(calendar.timegm(time.strptime(m.group(1).decode(), "%y%m%d %H%M%S")))
+    span = max(stamps) - min(stamps)
+    shift = int(span + COPY_GAP_S)
+    copies = math.ceil(lines / len(original))
+    digits = len(str(max(1, copies - 1)))
+    formatted: dict[int, bytes] = {}          # a copy has a few hundred distinct seconds
+
+    def header(epoch: int) -> bytes:
+        text = formatted.get(epoch)
+        if text is None:
+            text = formatted[epoch] = time.strftime("%y%m%d %H%M%S", time.gmtime(epoch)).encode()
+        return text
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {h: out_dir / f"{h}.log" for h in hosts}
+    handles = [open(files[h], "wb", buffering=1 << 20) for h in hosts]
+    try:
+        written = 0
+        for copy in range(copies):
+            suffix = rb"\g<1>" + str(copy).zfill(digits).encode() if copy else None
+            for line, stamp in zip(original, stamps):
+                if written == lines:
+                    break
+                if copy:
+                    line = header(stamp + copy * shift) + _BLOCK.sub(suffix, line[13:])
+                handles[written % len(hosts)].write(line)
+                written += 1
+    finally:
+        for fh in handles:
+            fh.close()
+    return Scaled(files, written, copies, float(span), float(shift))
+
+
+# ------------------------------------------------------------------------------------------
+# Kafka measurements (read-only clients; nothing here joins a stage's group)
+def partitions(conf: dict, topic: str) -> list[int]:
+    described = AdminClient(conf).list_topics(topic, timeout=10).topics.get(topic)
+    if described is None or described.error is not None:
+        return []
+    return sorted(described.partitions)
+
+
+def end_offsets(conf: dict, topic: str) -> int:
+    """Records in ``topic`` (sum of high watermarks: topics here are never compacted or trimmed)."""
+    consumer = Consumer(conf | {"group.id": "logwarden-bench-reader"})
+    try:
+        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                   for p in partitions(conf, topic))
+    finally:
+        consumer.close()
+
+
+def create_time_span(conf: dict, topic: str) -> dict:
+    """Records, and the first and last Kafka CreateTime (ms) over all partitions of ``topic``:
+    only the first and the last record of each partition are read."""
+    consumer = Consumer(conf | {"group.id": "logwarden-bench-reader", "enable.auto.commit": False})
+    first, last, count = None, None, 0
+    try:
+        for p in partitions(conf, topic):
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high <= low:
+                continue
+            count += high - low
+            for offset in {low, high - 1}:
+                stamp = _timestamp_at(consumer, topic, p, offset)
+                first = stamp if first is None else min(first, stamp)
+                last = stamp if last is None else max(last, stamp)
+    finally:
+        consumer.close()
+    return {"records": count, "first_ms": first, "last_ms": last}
+
+
+def _timestamp_at(consumer: Consumer, topic: str, partition: int, offset: int) -> int:
+    consumer.assign([TopicPartition(topic, partition, offset)])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        msg = consumer.poll(1.0)
+        if msg is not None and not msg.error() and msg.offset() == offset:
+            return msg.timestamp()[1]
+    raise RuntimeError(f"could not read {topic}[{partition}]@{offset}")
+
+
+class CommitSampler(threading.Thread):
+    """Samples the committed offsets (summed over partitions) of consumer groups every
+    ``every`` seconds: a stage commits only what it has processed and whose outputs are acked."""
+
+    def __init__(self, conf: dict, groups: dict[str, str], every: float = 0.5):
+        super().__init__(daemon=True)
+        self.conf, self.groups, self.every = conf, groups, every     # groups: group -> topic (regex ok)
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self.stop = threading.Event()
+        self._consumers = {g: Consumer(conf | {"group.id": g, "enable.auto.commit": False}) for g in groups}
+
+    def topic_partitions(self, topic: str) -> list[TopicPartition]:
+        if topic.startswith("^"):
+            names = [t for t in AdminClient(self.conf).list_topics(timeout=10).topics if re.match(topic, t)]
+        else:
+            names = [topic]
+        return [TopicPartition(t, p) for t in names for p in partitions(self.conf, t)]
+
+    def committed(self, group: str) -> int:
+        parts = self.topic_partitions(self.groups[group])
+        if not parts:
+            return 0
+        return sum(max(0, tp.offset) for tp in self._consumers[group].committed(parts, timeout=10))
+
+    def sample(self) -> None:
+        try:
+            self.samples.append((time.time(), {g: self.committed(g) for g in self.groups}))
+        except KafkaException:           # e.g. the group coordinator is moving: next time
+            pass
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.sample()
+            self.stop.wait(self.every)
+
+    def finish(self) -> None:
+        self.stop.set()
+        if self.ident is not None:        # started as a thread (else: used for one reading)
+            self.join()
+        self.sample()
+        for consumer in self._consumers.values():
+            consumer.close()
+
+    def rate(self, group: str) -> dict:
+        """Records/s between the first sample with progress and the last sample that moved."""
+        moving = [(t, c[group]) for t, c in self.samples if c[group] > 0]
+        if len(moving) < 2:
+            return {"records": moving[-1][1] if moving else 0, "records_per_s": None}
+        changed = [i for i in range(1, len(moving)) if moving[i][1] != moving[i - 1][1]]
+        t0, c0 = moving[0]
+        t1, c1 = moving[changed[-1]] if changed else moving[-1]
+        return {"records": c1, "measured_records": c1 - c0, "seconds": round(t1 - t0, 2),
+                "records_per_s": round((c1 - c0) / (t1 - t0)) if t1 > t0 else None}
+
+    def caught_up(self, ends: dict[str, int]) -> float | None:
+        """Time of the first sample at which every group had committed ``ends[group]``."""
+        for t, c in self.samples:
+            if all(c[g] >= end for g, end in ends.items()):
+                return t
+        return None
+
+
+# ------------------------------------------------------------------------------------------
+# stage processes
+@dataclass
+class Pipeline:
+    """Topics and groups of one measured run: stages read logs.<logs_id>-*, write <run_id>.*"""
+    bootstrap: str
+    logs_id: str
+    run_id: str
+    workdir: Path
+    extra: dict = field(default_factory=dict)
+    stage_env: dict[str, dict[str, str]] = field(default_factory=dict)   # stage -> more environment
+
+    def settings(self) -> dict:
+        values = {
+            "kafka_bootstrap": self.bootstrap,
+            "logs_pattern": rf"^logs\.{self.logs_id}-.*",
+            "events_topic": f"{self.run_id}.events", "windows_topic": f"{self.run_id}.windows",
+            "alerts_topic": f"{self.run_id}.alerts", "deadletter_topic": f"{self.run_id}.deadletter",
+            "feedback_topic": f"{self.run_id}.feedback", "group_prefix": self.run_id,
+            "state_dir": self.workdir / self.run_id / "state", "metrics_port": 0,
+        }
+        return values | self.extra
+
+    def load(self):
+        from services.settings import load_settings
+
+        return load_settings(**self.settings())
+
+    def env(self, stage: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LOGWARDEN_")}
+        env.update({f"LOGWARDEN_{k.upper()}": str(v) for k, v in self.settings().items()})
+        return env | self.stage_env.get(stage, {})
+
+    def group(self, stage: str) -> str:
+        return f"{self.run_id}.{stage}"
+
+
+class StageProcess:
+    """`python -m services.cli run STAGE` with the pipeline's settings; CPU time from wait4."""
+
+    def __init__(self, pipeline: Pipeline, stage: str, exit_when_idle: float):
+        log_dir = pipeline.workdir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.stage = stage
+        self.log_path = log_dir / f"{pipeline.run_id}-{stage}.log"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", "run", stage, "--exit-when-idle", str(exit_when_idle)],
+                env=pipeline.env(stage), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        self.started = time.time()
+        self.cpu_s: float | None = None
+        self.returncode: int | None = None
+
+    def poll(self) -> bool:
+        """True once the process has ended (its CPU time is then known)."""
+        if self.returncode is not None:
+            return True
+        pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+        if pid == 0:
+            return False
+        self.returncode = self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self.cpu_s = round(usage.ru_utime + usage.ru_stime, 2)
+        return True
+
+    def terminate(self) -> None:
+        if not self.poll():
+            self.proc.send_signal(signal.SIGTERM)
+
+    def log_tail(self, lines: int = 5) -> str:
+        return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def run_stages(pipeline: Pipeline, inputs: dict[str, str], ends, cap_s: float,
+               settle_s: float = 0.0) -> tuple[dict[str, StageProcess], CommitSampler]:
+    """Start a process per stage in ``inputs`` (stage -> its input topic or regex) and sample the
+    committed offsets of their groups. Stop them (SIGTERM: each commits and exits) once every
+    stage has committed ``ends()[stage]`` records and stayed so for ``settle_s``, or after
+    ``cap_s``. Waiting on commits, not on an idle timeout, keeps start-up and idling out of the
+    measurement whatever the machine's load."""
+    conf = {"bootstrap.servers": pipeline.bootstrap}
+    sampler = CommitSampler(conf, {pipeline.group(st): topic for st, topic in inputs.items()})
+    sampler.start()
+    procs = {st: StageProcess(pipeline, st, exit_when_idle=3600) for st in inputs}
+    deadline = time.monotonic() + cap_s
+    caught_up_since = None
+    while time.monotonic() < deadline and not any(p.poll() for p in procs.values()):
+        time.sleep(0.5)
+        try:
+            target = ends()
+        except KafkaException:          # a metadata hiccup: ask again next time
+            continue
+        latest = sampler.samples[-1][1] if sampler.samples else {}
+        through = all(latest.get(pipeline.group(st), -1) >= end > 0 for st, end in target.items())
+        caught_up_since = (caught_up_since or time.monotonic()) if through else None
+        if caught_up_since is not None and time.monotonic() - caught_up_since >= settle_s:
+            break
+    for p in procs.values():
+        p.terminate()
+    grace = time.monotonic() + 60
+    while not all(p.poll() for p in procs.values()):
+        if time.monotonic() > grace:
+            for p in procs.values():
+                if not p.poll():
+                    p.proc.kill()
+        time.sleep(0.2)
+    sampler.finish()
+    for p in procs.values():
+        if p.returncode not in (0, -signal.SIGTERM):
+            raise RuntimeError(f"stage {p.stage} exited with {p.returncode}: {p.log_tail()}")
+    return procs, sampler
+
+
+# ------------------------------------------------------------------------------------------
+def replay_hosts(settings, files: dict[str, Path], rate_per_host: float | None = None) -> tuple[int, float]:
+    """Replay each host's file to logs.<host>, the hosts one after another (unthrottled) or
+    concurrently (``rate_per_host``); returns (records, seconds)."""
+    from services.replay import replay_files
+
+    started = time.perf_counter()
+    if rate_per_host is None:
+        count = sum(replay_files(settings, [path], host) for host, path in files.items())
+        return count, time.perf_counter() - started
+    counts: list[int] = []
+    threads = [threading.Thread(target=lambda h=h, p=p: counts.append(replay_files(settings, [p], h, rate=rate_per_host)))
+               for h, p in files.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts), time.perf_counter() - started
+
+
+def _rate(count: int, span: dict) -> float | None:
+    if not span["first_ms"] or span["last_ms"] <= span["first_ms"]:
+        return None
+    return round(count / ((span["last_ms"] - span["first_ms"]) / 1000))
+
+
+def _stage_result(proc: StageProcess, consumed: int, unit: str, rate: float | None, capped: bool, **extra) -> dict:
+    return {f"{unit}": consumed, f"{unit}_per_s": rate, "cpu_s": proc.cpu_s,
+            f"{unit}_per_cpu_s": round(consumed / proc.cpu_s) if proc.cpu_s else None,
+            "capped": capped, **extra}
+
+
+def measure_throughput(bootstrap: str, data: Path, workdir: Path, models_dir: Path, lines: int,
+                       stage_seconds: float = 240.0, whole_seconds: float = 300.0,
+                       whole_lines: int | None = None, profile_seconds: float = 20.0) -> dict:
+    """Per-stage and whole-pipeline lines/s on ``lines`` scaled HDFS lines (module docstring)."""
+    conf = {"bootstrap.servers": bootstrap}
+    hdfs = data / "hdfs"
+    logs_id = "b" + uuid.uuid4().hex[:8]
+    common = {"template_catalog": hdfs / "HDFS_templates.csv", "model_dir": models_dir,
+              "session_gap_s": BACKLOG_SESSION_GAP_S}
+    scaled = scale_hdfs(hdfs / "HDFS_20000.log", workdir / "scaled", lines)
+    result: dict = {"lines": scaled.lines, "copies": scaled.copies, "hosts": len(scaled.files),
+                    "copy_shift_s": scaled.shift_s, "stage_cap_s": stage_seconds}
+
+    # 1. pre-produce
+    alone = Pipeline(bootstrap, logs_id, logs_id + "-alone", workdir, common)
+    hosts = {f"{logs_id}-{h}": p for h, p in scaled.files.items()}
+    count, seconds = replay_hosts(alone.load(), hosts)
+    result["replay"] = {"lines": count, "seconds": round(seconds, 2), "lines_per_s": round(count / seconds)}
+    for path in scaled.files.values():
+        path.unlink()                      # the broker holds them now
+
+    # 2. each stage alone, one after the other, on the previous stage's output
+    from services.shell import ensure_topics
+
+    ensure_topics(alone.load())
+    s = alone.load()
+    stage_inputs = (("parse", s.logs_pattern, "lines", lambda: scaled.lines),
+                    ("window", s.events_topic, "events", lambda: end_offsets(conf, s.events_topic)),
+                    ("detect", s.windows_topic, "windows", lambda: end_offsets(conf, s.windows_topic)))
+    for stage, source, unit, end in stage_inputs:
+        procs, sampler = run_stages(alone, {stage: source}, lambda stage=stage, end=end: {stage: end()},
+                                    stage_seconds if stage != "parse" else max(stage_seconds, 900))
+        proc = procs[stage]
+        consumed = sampler.samples[-1][1][alone.group(stage)]
+        capped = consumed < end()
+        sampled = sampler.rate(alone.group(stage))
+        if stage == "detect":          # few alerts: the committed offsets are the clock
+            rate, out = sampled["records_per_s"], {"alerts": end_offsets(conf, s.alerts_topic)}
+        else:
+            output = s.events_topic if stage == "parse" else s.windows_topic
+            span = create_time_span(conf, output)
+            rate = _rate(consumed, span)
+            out = {"outputs": span["records"], "output_span_s": round((span["last_ms"] - span["first_ms"]) / 1000, 2)
+                   if span["first_ms"] else None}
+            if stage == "window":      # one sliding window per event; the rest closed sessions
+                out["session_windows"] = span["records"] - consumed
+        result[stage] = _stage_result(proc, consumed, unit, rate, capped, commit_sampled_per_s=sampled["records_per_s"],
+                                      **out)
+
+    # 3. where the time goes: each stage in this process under pyinstrument, on the same input
+    if profile_seconds:
+        profiled = Pipeline(bootstrap, logs_id, alone.run_id, workdir,
+                            common | {"group_prefix": alone.run_id + "-profile",
+                                      "state_dir": workdir / "profile-state"})
+        result["profile"] = {stage: profile_stage(profiled, stage, profile_seconds)
+                             for stage in ("parse", "window", "detect")}
+
+    # 4. the whole pipeline at once, fresh topics and groups, on as many lines as should fit
+    whole_lines = whole_lines or _lines_that_fit(result, whole_seconds, scaled.lines)
+    result["whole"] = measure_whole(bootstrap, data, workdir, common, whole_lines, whole_seconds, logs_id,
+                                    reuse_logs=whole_lines == scaled.lines)
+    return result
+
+
+def _lines_that_fit(result: dict, seconds: float, available: int) -> int:
+    """Lines the three stages should get through together in ``seconds``, from the wall-clock
+    rates each reached alone, as if they took turns on the machine (conservative: they may
+    overlap on two cores, but the neighbours and the broker take their share); whole copies."""
+    per_line_s = 0.0
+    for stage, unit in (("parse", "lines"), ("window", "events"), ("detect", "windows")):
+        rate = result[stage].get(f"{unit}_per_s")
+        if not rate:
+            return min(available, 20_000)
+        per_line = 1.0                 # this stage's records per line
+        if stage != "parse":
+            per_line = result["parse"]["outputs"] / result["parse"]["lines"]
+            if stage == "detect":      # sessions add windows: one per block, ~1,782 per 20k lines
+                per_line *= 1 + 1782 / 20_000
+        per_line_s += per_line / rate
+    fit = int(0.8 * seconds / per_line_s)
+    return max(20_000, min(available, fit // 20_000 * 20_000))
+
+
+def measure_whole(bootstrap: str, data: Path, workdir: Path, common: dict, lines: int, cap_s: float,
+                  logs_id: str, reuse_logs: bool) -> dict:
+    """parse, window and detect processes at once on ``lines`` lines, fresh topics and groups:
+    the host topics of the per-stage runs when they hold exactly ``lines``, else new ones.
+
+    Done = every stage has committed all of its input and stays so for LOGWARDEN_IDLE_CLOSE_S
+    + 2 s (the window stage closes the sessions still open IDLE_CLOSE_S after its input stops, and
+    detect judges them): the time counts every window judged, the last sessions included, and so
+    the idle wait before those last sessions close."""
+    conf = {"bootstrap.servers": bootstrap}
+    if not reuse_logs:
+        logs_id = logs_id + "w"
+        scaled = scale_hdfs(data / "hdfs" / "HDFS_20000.log", workdir / "scaled-whole", lines)
+        replay_hosts(Pipeline(bootstrap, logs_id, logs_id, workdir, common).load(),
+                     {f"{logs_id}-{h}": p for h, p in scaled.files.items()})
+    pipeline = Pipeline(bootstrap, logs_id, logs_id + "-whole", workdir, common)
+    s = pipeline.load()
+    from services.shell import ensure_topics
+
+    ensure_topics(s)
+    inputs = {"parse": s.logs_pattern, "window": s.events_topic, "detect": s.windows_topic}
+    procs, sampler = run_stages(pipeline, inputs, lambda: {"parse": lines, "window": end_offsets(conf, s.events_topic),
+                                                           "detect": end_offsets(conf, s.windows_topic)},
+                                cap_s, settle_s=s.idle_close_s + 2)
+    events = create_time_span(conf, s.events_topic)
+    windows = create_time_span(conf, s.windows_topic)
+    ends = {pipeline.group("parse"): lines, pipeline.group("window"): events["records"],
+            pipeline.group("detect"): windows["records"]}
+    finished = sampler.caught_up(ends)
+    result = {"lines": lines, "cap_s": cap_s, "completed": finished is not None,
+              "events": events["records"], "windows": windows["records"],
+              "session_windows": windows["records"] - events["records"],
+              "alerts": end_offsets(conf, s.alerts_topic), "cpu_s": {st: p.cpu_s for st, p in procs.items()},
+              "stage_rates_per_s": {st: sampler.rate(pipeline.group(st))["records_per_s"] for st in inputs}}
+    if finished is not None and events["first_ms"]:
+        seconds = finished - events["first_ms"] / 1000
+        result |= {"seconds": round(seconds, 2), "lines_per_s": round(lines / seconds)}
+    else:
+        last = sampler.samples[-1][1] if sampler.samples else {}
+        result |= {"committed": {st: last.get(pipeline.group(st)) for st in inputs}, "lines_per_s": None}
+    return result
+
+
+def profile_stage(pipeline: Pipeline, stage: str, seconds: float, top: int = 12) -> dict:
+    """Run ``stage`` in this process for ``seconds`` under pyinstrument (wall-clock samples of
+    the stage's thread) on a fresh group; the functions with the most self time."""
+    from pyinstrument import Profiler
+    from pyinstrument.renderers import PstatsRenderer
+
+    from services import stages
+
+    import models.deeplog  # noqa: F401  (imports and torch's start-up are not the stage's work)
+    import services.detect  # noqa: F401
+
+    import torch
+
+    settings = pipeline.load()
+    conf = {"bootstrap.servers": pipeline.bootstrap}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(stage_torch_threads())      # as a detect process has them
+    source = {"parse": settings.logs_pattern, "window": settings.events_topic, "detect": settings.windows_topic}[stage]
+    sampler = CommitSampler(conf, {settings.group(stage): source})
+    stop = threading.Event()
+    timer = threading.Timer(seconds, stop.set)
+    profiler = Profiler(interval=0.002)
+    timer.start()
+    profiler.start()
+    try:
+        stages.run([stage], settings, exit_when_idle=5, stop=stop)
+    finally:
+        session = profiler.stop()
+        timer.cancel()
+        sampler.finish()
+        torch.set_num_threads(threads)
+        gc.collect()                   # the stage's Kafka clients go now, not at exit
+    stats = marshal.loads(PstatsRenderer().render(session).encode("utf-8", "surrogateescape"))
+    total = session.duration or 1.0
+    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    return {"seconds": round(session.duration, 1), "records": sampler.samples[-1][1][settings.group(stage)],
+            "top_self": [{"function": f"{_short(file)}:{line} {func}", "self_pct": round(100 * tt / total, 1),
+                          "cumulative_pct": round(100 * ct / total, 1)}
+                         for (file, line, func), (_, _, tt, ct, _) in rows]}
+
+
+def stage_torch_threads() -> int:
+    """torch's intra-op threads in a fresh process with this environment (a stage process)."""
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout)
+
+
+def _short(path: str) -> str:
+    """A frame's file, relative to the repo or to site-packages."""
+    for root in (str(REPO_ROOT) + "/", "site-packages/", "lib/python"):
+        if root in path:
+            return path.split(root, 1)[1]
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+def measure_latency(bootstrap: str, data: Path, workdir: Path, models_dir: Path, rate: float = 2000.0,
+                    lines: int = 40_000, detect_batch: int = 32, detect_env: dict[str, str] | None = None,
+                    drain_s: float = 60.0) -> dict:
+    """Alert latency at a steady replay rate with every stage running (module docstring).
+    After the replay, up to ``drain_s`` more seconds for detect to judge what is left: a detect
+    stage slower than the input never catches up, and the share of windows it judged says so."""
+    from services.records import Alert
+
+    conf = {"bootstrap.servers": bootstrap}
+    hdfs = data / "hdfs"
+    logs_id = "l" + uuid.uuid4().hex[:8]
+    pipeline = Pipeline(bootstrap, logs_id, logs_id + "-latency", workdir,
+                        {"template_catalog": hdfs / "HDFS_templates.csv", "model_dir": models_dir,
+                         "detect_batch": detect_batch}, stage_env={"detect": detect_env or {}})
+    settings = pipeline.load()
+    scaled = scale_hdfs(hdfs / "HDFS_20000.log", workdir / "scaled-latency", lines)
+    hosts = {f"{logs_id}-{h}": p for h, p in scaled.files.items()}
+    from services.replay import ensure_topic
+    from services.shell import ensure_topics
+
+    ensure_topics(settings)
+    for host in hosts:
+        ensure_topic(settings, f"logs.{host}")
+    detect_group = pipeline.group("detect")
+    procs = {st: StageProcess(pipeline, st, exit_when_idle=3600) for st in ("parse", "window", "detect")}
+    try:
+        _wait_for_groups(conf, [pipeline.group(st) for st in procs], procs)
+        count, seconds = replay_hosts(settings, hosts, rate_per_host=rate / len(hosts))
+        sampler = CommitSampler(conf, {detect_group: settings.windows_topic})
+        sampler.start()
+        ends_at = time.monotonic() + drain_s
+        while time.monotonic() < ends_at:      # until detect has judged every window so far
+            windows = end_offsets(conf, settings.windows_topic)
+            time.sleep(1)
+            if sampler.samples and sampler.samples[-1][1][detect_group] >= windows > 0:
+                break
+        sampler.finish()
+        judged = sampler.samples[-1][1][detect_group] if sampler.samples else 0
+    finally:
+        for p in procs.values():
+            p.terminate()
+        while not all(p.poll() for p in procs.values()):
+            time.sleep(0.2)
+
+    alerts = [(Alert.model_validate_json(m.value()), m.timestamp()[1]) for m in _read_all(conf, settings.alerts_topic)]
+    opened = [(a, ts) for a, ts in alerts if a.status == "open" and a.first_anomaly.source
+              and a.first_anomaly.source.kafka_timestamp]
+    lines_at = _hop_times(conf, settings)          # every line: its event's and window's CreateTime
+    totals, hops = [], {"parse": [], "window": [], "detect": []}
+    for alert, alert_ms in opened:
+        src = alert.first_anomaly.source
+        line_ms = src.kafka_timestamp * 1000
+        totals.append(alert_ms - line_ms)
+        event_ms, window_ms = lines_at.get((alert.key, src.topic, src.partition, src.offset), (None, None))[1:]
+        if event_ms is not None and window_ms is not None:
+            hops["parse"].append(event_ms - line_ms)
+            hops["window"].append(window_ms - event_ms)
+            hops["detect"].append(alert_ms - window_ms)
+    every = [t for t in lines_at.values() if t[2] is not None]
+    return {"rate_lines_per_s": rate, "replayed_lines": count, "replay_seconds": round(seconds, 2),
+            "achieved_lines_per_s": round(count / seconds), "detect_batch": detect_batch,
+            "detect_env": detect_env or {}, "windows": len(every), "windows_judged": judged,
+            "open_alerts": len(opened), "alerts": len(alerts), "detectors": sorted({a.detector for a, _ in alerts}),
+            **percentiles(totals, "ms"),
+            "hops_ms": {hop: percentiles(values, "ms") for hop, values in hops.items()},
+            "every_line_ms": {"parse": percentiles([e - line for line, e, _ in every], "ms"),
+                              "window": percentiles([w - e for _, e, w in every], "ms"),
+                              "line_to_window": percentiles([w - line for line, _, w in every], "ms")},
+            "cpu_s": {st: p.cpu_s for st, p in procs.items()}}
+
+
+def percentiles(values: list[float], unit: str) -> dict:
+    if not values:
+        return {f"p50_{unit}": None, f"p95_{unit}": None, f"p99_{unit}": None, "n": 0}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:      # nearest rank
+        return round(ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))], 1)
+    return {f"p50_{unit}": pick(0.50), f"p95_{unit}": pick(0.95), f"p99_{unit}": pick(0.99),
+            f"max_{unit}": round(ordered[-1], 1), f"mean_{unit}": round(statistics.fmean(ordered), 1), "n": len(ordered)}
+
+
+def _wait_for_groups(conf: dict, groups: list[str], procs: dict[str, StageProcess], timeout: float = 120) -> None:
+    """Until every stage's consumer group is stable with partitions assigned (models loaded)."""
+    admin = AdminClient(conf)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs.values():
+            if p.poll():
+                raise RuntimeError(f"stage {p.stage} exited with {p.returncode}: {p.log_tail()}")
+        described = [f.result() for f in admin.describe_consumer_groups(groups).values()]
+        if all(str(d.state).endswith("STABLE") and any(m.assignment.topic_partitions for m in d.members)
+               for d in described):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"consumer groups {groups} not stable after {timeout:.0f} s")
+
+
+def _read_all(conf: dict, topic: str):
+    consumer = Consumer(conf | {"group.id": "logwarden-bench-reader", "enable.auto.commit": False})
+    try:
+        parts = partitions(conf, topic)
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+        consumer.assign([TopicPartition(topic, p, 0) for p in parts if ends[p] > 0])
+        remaining = {p for p in parts if ends[p] > 0}
+        while remaining:
+            for msg in consumer.consume(10_000, timeout=1.0):
+                if msg.error():
+                    continue
+                yield msg
+                if msg.offset() >= ends[msg.partition()] - 1:
+                    remaining.discard(msg.partition())
+    finally:
+        consumer.close()
+
+
+def _hop_times(conf: dict, settings) -> dict[tuple, list]:
+    """(session key, source topic, partition, offset) of each line -> [its Kafka timestamp, the
+    CreateTime of its parsed event, the CreateTime of its sliding window] (ms)."""
+    lines: dict[tuple, list] = {}
+    for m in _read_all(conf, settings.events_topic):
+        e = json.loads(m.value())
+        src = e["source"]
+        if src.get("kafka_timestamp"):
+            lines[(e["key"], src["topic"], src["partition"], src["offset"])] = [src["kafka_timestamp"] * 1000,
+                                                                                m.timestamp()[1], None]
+    for m in _read_all(conf, settings.windows_topic):
+        w = json.loads(m.value())
+        if w["kind"] != "sliding" or not w["events"]:
+            continue
+        src = w["events"][-1]["source"]
+        entry = lines.get((w["key"], src["topic"], src["partition"], src["offset"]))
+        if entry is not None:
+            entry[2] = m.timestamp()[1]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------
+def run(data: Path, bootstrap: str, models_dir: Path, lines: int = 2_000_000, stage_seconds: float = 180.0,
+        whole_seconds: float = 240.0, latency_rate: float = 2000.0, latency_lines: int = 100_000,
+        detect_batch: int = 32, profile_seconds: float = 20.0,
+        sections: tuple[str, ...] = ("e2e", "latency")) -> dict:
+    """bench/results.json keys: e2e.* and latency.*; ``models_dir`` is a MODEL_DIR with DeepLog.
+
+    Latency is measured three times: at ``latency_rate`` with the detect stage as it ships, the
+    same with its torch limited to one thread (OMP_NUM_THREADS=1; detect_bench shows why that
+    matters on few cores), and at 500 lines/s with one thread, a rate every stage keeps up with
+    here, for the latency of the stages themselves without queueing."""
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="logwarden-e2e-") as tmp:
+        workdir = Path(tmp)
+        if "e2e" in sections:
+            t = measure_throughput(bootstrap, data, workdir, models_dir, lines, stage_seconds, whole_seconds,
+                                   profile_seconds=profile_seconds)
+            out.update(flatten("e2e", t))
+            out["e2e.lines_per_s"] = t["whole"]["lines_per_s"]
+        if "latency" in sections:
+            one_thread = {"OMP_NUM_THREADS": "1"}
+            for name, rate, count, env in (("latency", latency_rate, latency_lines, None),
+                                           ("latency.detect_one_thread", latency_rate, latency_lines, one_thread),
+                                           ("latency.low_rate", 500.0, 20_000, one_thread)):
+                lat = measure_latency(bootstrap, data, workdir, models_dir, rate, count, detect_batch, detect_env=env)
+                out.update(flatten(name, lat))
+    return out
+
+
+def flatten(prefix: str, tree: dict) -> dict:
+    """{"a": {"b": 1}} -> {"prefix.a.b": 1}: results.json keeps one flat namespace."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(name, value))
+        else:
+            flat[name] = value
+    return flat
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.e2e_bench", description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=default_data_dir())
+    p.add_argument("--lines", type=int, default=2_000_000)
+    p.add_argument("--stage-seconds", type=float, default=180.0, help="cap on the window and detect runs")
+    p.add_argument("--whole-seconds", type=float, default=240.0, help="cap on the whole-pipeline run")
+    p.add_argument("--models", type=Path, required=True, help="a MODEL_DIR holding a DeepLog version")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    from services.settings import load_settings
+
+    result = run(args.data, load_settings().bootstrap(), args.models, args.lines, args.stage_seconds,
+                 args.whole_seconds)
+    text = json.dumps(result, indent=1)
+    if args.json:
+        args.json.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,543 @@
+"""`make bench`: every benchmark, into bench/results.json and BENCHMARKS.md.
+
+    python -m bench.run --data ../shared/datasets [--only parse,e2e,...] [--lines N]
+
+Sections (``--only`` picks some; the figures of the others are kept from the previous
+results.json, never invented):
+  parse     bench.parse_bench: parse core vs drain3, grouping accuracy
+  window    `python -m services.window`: memory per open session, snapshot cost, core events/s
+  detect    bench.detect_bench: detector windows/s on CPU
+  e2e       bench.e2e_bench: lines/s through a real broker per stage and whole, with profiles
+  latency   bench.e2e_bench: alert latency at a steady replay rate
+  deeplog   bench.deeplog_eval with the bench's DeepLog model
+  attgru    bench.attgru_eval (when that module exists)
+  feedback  bench.feedback_eval with the bench's DeepLog model
+
+Models: the demo's (`make demo` trains them into .cache/demo-models once; this trains them the
+same way when missing), published into a temporary MODEL_DIR. Kafka: LOGWARDEN_KAFKA_BOOTSTRAP,
+else a broker of its own in a temporary directory, stopped at the end.
+
+BENCHMARKS.md = the hand-written part above GENERATED_MARKER (kept as it is) + what
+``render`` writes from results.json below it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS = REPO_ROOT / "bench" / "results.json"
+BENCHMARKS = REPO_ROOT / "BENCHMARKS.md"
+GENERATED_MARKER = "<!-- Everything below is written by `python -m bench.run` from bench/results.json. -->"
+SECTIONS = ("parse", "window", "detect", "e2e", "latency", "deeplog", "attgru", "feedback")
+NEEDS_MODELS = {"detect", "e2e", "latency", "deeplog", "feedback"}
+TARGETS = {"parse": 3.0, "e2e": 100_000, "latency_p95_ms": 250.0}
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("LOGWARDEN_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
+
+
+def machine() -> dict:
+    info = {"uname": " ".join(platform.uname()), "nproc": os.cpu_count(), "python": platform.python_version()}
+    try:
+        info["uname"] = subprocess.run(["uname", "-a"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    for path, prefix, key in (("/proc/cpuinfo", "model name", "cpu"), ("/proc/meminfo", "MemTotal", "memory")):
+        try:
+            line = next(x for x in Path(path).read_text().splitlines() if x.startswith(prefix))
+            info[key] = line.split(":", 1)[1].strip()
+        except (OSError, StopIteration):
+            pass
+    if "memory" in info and info["memory"].endswith(" kB"):
+        info["memory"] = f"{int(info['memory'][:-3]) / 1024 ** 2:.1f} GiB"
+    return info
+
+
+# ------------------------------------------------------------------------------------------
+# models and broker
+def provide_models(data: Path) -> dict[str, Path]:
+    """detector -> trained model directory, the demo's cached ones (trained here when missing).
+    ATT-GRU is optional: without it (module or training failing) only DeepLog is returned."""
+    from models import artifacts
+    from models.data import read_block_labels
+    from services import demo
+
+    hdfs = data / "hdfs"
+    cache = REPO_ROOT / ".cache" / "demo-models"
+    try:
+        return demo.train_models(data, cache, set(read_block_labels(hdfs / "HDFS_20000_block_labels.csv")))
+    except Exception as err:                      # ATT-GRU (trained second) could not be had
+        print(f"bench: ATT-GRU model unavailable ({type(err).__name__}: {err}); DeepLog only", file=sys.stderr)
+        key = demo.sha256_text("deeplog", artifacts.sha256_file(hdfs / "deeplog_hdfs_train"), "v1")
+        return {"deeplog": cache / f"deeplog-{key}"}
+
+
+def model_dir_with(models: dict[str, Path], names: tuple[str, ...], root: Path) -> Path:
+    """A MODEL_DIR serving ``names`` (one version each), as `logwarden model publish` makes it."""
+    from models import artifacts
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if name in models:
+            artifacts.publish(models[name], root)
+    return root
+
+
+class Broker:
+    """LOGWARDEN_KAFKA_BOOTSTRAP, else a local broker of our own for the bench's duration."""
+
+    def __init__(self, workdir: Path):
+        from services import localkafka
+
+        self.own = None
+        self.bootstrap = os.environ.get("LOGWARDEN_KAFKA_BOOTSTRAP")
+        if not self.bootstrap:
+            self.own = localkafka.start(workdir / "kafka", die_with_parent=True)
+            self.bootstrap = self.own.bootstrap
+
+    def close(self) -> None:
+        if self.own is not None:
+            self.own.stop()
+
+
+# ------------------------------------------------------------------------------------------
+# sections: each returns flat results.json keys, all starting with "<section>."
+def section_parse(ctx) -> dict:
+    from bench import parse_bench
+
+    result = parse_bench.run(ctx.data)
+    result["parse.markdown"] = parse_bench.markdown(result)
+    return result
+
+
+def section_window(ctx) -> dict:
+    command = [sys.executable, "-m", "services.window", "--log", str(ctx.data / "hdfs" / "HDFS_20000.log")]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, check=True).stdout
+    measured = json.loads(out)
+    measured.pop("log", None)
+    return {"window.command": "python -m services.window", **{f"window.{k}": v for k, v in measured.items()}}
+
+
+def section_detect(ctx) -> dict:
+    from bench import detect_bench
+
+    result = detect_bench.run(ctx.data, ctx.model_dir(("deeplog", "attgru")))
+    result["detect.markdown"] = detect_bench.markdown(result)
+    return result
+
+
+def section_e2e(ctx) -> dict:
+    from bench import e2e_bench
+
+    # DeepLog alone in detect: the latency figure is specified for it, and throughput with it
+    # is comparable run to run whether or not an ATT-GRU model exists.
+    result = e2e_bench.run(ctx.data, ctx.broker().bootstrap, ctx.model_dir(("deeplog",)), lines=ctx.lines,
+                           stage_seconds=ctx.stage_seconds, whole_seconds=ctx.whole_seconds, sections=("e2e",))
+    result["e2e.command"] = f"python -m bench.run --only e2e --lines {ctx.lines}"
+    return result
+
+
+def section_latency(ctx) -> dict:
+    from bench import e2e_bench
+
+    result = e2e_bench.run(ctx.data, ctx.broker().bootstrap, ctx.model_dir(("deeplog",)), sections=("latency",))
+    result["latency.command"] = "python -m bench.run --only latency"
+    return result
+
+
+def section_deeplog(ctx) -> dict:
+    from bench import deeplog_eval
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "deeplog.json"
+        deeplog_eval.main(["--data", str(ctx.data), "--model", str(ctx.models()["deeplog"]), "--out", str(out)])
+        report = json.loads(out.read_text())
+    report["command"] = "python -m bench.deeplog_eval --model <the demo's DeepLog> --out OUT"
+    return {"deeplog.report": report}
+
+
+def section_attgru(ctx) -> dict:
+    try:
+        module = importlib.import_module("bench.attgru_eval")
+    except ImportError as err:
+        return {"attgru.not_measured": f"bench/attgru_eval.py not importable: {err}"}
+    if not hasattr(module, "run"):
+        return {"attgru.not_measured": "bench/attgru_eval.py has no run(data) entry point"}
+    from models.cli import _limit_cpu_threads
+
+    _limit_cpu_threads()                          # as its own main() does
+    report = module.run(ctx.data)
+    return {"attgru.report": report, "attgru.command": getattr(module, "COMMAND", "python -m bench.attgru_eval")}
+
+
+def section_feedback(ctx) -> dict:
+    from bench import feedback_eval
+
+    report = feedback_eval.run(ctx.data, model_dir=ctx.models()["deeplog"])
+    return {"feedback.report": report, "feedback.markdown": feedback_eval.markdown(report)}
+
+
+class Context:
+    """What sections share, made on first use: models, MODEL_DIRs, the broker."""
+
+    def __init__(self, args, workdir: Path):
+        self.data, self.lines, self.workdir = args.data, args.lines, workdir
+        self.stage_seconds, self.whole_seconds = args.stage_seconds, args.whole_seconds
+        self._models = self._broker = None
+        self._model_dirs: dict[tuple, Path] = {}
+
+    def models(self) -> dict[str, Path]:
+        if self._models is None:
+            self._models = provide_models(self.data)
+        return self._models
+
+    def model_dir(self, names: tuple[str, ...]) -> Path:
+        if names not in self._model_dirs:
+            self._model_dirs[names] = model_dir_with(self.models(), names, self.workdir / ("models-" + "-".join(names)))
+        return self._model_dirs[names]
+
+    def broker(self) -> Broker:
+        if self._broker is None:
+            self._broker = Broker(self.workdir)
+        return self._broker
+
+    def close(self) -> None:
+        if self._broker is not None:
+            self._broker.close()
+
+
+# ------------------------------------------------------------------------------------------
+def run_sections(args, sections: list[str], previous: dict) -> list[str]:
+    """Run the sections, writing the files after each; returns the sections that failed (their
+    previous figures are replaced by the error: figures from another run would mislead)."""
+    results, failed = dict(previous), []
+    with tempfile.TemporaryDirectory(prefix="logwarden-bench-") as tmp:
+        ctx = Context(args, Path(tmp))
+        try:
+            for name in sections:
+                print(f"bench: {name} ...", file=sys.stderr, flush=True)
+                if name in NEEDS_MODELS:
+                    ctx.models()                      # trained once, outside the section's time
+                load_before = os.getloadavg()
+                started = time.perf_counter()
+                try:
+                    figures = globals()[f"section_{name}"](ctx)
+                except Exception as err:              # the other sections still run
+                    traceback.print_exc()
+                    failed.append(name)
+                    figures = {f"{name}.error": f"{type(err).__name__}: {err}"}
+                for key in [k for k in results if k.startswith(name + ".")]:
+                    del results[key]                  # a section's figures come from one run
+                results.update(figures)
+                results[f"{name}.date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+                results[f"{name}.seconds"] = round(time.perf_counter() - started, 1)
+                results[f"{name}.load_avg"] = {"before_1m_5m_15m": [round(x, 2) for x in load_before],
+                                               "after_1m_5m_15m": [round(x, 2) for x in os.getloadavg()]}
+                results["machine"] = machine()
+                write(results)                        # a later section failing keeps these
+        finally:
+            ctx.close()
+    return failed
+
+
+def write(results: dict) -> None:
+    RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    BENCHMARKS.write_text(preamble() + "\n" + GENERATED_MARKER + "\n\n" + render(results))
+
+
+def preamble() -> str:
+    if BENCHMARKS.exists():
+        text = BENCHMARKS.read_text()
+        if GENERATED_MARKER in text:
+            return text.split(GENERATED_MARKER, 1)[0].rstrip() + "\n"
+    return "# Benchmarks\n\n`make bench` (`python -m bench.run --data ../shared/datasets`) writes this file.\n"
+
+
+# ------------------------------------------------------------------------------------------
+# BENCHMARKS.md from results.json
+def _fmt(value, digits: int = 0) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, (int, float)):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _unit(value, digits: int, unit: str) -> str:
+    return _fmt(value, digits) + (unit if isinstance(value, (int, float)) else "")
+
+
+def _met(value, target, lower_is_better=False) -> str:
+    if value is None or isinstance(value, str):
+        return "not measured"
+    ok = value < target if lower_is_better else value >= target
+    return "met" if ok else "**not met**"
+
+
+def _when(r: dict, section: str) -> str:
+    load = r.get(f"{section}.load_avg", {})
+    return (f"measured {r.get(f'{section}.date', '?')} in {r.get(f'{section}.seconds', '?')} s; "
+            f"load average (1/5/15 min) before {load.get('before_1m_5m_15m')}, after {load.get('after_1m_5m_15m')}")
+
+
+def render(r: dict) -> str:
+    out = []
+    m = r.get("machine", {})
+    out += ["## Machine", "",
+            f"- `uname -a`: `{m.get('uname', '?')}`",
+            f"- CPU: {m.get('cpu', '?')}, nproc {m.get('nproc', '?')}; memory {m.get('memory', '?')}; "
+            f"Python {m.get('python', '?')}; no GPU",
+            "- Shared with other jobs: the load average at each section's start and end is given "
+            "with it (2 cores: a load above 2 means the benchmark waited for CPU).", ""]
+
+    out += ["## Targets", "", "| figure | measured | target | |", "| --- | ---: | ---: | --- |"]
+    ratio = r.get("parse.ratio_vs_drain3")
+    out.append(f"| parse core vs drain3 (`parse.ratio_vs_drain3`) | {_unit(ratio, 2, 'x')} | >= 3x | {_met(ratio, TARGETS['parse'])} |")
+    per_parse = r.get("e2e.parse.lines_per_s")
+    out.append(f"| lines/s through the broker, one parse process alone (`e2e.parse.lines_per_s`) | {_fmt(per_parse)} "
+               f"| >= 100,000 | {_met(per_parse, TARGETS['e2e'])} |")
+    whole = r.get("e2e.lines_per_s")
+    out.append(f"| lines/s through the broker, whole pipeline (`e2e.lines_per_s`) | {_fmt(whole)} | >= 100,000 "
+               f"| {_met(whole, TARGETS['e2e'])} |")
+    p95 = r.get("latency.p95_ms")
+    out.append(f"| alert latency p95 (`latency.p95_ms`) | {_unit(p95, 1, ' ms')} | < 250 ms "
+               f"| {_met(p95, TARGETS['latency_p95_ms'], lower_is_better=True)} |")
+    out.append("")
+    errors = {k.split(".")[0]: v for k, v in r.items() if k.endswith(".error")}
+    if errors:
+        out += ["Sections that failed in their last run (no figures): "
+                + "; ".join(f"{name}: `{err}`" for name, err in errors.items()), ""]
+
+    if "parse.lines_per_s" in r:
+        out += ["## Parse: parse core vs drain3", "", r.get("parse.markdown", ""), "",
+                f"Command: `{r.get('parse.command')}` ({_when(r, 'parse')}). Rates are lines per CPU second "
+                "of the benchmark process (best of the repeats), so neighbours on the machine do not count; "
+                f"the wall-clock figures are beside them. Per-run ratios: {r.get('parse.ratio_vs_drain3_per_run')}.", ""]
+
+    if "e2e.lines" in r:
+        out += _render_e2e(r)
+    if "latency.p50_ms" in r:
+        out += _render_latency(r)
+
+    if "window.bytes_per_open_session" in r:
+        out += ["## Window state", "",
+                f"- `window.bytes_per_open_session`: **{_fmt(r['window.bytes_per_open_session'])} bytes** "
+                f"(tracemalloc, {_fmt(r.get('window.open_sessions'))} open HDFS sessions of "
+                f"{_fmt(r.get('window.events_per_session'), 1)} events on average; the core's own estimate "
+                f"{_fmt(r.get('window.estimated_bytes_per_open_session'))}; the decoded-tail cache adds "
+                f"{_fmt(r.get('window.tail_cache_bytes'))} bytes in all)",
+                f"- snapshot {_fmt(r.get('window.snapshot_bytes'))} bytes in {_fmt(r.get('window.snapshot_s'), 4)} s, "
+                f"restore {_fmt(r.get('window.restore_s'), 4)} s; changes() after {r.get('window.changes_events')} events: "
+                f"{_fmt(r.get('window.changes_bytes'))} bytes",
+                f"- window core alone: {_fmt(r.get('window.events_per_s'))} events/s (wall clock, "
+                f"{_fmt(r.get('window.throughput_events'))} events, {_fmt(r.get('window.throughput_windows'))} windows)",
+                "", f"Command: `{r.get('window.command')}` ({_when(r, 'window')}).", ""]
+
+    if "detect.windows" in r:
+        out += ["## Detect: scoring sliding windows", "",
+                f"`detect.windows_per_s_cpu`: **{_fmt(r.get('detect.windows_per_s_cpu'))}** windows per CPU second "
+                f"with {', '.join(r.get('detect.windows_per_s_cpu_detectors', []))} served together (batch 256, "
+                f"DetectCore.process; {r.get('detect.torch_threads')} torch thread(s), torch {r.get('detect.torch')}). "
+                f"`detect.windows_per_s_gpu`: {r.get('detect.windows_per_s_gpu')}.", "",
+                r.get("detect.markdown", ""), "",
+                f"{_fmt(r.get('detect.windows'))} sliding windows of HDFS_20000.log (3 hosts, HDFS catalog, h = 10). "
+                f"Command: `{r.get('detect.command')}` ({_when(r, 'detect')}).", ""]
+
+    if "deeplog.report" in r:
+        out += _render_deeplog(r)
+    if "attgru.report" in r:
+        out += _render_attgru(r)
+    elif "attgru.not_measured" in r:
+        out += ["## ATT-GRU evaluation", "", f"Not measured: {r['attgru.not_measured']}.", ""]
+    if "feedback.report" in r:
+        out += ["## Feedback: DeepLog's online update", "", r.get("feedback.markdown", ""), "",
+                f"Command: `{r['feedback.report'].get('command')}` with the bench's DeepLog model ({_when(r, 'feedback')}).", ""]
+    return "\n".join(out) + "\n"
+
+
+def _render_e2e(r: dict) -> list[str]:
+    def g(key, digits=0):
+        return _fmt(r.get(f"e2e.{key}"), digits)
+
+    out = ["## End to end through Kafka", "",
+           f"{g('lines')} HDFS lines ({g('copies')} copies of HDFS_20000.log, block ids re-mapped, timestamps shifted "
+           f"{g('copy_shift_s')} s per copy) dealt over {g('hosts')} hosts, pre-produced with replay at "
+           f"**{g('replay.lines_per_s')} lines/s** ({g('replay.seconds', 1)} s). Then each stage alone as its own "
+           "process on the previous stage's output, and finally all three at once on fresh topics and groups. "
+           "DeepLog is the served model.", "",
+           "| stage | consumed | rate (wall) | rate per CPU-s of the stage | CPU s | capped | outputs |",
+           "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for stage, unit in (("parse", "lines"), ("window", "events"), ("detect", "windows")):
+        if f"e2e.{stage}.{unit}" not in r:
+            continue
+        outputs = r.get(f"e2e.{stage}.outputs", r.get(f"e2e.{stage}.alerts"))
+        out.append(f"| {stage} alone | {g(f'{stage}.{unit}')} {unit} | {g(f'{stage}.{unit}_per_s')} {unit}/s "
+                   f"| {g(f'{stage}.{unit}_per_cpu_s')} | {g(f'{stage}.cpu_s', 1)} | "
+                   f"{'yes, at ' + g('stage_cap_s') + ' s' if r.get(f'e2e.{stage}.capped') else 'no'} | {_fmt(outputs)} |")
+    whole = "e2e.whole."
+    cpu = r.get(whole + "cpu_s", {})
+    if r.get(whole + "lines_per_s"):
+        verdict = (f"**{g('whole.lines_per_s')} lines/s**: {g('whole.lines')} lines through parse, window and detect in "
+                   f"{g('whole.seconds', 1)} s")
+    else:
+        verdict = (f"did not get through {g('whole.lines')} lines within {g('whole.cap_s')} s "
+                   f"(committed: {r.get(whole + 'committed')})")
+    out += ["", f"Whole pipeline (`e2e.lines_per_s`): {verdict}; {g('whole.events')} events, {g('whole.windows')} windows, "
+            f"{g('whole.alerts')} alerts; CPU s per stage {cpu}; commit-sampled rates per stage while all ran: "
+            f"{r.get(whole + 'stage_rates_per_s')}.", "",
+            "Parse and window rates: records consumed / (last - first Kafka CreateTime of the stage's output). "
+            "Detect (few outputs): committed input offsets sampled every 0.5 s. A capped stage was stopped with "
+            "SIGTERM (it commits what it finished); its rate covers what it consumed.", "",
+            f"Command: `{r.get('e2e.command')}` ({_when(r, 'e2e')}).", ""]
+    profiles = {s: r.get(f"e2e.profile.{s}.top_self") for s in ("parse", "window", "detect")}
+    if any(profiles.values()):
+        out += ["### Where the time goes (pyinstrument)", "",
+                "Each stage run in the benchmark process under pyinstrument for "
+                f"{_fmt(r.get('e2e.profile.parse.seconds'), 0)} s on the same input (fresh group); wall-clock "
+                "samples of the stage's thread, functions by self time:", ""]
+        for stage, rows in profiles.items():
+            if not rows:
+                continue
+            records = r.get(f"e2e.profile.{stage}.records")
+            out += [f"{stage} ({_fmt(records)} records in {_fmt(r.get(f'e2e.profile.{stage}.seconds'), 1)} s profiled):", "",
+                    "| function | self % | cumulative % |", "| --- | ---: | ---: |"]
+            out += [f"| `{row['function']}` | {row['self_pct']} | {row['cumulative_pct']} |" for row in rows]
+            out.append("")
+    return out
+
+
+def _render_latency(r: dict) -> list[str]:
+    def q(prefix: str, what: str = "") -> str:
+        return " / ".join(_fmt(r.get(f"{prefix}{what}p{n}_ms"), 0) for n in (50, 95, 99))
+
+    out = ["## Alert latency", "",
+           f"`latency.p50_ms` **{_fmt(r['latency.p50_ms'], 0)}**, `latency.p95_ms` **{_fmt(r['latency.p95_ms'], 0)}**, "
+           f"`latency.p99_ms` **{_fmt(r['latency.p99_ms'], 0)}** ms: from the anomalous line's Kafka timestamp "
+           "(`alert.first_anomaly.source.kafka_timestamp`) to the alert record's Kafka timestamp, over the \"open\" "
+           "alerts of DeepLog (the first anomalous sliding window of a session), with parse, window and detect "
+           "running as separate processes at default settings except LOGWARDEN_DETECT_BATCH, and HDFS lines "
+           "replayed over 3 hosts at a steady rate. The replay producer lingers 50 ms, the stages' producers 10 ms; "
+           "each stage polls up to 2,000 records (detect: DETECT_BATCH) with a 0.2 s timeout.", "",
+           "| run | lines/s (achieved) | lines | DETECT_BATCH | detect torch threads | windows judged | open alerts "
+           "| alert latency p50 / p95 / p99 ms | every line -> its sliding window p50 / p95 / p99 ms |",
+           "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+    runs = (("latency.", "as shipped"), ("latency.detect_one_thread.", "detect with OMP_NUM_THREADS=1"),
+            ("latency.low_rate.", "low rate, detect with OMP_NUM_THREADS=1"))
+    for prefix, label in runs:
+        if r.get(f"{prefix}replayed_lines") is None:
+            continue
+        threads = "1" if r.get(f"{prefix}detect_env.OMP_NUM_THREADS") == "1" else "torch default"
+        out.append(f"| {label} | {_fmt(r.get(prefix + 'rate_lines_per_s'))} ({_fmt(r.get(prefix + 'achieved_lines_per_s'))}) "
+                   f"| {_fmt(r.get(prefix + 'replayed_lines'))} | {r.get(prefix + 'detect_batch')} | {threads} "
+                   f"| {_fmt(r.get(prefix + 'windows_judged'))} of {_fmt(r.get(prefix + 'windows'))} "
+                   f"| {r.get(prefix + 'n')} | {q(prefix)} | {q(prefix, 'every_line_ms.line_to_window.')} |")
+    out += ["", "Per hop, p50 / p95 / p99 ms (alerts: the open alerts above; every line: all lines' events and "
+            "sliding windows):", "",
+            "| run | line -> parsed event | parsed event -> sliding window "
+            "| sliding window -> alert |", "| --- | --- | --- | --- |"]
+    for prefix, label in runs:
+        if r.get(f"{prefix}replayed_lines") is None:
+            continue
+        out.append(f"| {label} | alerts {q(prefix, 'hops_ms.parse.')}; every line {q(prefix, 'every_line_ms.parse.')} "
+                   f"| alerts {q(prefix, 'hops_ms.window.')}; every line {q(prefix, 'every_line_ms.window.')} "
+                   f"| {q(prefix, 'hops_ms.detect.')} |")
+    out += ["", f"Command: `{r.get('latency.command')}` ({_when(r, 'latency')}).", ""]
+    return out
+
+
+def _render_attgru(r: dict) -> list[str]:
+    rep = r["attgru.report"]
+    split = rep.get("split", {})
+    test = split.get("test", {})
+    out = ["## ATT-GRU evaluation (HDFS_100k blocks, deep-loglizer split)", "",
+           f"Train {split.get('train', {}).get('blocks')} blocks ({split.get('train', {}).get('abnormal')} anomalous), "
+           f"test {test.get('blocks')} ({test.get('abnormal')} anomalous); *visible anomalies* leaves out the "
+           "anomalous test blocks whose key sequence is a normal training block's (see bench/attgru_eval.py). "
+           f"Training {rep.get('train_seconds')} s.", "",
+           "| model | precision | recall | F1 | F1, visible anomalies |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name, m in rep.get("models", {}).items():
+        c, v = m.get("all", {}), m.get("visible_anomalies", {})
+        out.append(f"| {name} | {_fmt(c.get('precision'), 3)} | {_fmt(c.get('recall'), 3)} | {_fmt(c.get('f1'), 3)} "
+                   f"| {_fmt(v.get('f1'), 3)} |")
+    ceiling = rep.get("ceiling", {})
+    out.append(f"| ceiling (any key-sequence detector) | {_fmt(ceiling.get('all', {}).get('precision'), 3)} "
+               f"| {_fmt(ceiling.get('all', {}).get('recall'), 3)} | {_fmt(ceiling.get('all', {}).get('f1'), 3)} "
+               f"| {_fmt(ceiling.get('visible_anomalies', {}).get('f1'), 3)} |")
+    drops = rep.get("perturbed", {}).get("mean_f1_drop", {})
+    if drops:
+        out += ["", f"{rep['perturbed'].get('templates_changed')} templates changed by one word at test time "
+                f"({len(rep['perturbed'].get('draws', []))} draws), mean F1 drop: "
+                + "; ".join(f"{name} {_fmt(d.get('all'), 4)} (visible anomalies {_fmt(d.get('visible_anomalies'), 4)})"
+                            for name, d in drops.items()) + "."]
+    out += ["", f"Command: `{r.get('attgru.command')}` ({_when(r, 'attgru')}).", ""]
+    return out
+
+
+def _render_deeplog(r: dict) -> list[str]:
+    rep = r["deeplog.report"]
+    out = ["## DeepLog evaluation (HDFS_100k blocks)", "",
+           f"h = {rep.get('h')}, g = {rep.get('g')}; model trained on deeplog_hdfs_train "
+           f"({rep.get('training', {}).get('sessions', '?')} sessions). Selections and end policies as "
+           "bench/deeplog_eval.py's docstring defines them; `ceiling` is the best any key-sequence detector can do.", "",
+           "| normal selection | normal | abnormal | end policy | precision | recall | F1 | ceiling F1 |",
+           "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for selection, entry in rep.get("results", {}).items():
+        ceiling = entry.get("ceiling", {}).get("all", {})
+        for policy in ("open", "quiet", "closed"):
+            c = entry.get(policy, {}).get("all")
+            if c:
+                out.append(f"| {selection} | {entry['normal']} | {entry['abnormal']} | {policy} | {c['precision']:.3f} | "
+                           f"{c['recall']:.3f} | {c['f1']:.3f} | {_fmt(ceiling.get('f1'), 3)} |")
+    complete = rep.get("complete_sessions_hdfs_5k")
+    if complete:
+        c = complete["all"]
+        out += ["", f"Complete sessions (HDFS_5k: {complete['sessions']} blocks over the whole log, {complete['abnormal']} "
+                f"anomalous; {complete['judged']} judged): precision {c['precision']:.3f}, recall {c['recall']:.3f}, "
+                f"F1 {c['f1']:.3f}."]
+    for t in rep.get("throughput_cpu", []):
+        out.append("")
+        out.append(f"- score() throughput, batch {t['batch']}: {_fmt(t['windows_per_s'])} windows/s (wall clock)")
+    out += ["", f"Command: `{rep.get('command')}` ({_when(r, 'deeplog')}).", ""]
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=default_data_dir(), help="the shared datasets directory")
+    p.add_argument("--only", help=f"comma-separated sections of {','.join(SECTIONS)} (default: all)")
+    p.add_argument("--lines", type=int, default=2_000_000, help="HDFS lines for the e2e throughput run")
+    p.add_argument("--stage-seconds", type=float, default=180.0, help="cap on the window and detect runs of e2e")
+    p.add_argument("--whole-seconds", type=float, default=240.0, help="cap on the whole-pipeline run of e2e")
+    p.add_argument("--render", action="store_true", help="only rewrite BENCHMARKS.md from bench/results.json")
+    args = p.parse_args(argv)
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if args.render:
+        write(previous)
+        return 0
+    sections = [s.strip() for s in args.only.split(",")] if args.only else list(SECTIONS)
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        p.error(f"unknown section(s) {', '.join(unknown)}; choose from {','.join(SECTIONS)}")
+    if not (args.data / "hdfs" / "HDFS_20000.log").exists():
+        p.error(f"no HDFS_20000.log under {args.data}/hdfs (use --data)")
+    failed = run_sections(args, sections, previous)
+    print(f"bench: wrote {RESULTS.relative_to(REPO_ROOT)} and {BENCHMARKS.relative_to(REPO_ROOT)}"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
