@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from models.attgru import END, AttGRU, AttGRUNet, TemplateEmbedder, template_tokens
+from models.attgru import END, AttGRU, AttGRUNet, TemplateEmbedder, edit_template, template_tokens
 from models.base import Sequence
 from services.cli import main as cli
 
@@ -154,7 +155,21 @@ def test_unseen_template_gets_its_vector_from_its_words(datasets):
     assert template_tokens("addStoredBlock: blockMap") == ["add", "stored", "block", "block", "map"]
 
 
-def test_unseen_template_keeps_the_verdict_and_one_hot_cannot(trained):
+def test_edit_template_changes_exactly_one_word():
+    rng = random.Random(0)
+    text = TEMPLATES["E5"]
+    words = re.findall("[A-Za-z]+", text)
+    for _ in range(50):
+        edited = edit_template(text, rng, ["replica"])
+        assert edited.count("<*>") == text.count("<*>")
+        edited_words = re.findall("[A-Za-z]+", edited)
+        if len(edited_words) < len(words):
+            assert len(edited_words) == len(words) - 1 and set(edited_words) <= set(words)
+        else:
+            assert sorted(edited_words) == sorted(words + ["replica"])
+
+
+def test_renamed_template_keeps_the_verdict(trained):
     """E5 renamed with a word dropped: the word2vec model sees nearly the old vector; every
     block still gets the verdict it got with the original template."""
     renamed = TEMPLATES["E5"].replace("updated:", "")
@@ -165,9 +180,11 @@ def test_unseen_template_keeps_the_verdict_and_one_hot_cannot(trained):
     before = [v.anomalous for v in trained.score(plain)]
     after = [v.anomalous for v in trained.score(changed)]
     assert sum(a == b for a, b in zip(before, after)) >= 0.95 * len(before)
-    # the new id got a vector of its own (not the unknown row): scores moved, but only a little
-    rows = trained._rows(changed[:1], [])[0]
-    assert trained._unknown_row not in rows
+    # the new id got a vector from its words, not the "unknown" input
+    extra = []
+    rows = trained._rows(changed[:1], extra)[0]
+    assert trained._unknown_row not in rows and len(extra) == 1
+    assert float(extra[0] @ trained.template_vector(TEMPLATES["E5"])) > 0.9
 
 
 def test_save_load_round_trip_gives_identical_verdicts(trained, tmp_path):
@@ -192,6 +209,8 @@ def test_one_hot_and_no_attention_variants_round_trip(tmp_path):
         detector.save(tmp_path / str(options))
         probe = [sequence(["E1", "E2", "E6"]),
                  Sequence(keys=["E1", "E9"], templates=[TEMPLATES["E1"], "Deleting block <*> file <*>"])]
+        unseen_row = detector._rows(probe[1:], [])[0][1]
+        assert (unseen_row == detector._unknown_row) == (options.get("embedding") == "onehot")
         assert AttGRU.load(tmp_path / str(options), device="cpu").score(probe) == detector.score(probe)
 
 
