@@ -118,6 +118,7 @@ def test_verdict_carries_attention_of_its_most_anomalous_window(trained):
     assert len(weights) == end - start + 1 == len(verdict.details["window_keys"])
     assert abs(sum(weights) - 1) < 1e-4
     assert verdict.details["window_keys"] == (keys + [END])[start:end + 1]
+    assert verdict.anomalous and "E6" in verdict.details["window_keys"]     # the window that mattered
 
 
 def test_sliding_window_judges_the_newest_event(trained):
