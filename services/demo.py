@@ -56,6 +56,11 @@ def sha256_text(*parts: str) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
 
+def code_version(detector: str) -> str:
+    """The detector's source: a cached model trained by other code is trained again."""
+    return artifacts.sha256_file(REPO_ROOT / "models" / f"{detector}.py")
+
+
 def logwarden_cli(*args: str) -> None:
     exe = Path(sys.executable).with_name("logwarden")
     subprocess.run([str(exe), *args], check=True)
@@ -67,7 +72,7 @@ def train_models(data: Path, cache: Path, demo_blocks: set[str]) -> dict[str, Pa
     hdfs = data / "hdfs"
     models = {}
     deeplog_train = hdfs / "deeplog_hdfs_train"
-    key = sha256_text("deeplog", artifacts.sha256_file(deeplog_train), "v1")
+    key = sha256_text("deeplog", artifacts.sha256_file(deeplog_train), code_version("deeplog"))
     out = cache / f"deeplog-{key}"
     if not (out / artifacts.MANIFEST).exists():
         say(f"training DeepLog on {deeplog_train.name} (once; cached in {out}) ...")
@@ -80,7 +85,8 @@ def train_models(data: Path, cache: Path, demo_blocks: set[str]) -> dict[str, Pa
     blocks = [b for b in read_hdfs_100k(hdfs / "HDFS_100k_block_labels.csv") if b.block_id not in demo_blocks]
     normal = "\n".join(" ".join(k[1:] for k in b.keys) for b in blocks if not b.label)
     abnormal = "\n".join(" ".join(k[1:] for k in b.keys) for b in blocks if b.label)
-    key = sha256_text("attgru", normal, abnormal, artifacts.sha256_file(hdfs / "HDFS_templates.csv"), "v1")
+    key = sha256_text("attgru", normal, abnormal, artifacts.sha256_file(hdfs / "HDFS_templates.csv"),
+                      code_version("attgru"))
     out = cache / f"attgru-{key}"
     if not (out / artifacts.MANIFEST).exists():
         say(f"training ATT-GRU on {len(blocks)} HDFS_100k blocks not in the demo (once; cached in {out}) ...")
@@ -196,7 +202,7 @@ def evaluate_batch(model: Path, detector: str, sessions: dict, labels: dict[str,
     return json.loads(out.read_text())
 
 
-def plot_scores(models: dict[str, Path], sessions: dict, labels: dict[str, int], path: Path) -> None:
+def plot_scores(models: dict[str, Path], sessions: dict, labels: dict[str, int], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,7 +219,7 @@ def plot_scores(models: dict[str, Path], sessions: dict, labels: dict[str, int],
             scores = [v.score for k, v in zip(keys, verdicts) if labels[k] == label]
             ax.hist(scores, bins=40, alpha=0.6, color=colour, label=f"{'anomalous' if label else 'normal'} ({len(scores)})")
         ax.set_yscale("log")
-        ax.set_title(f"{name}: session scores, HDFS_20000 blocks")
+        ax.set_title(f"{name}: session scores, {title}")
         ax.set_xlabel("score (higher = more anomalous)")
         ax.legend()
     fig.tight_layout()
@@ -314,7 +320,7 @@ def stream_run(log_name: str, labels_name: str, note: str, hdfs: Path, models: d
             say(f"{name}: `logwarden evaluate` on the same blocks: tp={batch['tp']} fp={batch['fp']} "
                 f"tn={batch['tn']} fn={batch['fn']} -> {'equal to the stream' if equal else 'DIFFERS from the stream'}")
     stem = Path(log_name).stem
-    plot_scores(models, sessions, labels, out_dir / f"scores-{stem}.png")
+    plot_scores(models, sessions, labels, out_dir / f"scores-{stem}.png", f"{log_name} blocks")
     (out_dir / f"table-{stem}.md").write_text(table(rows) + f"\n\nceiling F1 {ceiling['f1']:.3f}\n")
     say(f"plot: {out_dir / f'scores-{stem}.png'}; table: {out_dir / f'table-{stem}.md'}")
     return same and complete
@@ -335,10 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
 
-    broker = None
+    started_broker = False
     if not os.environ.get("LOGWARDEN_KAFKA_BOOTSTRAP"):
-        say("starting the local Kafka broker (make kafka-up) ...")
-        broker = localkafka.up()
+        started_broker = not localkafka.status()     # a broker already up (make kafka-up) stays up
+        if started_broker:
+            say("starting the local Kafka broker (make kafka-up) ...")
+        localkafka.up()
     demo_blocks = set(read_block_labels(hdfs / "HDFS_20000_block_labels.csv"))   # HDFS_5k's are among them
     models = train_models(data, REPO_ROOT / ".cache" / "demo-models", demo_blocks)
     try:
@@ -349,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                          "every line of these blocks over the whole log: complete sessions", hdfs, models, out_dir,
                          args.rate)
     finally:
-        if broker is not None:
+        if started_broker:
             localkafka.down()
             say("local broker stopped")
     say(f"demo finished in {time.monotonic() - started:.0f} s")
