@@ -101,17 +101,6 @@ def train_models(data: Path, cache: Path, demo_blocks: set[str]) -> dict[str, Pa
     return models
 
 
-def deal(src: Path, out_dir: Path, hosts: list[str]) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {h: open(out_dir / f"{h}.log", "wb") for h in hosts}
-    with open(src, "rb") as fh:
-        for i, line in enumerate(fh):
-            files[hosts[i % len(hosts)]].write(line)
-    for f in files.values():
-        f.close()
-    return {h: out_dir / f"{h}.log" for h in hosts}
-
-
 def offline_sessions(settings, files: dict[str, Path]) -> dict[str, list]:
     """Every block's closed session built by the same parse and window cores as the stream."""
     from services.parse import ParseConfig, ParseCore, load_catalog
@@ -235,26 +224,11 @@ def table(rows: list[tuple[str, dict]]) -> str:
 
 
 # ------------------------------------------------------------------------------------------
-def replay_concurrently(settings, files: dict[str, Path], rate: float) -> int:
-    """Every host ships at once, at a steady rate, as Filebeat on live hosts does: a block's
-    lines then arrive roughly in event-time order, which the sliding-window checks rely on."""
-    from services.replay import replay_files
-
-    counts: list[int] = []
-    threads = [threading.Thread(target=lambda h=h, p=p: counts.append(replay_files(settings, [p], h, rate=rate)))
-               for h, p in files.items()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(counts)
-
-
 def stream_run(log_name: str, labels_name: str, note: str, hdfs: Path, models: dict[str, Path], out_dir: Path,
                rate: float) -> bool:
     """One pass of a log through every stage on fresh topics; True when stream == evaluate."""
     from models.data import sequence_ceiling, sessions_from_logs
-    from services.replay import ensure_topic
+    from services.replay import deal_lines, ensure_topic, replay_hosts
 
     labels = read_block_labels(hdfs / labels_name)
     run_id = "demo" + uuid.uuid4().hex[:6]
@@ -277,10 +251,10 @@ def stream_run(log_name: str, labels_name: str, note: str, hdfs: Path, models: d
     runner = threading.Thread(target=stages.run, args=(list(stages.ALL_STAGES), settings), kwargs={"stop": stop},
                               daemon=True)
     runner.start()
-    files = deal(hdfs / log_name, run_dir / "logs", hosts)
+    files = deal_lines(hdfs / log_name, hosts, run_dir / "logs")
     say(f"\n=== {log_name} as {', '.join(HOSTS)}: {len(labels)} blocks, {sum(labels.values())} anomalous ({note})")
     say("alerts as they happen (early warnings from sliding windows are counted; final verdicts shown):")
-    replayed = replay_concurrently(settings, files, rate)
+    replayed = replay_hosts(settings, files, rate)
 
     deadline = time.monotonic() + 300
     while (any(judged(d) - judged_before[d] < len(labels) for d in DETECTORS)

@@ -19,19 +19,6 @@ BLOCK = re.compile(r"blk_-?\d+")
 REPO = Path(__file__).resolve().parent.parent
 
 
-def deal_lines(src: Path, hosts: list[str], out_dir: Path) -> dict[str, Path]:
-    """Deal the lines of one log across hosts (line i -> hosts[i % n]), one file per host,
-    as if each host had written its share: blocks then span hosts."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {h: open(out_dir / f"{h}.log", "wb") for h in hosts}
-    with open(src, "rb") as fh:
-        for i, line in enumerate(fh):
-            files[hosts[i % len(hosts)]].write(line)
-    for f in files.values():
-        f.close()
-    return {h: out_dir / f"{h}.log" for h in hosts}
-
-
 def lines_by_block(src: Path) -> dict[str, list[str]]:
     """Ground truth: every line naming a block, per block (a line naming two belongs to both)."""
     blocks: dict[str, list[str]] = defaultdict(list)

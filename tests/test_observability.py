@@ -23,7 +23,8 @@ from prometheus_client.metrics import MetricWrapperBase
 from services import alerts, localprom, metrics
 from services.localkafka import free_port
 from tests.kafkautil import produce_values
-from tests.streamutil import REPO, deal_lines, logwarden, settings_env
+from services.replay import deal_lines
+from tests.streamutil import REPO, logwarden, settings_env
 
 RULES = REPO / "prometheus" / "rules.yml"
 DASHBOARD = REPO / "grafana" / "dashboards" / "logwarden.json"
