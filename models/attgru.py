@@ -447,9 +447,10 @@ class AttGRU(Detector):
         """The feature table with ``edit_rate`` of the vocabulary's templates replaced by an edit.
 
         Log statements change between releases; trained only on the exact vectors, the net may
-        hang a decision on a direction that a one-word change moves (measured: an inserted word
-        that other, rarer templates use turned a common template into a false alarm for every
-        block). Seeing edited versions in training teaches it to tolerate that."""
+        hang a decision on a direction that a one-word change moves: an inserted word that a
+        rarer, abnormal template uses can make a template every block logs a false alarm for
+        every block. Seeing edited versions in training makes that rarer, not impossible
+        (``perturbed`` in ``python -m bench.attgru_eval``, ``attgru`` vs ``attgru_no_edit_training``)."""
         count, per_template = edits.shape[:2]
         chosen = torch.rand(count, generator=generator) < self.edit_rate
         pick = edits[torch.arange(count), torch.randint(per_template, (count,), generator=generator)]
