@@ -20,6 +20,8 @@ from services.detect import DetectCore, to_sequence
 from services.records import Alert, ParsedEvent, Source, stable_id
 from services.window import WindowCore
 from tests.kafkautil import consume, produce_values
+from tests.test_attgru import TEMPLATES as ATTGRU_TEXTS
+from tests.test_attgru import trained as attgru_model  # noqa: F401  (a fixture)
 from tests.test_deeplog import SMALL, grammar_session
 
 TEXTS = {"a": "Receiving block <*>", "b": "Allocate block <*>", "c": "Received block <*>", "d": "Retry <*>",
@@ -34,24 +36,24 @@ def model_v1() -> DeepLog:
     return detector
 
 
-def events(key: str, keys: list[str], host: str = "dn1", t0: float = 1000.0) -> list[ParsedEvent]:
+def events(key: str, keys: list[str], host: str = "dn1", t0: float = 1000.0, texts=TEXTS) -> list[ParsedEvent]:
     out = []
     for i, k in enumerate(keys):
         src = Source(host=host, topic=f"logs.{host}", partition=0, offset=i, file_path="/var/log/x.log",
                      file_offset=i * 80, kafka_timestamp=time.time())
         out.append(ParsedEvent(event_id=stable_id(host, key, i), key=key, keys=[key], timestamp=t0 + i, level="INFO",
-                               component="dfs.DataNode", template_id=k, template=TEXTS[k], params=[key],
-                               message=f"081109 2035{i:02d} 1 INFO dfs.DataNode: {TEXTS[k].replace('<*>', key)}",
+                               component="dfs.DataNode", template_id=k, template=texts[k], params=[key],
+                               message=f"081109 2035{i:02d} 1 INFO dfs.DataNode: {texts[k].replace('<*>', key)}",
                                source=src))
     return out
 
 
-def windows_of(sessions: dict[str, list[str]], h: int):
+def windows_of(sessions: dict[str, list[str]], h: int, texts=TEXTS):
     """Sliding windows as events arrive, then every session closed (as idle close does)."""
     core = WindowCore(window_size=h, session_gap_s=1e9, idle_close_s=1.0)
     out = []
     for key, keys in sessions.items():
-        for e in events(key, keys):
+        for e in events(key, keys, texts=texts):
             out.extend(core.process(e, 0.0))
     return out + core.close_all("idle")
 
@@ -139,3 +141,30 @@ def test_detect_stage_serves_through_the_broker_and_hot_reloads(model_v1, kafka_
         stop.set()
         runner.join(30)
     assert REGISTRY.get_sample_value("logwarden_model_version_info", {"detector": "deeplog", "version": "v0002"}) == 0
+
+
+@pytest.mark.slow
+def test_attgru_is_served_through_the_broker_and_its_alert_shows_the_attention(attgru_model, kafka_settings, tmp_path):
+    saved = tmp_path / "attgru"
+    attgru_model.save(saved)
+    settings = kafka_settings.model_copy(update={"model_dir": tmp_path / "models", "device": "cpu", "detect_batch": 16})
+    artifacts.publish(saved, settings.model_dir)
+    normal = ["E1", "E2", "E2", "E2", "E3", "E4", "E4", "E3", "E3", "E4", "E5", "E5", "E5"]
+    broken = normal[:6] + ["E6"] + normal[6:]
+    assert not attgru_model.score([Sequence(normal, templates=[ATTGRU_TEXTS[k] for k in normal])])[0].anomalous
+    stop = threading.Event()
+    runner = threading.Thread(target=stages.run, args=(["detect"], settings), kwargs={"stop": stop})
+    runner.start()
+    try:
+        wins = windows_of({"blk_20": normal, "blk_21": broken}, 10, texts=ATTGRU_TEXTS)
+        produce_values(settings, settings.windows_topic, [w.model_dump_json(by_alias=True) for w in wins])
+        alerts = [Alert.model_validate_json(m.value()) for m in consume(settings, settings.alerts_topic, 2, timeout=60,
+                                                                        settle=2)]
+    finally:
+        stop.set()
+        runner.join(30)
+    assert {a.key for a in alerts} == {"blk_21"}
+    final = [a for a in alerts if a.status == "final"][0]
+    assert final.detector == "attgru" and final.anomalous
+    weights = final.details["attention"]
+    assert len(weights) == len(final.details["window_keys"]) and abs(sum(weights) - 1) < 1e-4
