@@ -75,3 +75,15 @@ def pick_device(setting: str = "auto") -> str:
     if setting == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return setting
+
+
+def limit_cpu_threads() -> None:
+    """Leave a core to the broker and the other stages: with every core busy, torch's worker
+    threads spin against them (measured on 2 shared cores: 1 thread trains ~10x faster than 2,
+    and the detect stage scores ~40x more windows/s; BENCHMARKS.md, detect section)."""
+    import os
+
+    import torch
+
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - 1)))

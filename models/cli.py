@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from models import artifacts
-from models.base import Sequence
+from models.base import Sequence, limit_cpu_threads
 from models.data import read_sessions, read_templates, to_sequences
 from models.metrics import Confusion, confusion
 from services.settings import UsageError, load_settings
@@ -41,13 +41,7 @@ def _device(setting: str | None) -> str:
     return device
 
 
-def _limit_cpu_threads() -> None:
-    """Leave a core to the broker and the other stages: with every core busy, torch's worker
-    threads spin against them (measured on 2 shared cores: 1 thread trains ~10x faster than 2)."""
-    import torch
-
-    cores = os.cpu_count() or 1
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - 1)))
+_limit_cpu_threads = limit_cpu_threads     # the benchmarks' name for it
 
 
 def _source(path: str | Path, sessions: int, role: str) -> dict[str, Any]:

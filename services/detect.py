@@ -23,7 +23,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from models import artifacts
-from models.base import Detector, Sequence, Verdict, pick_device
+from models.base import Detector, Sequence, Verdict, limit_cpu_threads, pick_device
 from services import metrics
 from services.records import Alert, AlertEvent, ExpectedKey, KeySequence, ParsedEvent, Window, stable_id
 from services.settings import Settings
@@ -74,6 +74,8 @@ class ModelSet:
     def __init__(self, model_dir: Path, device: str = "auto", detectors: tuple[str, ...] = tuple(artifacts.DETECTORS)):
         self.model_dir = Path(model_dir)
         self.device = pick_device(device)
+        if self.device == "cpu":
+            limit_cpu_threads()
         self.names = detectors
         self.loaded: dict[str, tuple[str, Detector]] = {}   # name -> (version dir name, detector)
 
