@@ -10,10 +10,11 @@ window per event. For each detector in MODEL_DIR (its newest version) and each b
   core    DetectCore.process(batch)                        (sequences + score + alerts, as the
                                                            stage runs it, without JSON and Kafka)
 Rates are windows per CPU second of this process (time.process_time; torch limited to
-cores - 1 threads as training is) and per wall-clock second, each over at most ``seconds``.
-``threads``: the same core at two batch sizes with torch's own default thread count (what a
-`logwarden run detect` process uses) against one thread: on a few busy cores torch's intra-op
-threads spin against each other and everything else.
+cores - 1 threads, as the detect stage and training limit it: models.base.limit_cpu_threads) and
+per wall-clock second, each over at most ``seconds``.
+``threads``: the same core at two batch sizes with torch's own default thread count against one
+thread, on an idle machine and beside one busy process per core: on busy cores torch's intra-op
+threads wait for each other (why the stage limits them).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -68,25 +70,41 @@ def timed(step, windows: list, batch: int, seconds: float) -> dict:
             "windows_per_cpu_s": round(done / cpu), "windows_per_s": round(done / wall)}
 
 
+def torch_default_threads() -> int:
+    """torch's intra-op threads in a fresh process, before anything limits them."""
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout)
+
+
 def compare_threads(detector, name: str, version: str, windows: list[Window], seconds: float) -> list[dict]:
+    """DetectCore.process with torch's default thread count and with one thread, on an idle
+    machine and with one busy process per core beside it (as parse, window and the broker are
+    beside detect when the stages share a host)."""
     import torch
 
-    from bench.e2e_bench import stage_torch_threads
-
     limited, rows = torch.get_num_threads(), []
-    for threads in sorted({stage_torch_threads(), 1}, reverse=True):
-        torch.set_num_threads(threads)
-        for batch in (32, 256):
-            rows.append({"threads": threads, **timed(DetectCore({name: (version, detector)}).process, windows, batch, seconds)})
+    for competitors in (0, os.cpu_count() or 1):
+        busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(competitors)]
+        try:
+            for threads in sorted({torch_default_threads(), 1}, reverse=True):
+                torch.set_num_threads(threads)
+                for batch in (32, 256):
+                    rows.append({"threads": threads, "busy_processes": competitors,
+                                 **timed(DetectCore({name: (version, detector)}).process, windows, batch, seconds)})
+        finally:
+            for proc in busy:
+                proc.kill()
+                proc.wait()
     torch.set_num_threads(limited)
     return rows
 
 
 def run(data: Path, models_dir: Path, seconds: float = 10.0, batches=BATCHES) -> dict:
     """detect.* keys of bench/results.json for every detector found in ``models_dir``."""
-    from models.cli import _limit_cpu_threads
+    from models.base import limit_cpu_threads
 
-    _limit_cpu_threads()
+    limit_cpu_threads()
     import torch
 
     windows = stream_windows(data)
@@ -130,11 +148,13 @@ def markdown(result: dict) -> str:
         for r in result.get(f"detect.{name}.per_batch") or []:
             rows.append(f"| {name} | {r['score']['batch']} | {r['score']['windows_per_cpu_s']:,} | "
                         f"{r['core']['windows_per_cpu_s']:,} | {r['core']['windows_per_s']:,} |")
-    rows += ["", "Torch threads (DetectCore.process):", "",
-             "| detector | torch threads | batch | windows/CPU-s | windows/s (wall) |", "| --- | ---: | ---: | ---: | ---: |"]
+    rows += ["", "Torch threads (DetectCore.process; *busy*: processes spinning beside it, one per core):", "",
+             "| detector | busy processes | torch threads | batch | windows/CPU-s | windows/s (wall) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name in artifacts.DETECTORS:
         for r in result.get(f"detect.{name}.threads") or []:
-            rows.append(f"| {name} | {r['threads']} | {r['batch']} | {r['windows_per_cpu_s']:,} | {r['windows_per_s']:,} |")
+            rows.append(f"| {name} | {r.get('busy_processes', 0)} | {r['threads']} | {r['batch']} | "
+                        f"{r['windows_per_cpu_s']:,} | {r['windows_per_s']:,} |")
     return "\n".join(rows)
 
 
