@@ -465,7 +465,7 @@ def measure_whole(bootstrap: str, data: Path, workdir: Path, common: dict, lines
     the host topics of the per-stage runs when they hold exactly ``lines``, else new ones.
 
     Done = every stage has committed all of its input and stays so for LOGWARDEN_IDLE_CLOSE_S
-    + 2 s (the window stage closes the sessions still open IDLE_CLOSE_S after its input stops, and
+    + 5 s (the window stage closes the sessions still open IDLE_CLOSE_S after its input stops, and
     detect judges them): the time counts every window judged, the last sessions included, and so
     the idle wait before those last sessions close."""
     conf = {"bootstrap.servers": bootstrap}
@@ -482,7 +482,7 @@ def measure_whole(bootstrap: str, data: Path, workdir: Path, common: dict, lines
     inputs = {"parse": s.logs_pattern, "window": s.events_topic, "detect": s.windows_topic}
     procs, sampler = run_stages(pipeline, inputs, lambda: {"parse": lines, "window": end_offsets(conf, s.events_topic),
                                                            "detect": end_offsets(conf, s.windows_topic)},
-                                cap_s, settle_s=s.idle_close_s + 2)
+                                cap_s, settle_s=s.idle_close_s + 5)
     events = create_time_span(conf, s.events_topic)
     windows = create_time_span(conf, s.windows_topic)
     ends = {pipeline.group("parse"): lines, pipeline.group("window"): events["records"],
@@ -555,8 +555,8 @@ def _short(path: str) -> str:
 def measure_latency(bootstrap: str, data: Path, workdir: Path, models_dir: Path, rate: float = 2000.0,
                     lines: int = 40_000, detect_batch: int = 32, drain_s: float = 60.0) -> dict:
     """Alert latency at a steady replay rate with every stage running (module docstring).
-    After the replay, up to ``drain_s`` more seconds for detect to judge what is left: a detect
-    stage slower than the input never catches up, and the share of windows it judged says so."""
+    After the replay, up to ``drain_s`` more seconds for every stage to work off what is left:
+    a pipeline slower than the input never catches up, and the share of windows judged says so."""
     from services.records import Alert
 
     conf = {"bootstrap.servers": bootstrap}
@@ -574,21 +574,26 @@ def measure_latency(bootstrap: str, data: Path, workdir: Path, models_dir: Path,
     ensure_topics(settings)
     for host in hosts:
         ensure_topic(settings, f"logs.{host}")
-    detect_group = pipeline.group("detect")
-    procs = {st: StageProcess(pipeline, st, exit_when_idle=3600) for st in ("parse", "window", "detect")}
+    inputs = {"parse": settings.logs_pattern, "window": settings.events_topic, "detect": settings.windows_topic}
+    procs = {st: StageProcess(pipeline, st, exit_when_idle=3600) for st in inputs}
     try:
         _wait_for_groups(conf, [pipeline.group(st) for st in procs], procs)
         count, seconds = replay_timed(settings, hosts, rate_per_host=rate / len(hosts))
-        sampler = CommitSampler(conf, {detect_group: settings.windows_topic})
-        sampler.start()
+        sampler = CommitSampler(conf, {pipeline.group(st): topic for st, topic in inputs.items()})
         ends_at = time.monotonic() + drain_s
-        while time.monotonic() < ends_at:      # until detect has judged every window so far
-            windows = end_offsets(conf, settings.windows_topic)
-            time.sleep(1)
-            if sampler.samples and sampler.samples[-1][1][detect_group] >= windows > 0:
+        while time.monotonic() < ends_at:      # until every line's window is judged
+            sampler.sample()                   # commits first, then the ends they are held to:
+            try:                               # a stage done before the ends were read is done
+                ends = {"parse": count, "window": end_offsets(conf, settings.events_topic),
+                        "detect": end_offsets(conf, settings.windows_topic)}
+            except KafkaException:
+                continue
+            latest = sampler.samples[-1][1] if sampler.samples else {}
+            if all(latest.get(pipeline.group(st), -1) >= end > 0 for st, end in ends.items()):
                 break
+            time.sleep(0.5)
         sampler.finish()
-        judged = sampler.samples[-1][1][detect_group] if sampler.samples else 0
+        judged = sampler.samples[-1][1][pipeline.group("detect")] if sampler.samples else 0
         windows_made = end_offsets(conf, settings.windows_topic)
     finally:
         for p in procs.values():
