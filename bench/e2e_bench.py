@@ -648,7 +648,11 @@ def _wait_for_groups(conf: dict, groups: list[str], procs: dict[str, StageProces
         for p in procs.values():
             if p.poll():
                 raise RuntimeError(f"stage {p.stage} exited with {p.returncode}: {p.log_tail()}")
-        described = [f.result() for f in admin.describe_consumer_groups(groups).values()]
+        try:
+            described = [f.result() for f in admin.describe_consumer_groups(groups, request_timeout=10).values()]
+        except KafkaException:            # e.g. a fresh broker still creating __consumer_offsets
+            time.sleep(0.5)
+            continue
         if all(str(d.state).endswith("STABLE") and any(m.assignment.topic_partitions for m in d.members)
                for d in described):
             return
