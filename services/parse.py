@@ -589,13 +589,20 @@ _set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
 _set_private = BaseModel.__dict__["__pydantic_private__"].__set__
 
 
+def trusted(cls: type[BaseModel], fields: dict, fields_set: frozenset[str] | None = None):
+    """An instance of ``cls`` holding ``fields`` (every field, of the right type) without
+    validation: the caller built the values, and pydantic's model_construct costs as much as
+    parsing the line."""
+    obj = _new_object(cls)
+    _set(obj, "__dict__", fields)
+    _set_fields_set(obj, fields_set if fields_set is not None else frozenset(fields))
+    _set_extra(obj, None)
+    _set_private(obj, None)
+    return obj
+
+
 def _event(fields: dict) -> ParsedEvent:
-    event = _new_object(ParsedEvent)
-    _set(event, "__dict__", fields)
-    _set_fields_set(event, _EVENT_FIELDS)
-    _set_extra(event, None)
-    _set_private(event, None)
-    return event
+    return trusted(ParsedEvent, fields, _EVENT_FIELDS)
 
 
 # counts by what a line was mapped to (see ParseCounters)
@@ -704,11 +711,7 @@ class ParseCore:
         fields["params"] = params
         fields["message"] = line
         fields["source"] = source
-        event = _new_object(ParsedEvent)
-        _set(event, "__dict__", fields)
-        _set_fields_set(event, _EVENT_FIELDS)
-        _set_extra(event, None)
-        _set_private(event, None)
+        event = _event(fields)
         if len(keys) < 2:
             return [event]
         return [event] + [_event({**fields, "key": key, "keys": list(keys), "params": list(params)})

@@ -22,10 +22,11 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import pydantic_core
 from pydantic import ValidationError
 
 from services import checkpoint, metrics
-from services.parse import ParseError
+from services.parse import ParseError, trusted
 from services.window import WindowInputError
 from services.records import FilebeatEvent, ParsedEvent, Source
 from services.settings import Settings, UsageError, load_settings
@@ -53,17 +54,24 @@ def classify_envelope_error(value: bytes, err: ValidationError) -> BadRecord:
     return BadRecord("bad_envelope", f"{where}: {first['msg']}")
 
 
+_SOURCE_FIELDS = frozenset(Source.model_fields)
 LATENCY_SAMPLE = 32     # parse latency is observed on every 32nd line
+# The parser state (drain's tree, the dedup marks) is saved at most this often. It is not tied
+# to input offsets (template ids come from template text), so a crash only forgets the last
+# seconds of dedup marks; the window stage still drops those repeats by event id.
+PARSE_CHECKPOINT_S = 10.0
+_from_json = pydantic_core.from_json
 
 
 def decode_filebeat(value: bytes) -> tuple[str, str, str, int, float]:
     """(message, host.name, log.file.path, log.offset, @timestamp epoch) of a Filebeat record.
 
-    The fast path reads the fields `FilebeatEvent` requires with json.loads and type checks;
-    anything it does not accept is decided by the pydantic model itself, which also names the
-    reason a record is rejected. tests/test_stages.py checks that both paths agree."""
+    The fast path reads the fields `FilebeatEvent` requires with pydantic-core's JSON parser (the
+    one the model validates with; 2.3x faster than json.loads on a Filebeat record) and type
+    checks; anything it does not accept is decided by the pydantic model itself, which also names
+    the reason a record is rejected. tests/test_stages.py checks that both paths agree."""
     try:
-        doc = json.loads(value)
+        doc = _from_json(value)
         message, host = doc["message"], doc["host"]["name"]
         log_ = doc["log"]
         path, offset, stamp = log_["file"]["path"], log_["offset"], doc["@timestamp"]
@@ -112,8 +120,9 @@ class ParseStage:
             except ParseStateError as err:   # masking or drain options changed: mine afresh
                 log.warning("parse: discarding saved parser state (%s)", err)
         self._templates_seen = 0
-        self._lines: dict[str, object] = {}     # host -> metric child (labels() per line is costly)
+        self._lines: dict[str, int] = {}        # host -> lines since the last tick (exported there)
         self._sample = 0
+        self._last_checkpoint = time.monotonic()
 
     # state = miner + dedup marks; template ids are derived from template text, so a replica
     # that starts without this file still gives every template the same id.
@@ -129,8 +138,13 @@ class ParseStage:
         self.core.restore(state["core"].encode())
         self.dedup.restore(state["dedup"].encode())
 
-    def checkpoint(self, offsets: dict[tuple[str, int], int]) -> None:
+    def checkpoint(self, offsets: dict[tuple[str, int], int], final: bool = False) -> None:
+        # Called after every output so far is acknowledged (so the dedup marks saved are of
+        # delivered lines only); `final` at shutdown and on revoke.
+        if not final and time.monotonic() - self._last_checkpoint < PARSE_CHECKPOINT_S:
+            return
         checkpoint.save(self.state_path, self.snapshot(), {f"{t}:{p}": o for (t, p), o in offsets.items()})
+        self._last_checkpoint = time.monotonic()
 
     def handle(self, rec: Record) -> list[Out]:
         value = rec.value
@@ -147,9 +161,10 @@ class ParseStage:
         if self.dedup.seen(host, path, file_offset, message):
             metrics.DUPLICATES.labels(self.name).inc()
             return []
-        source = Source.model_construct(   # fields checked by decode_filebeat; no second validation
-            host=host, topic=rec.topic, partition=rec.partition, offset=rec.offset, file_path=path,
-            file_offset=file_offset, kafka_timestamp=rec.timestamp_ms / 1000 if rec.timestamp_ms > 0 else None)
+        source = trusted(Source, {   # fields checked by decode_filebeat; no second validation
+            "host": host, "topic": rec.topic, "partition": rec.partition, "offset": rec.offset,
+            "file_path": path, "file_offset": file_offset,
+            "kafka_timestamp": rec.timestamp_ms / 1000 if rec.timestamp_ms > 0 else None}, _SOURCE_FIELDS)
         self._sample += 1
         timed = self._sample % LATENCY_SAMPLE == 0     # a histogram observation costs as much as a parse
         started = time.perf_counter() if timed else 0.0
@@ -159,10 +174,7 @@ class ParseStage:
             raise BadRecord(err.reason, err.detail) from None
         if timed:
             metrics.PARSE_SECONDS.observe(time.perf_counter() - started)
-        lines = self._lines.get(host)
-        if lines is None:
-            lines = self._lines[host] = metrics.LINES.labels(host)
-        lines.inc()
+        self._lines[host] = self._lines.get(host, 0) + 1
         topic = self.settings.events_topic
         return [Out(topic, ev.model_dump_json(by_alias=True).encode(), ev.key) for ev in parsed]
 
@@ -171,6 +183,9 @@ class ParseStage:
         return []
 
     def _export_counters(self) -> None:
+        for host, n in self._lines.items():       # a Counter.inc per line cost 4% of the stage
+            metrics.LINES.labels(host).inc(n)
+        self._lines.clear()
         stats = self.core.stats() if hasattr(self.core, "stats") else {}
         if "catalog_templates" in stats:
             metrics.TEMPLATES.labels("catalog").set(stats["catalog_templates"])
@@ -234,7 +249,9 @@ class WindowStage:
             self.cores.pop(tp, None)
             self.next_offset.pop(tp, None)
 
-    def checkpoint(self, offsets: dict[tuple[str, int], int]) -> None:
+    def checkpoint(self, offsets: dict[tuple[str, int], int], final: bool = False) -> None:
+        # Every commit: on assignment the stage seeks to the checkpointed offsets, so a rarer
+        # checkpoint would only mean more input to replay.
         for tp, core in self.cores.items():
             if tp in self.next_offset:
                 checkpoint.save(self._path(tp), core.snapshot(), {"next": self.next_offset[tp]})
