@@ -1,8 +1,9 @@
 """detect: windows -> alerts. The GPU worker.
 
 `DetectCore` is pure (windows in, alerts out; no Kafka): it turns each window into a
-`models.base.Sequence`, batches them across keys per detector, calls `Detector.score` — the very
-call evaluation makes — and keeps one alert per (session, detector):
+`models.base.Sequence` (a sliding window's compact context Steps, then its full newest event),
+batches them across keys per detector, calls `Detector.score` — the very call evaluation makes —
+and keeps one alert per (session, detector):
 
   sliding window, anomalous  -> alert "open" at the first anomalous event, "update" after that
                                 (same alert id: stable_id(detector, session id))
@@ -25,47 +26,56 @@ from pydantic import ValidationError
 from models import artifacts
 from models.base import Detector, Sequence, Verdict, limit_cpu_threads, pick_device
 from services import metrics
-from services.records import Alert, AlertEvent, ExpectedKey, KeySequence, ParsedEvent, Window, stable_id
+from services.records import (Alert, AlertEvent, ExpectedKey, KeySequence, ParsedEvent, Window,
+                              numeric_params, stable_id)
 from services.settings import Settings
 from services.shell import BadRecord, Out, Record, StageSpec
 
 log = logging.getLogger(__name__)
 
 
-def numeric_params(params: list[str]) -> list[float]:
-    out = []
-    for p in params:
-        try:
-            out.append(float(p))
-        except ValueError:
-            continue
-    return out
+def _context_texts(window: Window) -> list[str]:
+    texts = window.templates
+    return [step.template or texts[step.template_id] for step in window.context]
 
 
 def to_sequence(window: Window) -> Sequence:
-    """The detector's view of a window; the same function builds sequences for evaluation."""
-    events = window.events
+    """The detector's view of a window; the same function builds sequences for evaluation. A
+    sliding window's context Steps come first (their values are ``numeric_params`` of their
+    params, computed by the window stage), then its events."""
+    events, context = window.events, window.context
     if window.kind == "sliding":
-        complete, judge_from = False, max(0, len(events) - 1)
+        complete, judge_from = False, max(0, len(context) + len(events) - 1)
     else:
         complete, judge_from = True, 0
-    return Sequence(keys=[e.template_id for e in events], templates=[e.template for e in events],
-                    params=[numeric_params(e.params) for e in events],
-                    timestamps=[e.timestamp for e in events], complete=complete,
-                    start=window.first_index == 0, judge_from=judge_from)
+    keys = [s.template_id for s in context]
+    keys += [e.template_id for e in events]
+    params = [s.values for s in context]
+    params += [numeric_params(e.params) for e in events]
+    timestamps = [s.timestamp for s in context]
+    timestamps += [e.timestamp for e in events]
+    templates = _context_texts(window) if context else []
+    templates += [e.template for e in events]
+    return Sequence(keys=keys, templates=templates, params=params, timestamps=timestamps,
+                    complete=complete, start=window.first_index == 0, judge_from=judge_from)
+
+
+def _keys(window: Window) -> list[str]:
+    return [s.template_id for s in window.context] + [e.template_id for e in window.events]
 
 
 def key_sequence(window: Window) -> KeySequence:
     """What the detector judged, as an alert carries it for feedback's online update."""
-    return KeySequence(keys=[e.template_id for e in window.events], start=window.first_index == 0,
-                       complete=window.kind != "sliding",
-                       templates={e.template_id: e.template for e in window.events})
+    texts = dict(zip(_keys(window), _context_texts(window) + [e.template for e in window.events]))
+    return KeySequence(keys=_keys(window), start=window.first_index == 0,
+                       complete=window.kind != "sliding", templates=texts)
 
 
 def session_id(window: Window) -> str:
     if window.session_id:
         return window.session_id
-    return stable_id(window.key, window.events[0].event_id if window.events else "")
+    first = window.first_event_id or (window.events[0].event_id if window.events else "")
+    return stable_id(window.key, first)
 
 
 class ModelSet:
@@ -128,9 +138,12 @@ class DetectCore:
 
     def process(self, windows: list[Window], now: float | None = None) -> list[Alert]:
         windows = [w for w in windows if w.events and self._fresh(w)]
+        texts = self.texts
         for w in windows:
+            for template_id, text in w.templates.items():   # first text of each context id
+                texts.setdefault(template_id, text)
             for e in w.events:
-                self.texts.setdefault(e.template_id, e.template)
+                texts.setdefault(e.template_id, e.template)
         alerts: list[Alert] = []
         if not windows:
             return alerts
@@ -180,16 +193,20 @@ class DetectCore:
 
     def _build(self, name, version, window: Window, verdict: Verdict, status, previous: Alert | None,
                now: float) -> Alert:
-        events = window.events
+        # Positions count the context Steps first, then the full events (as to_sequence lists
+        # them); detectors judge only from judge_from (the newest event of a sliding window), so
+        # the anomalous event is a full one.
+        events, skipped = window.events, len(window.context)
+        last = skipped + len(events) - 1
         if verdict.anomalies:
             first = verdict.anomalies[0]
-            pos = min(first.position, len(events) - 1)     # position len(events) = the session end
+            pos = max(skipped, min(first.position, last))   # position last + 1 = the session end
             kind, expected, observed = first.kind, first.expected, first.observed
             details = dict(first.details)
         else:                                               # a cleared alert: nothing anomalous
-            pos, kind, expected, observed, details = len(events) - 1, "none", [], events[-1].template_id, {}
+            pos, kind, expected, observed, details = last, "none", [], events[-1].template_id, {}
         details.update({k: v for k, v in verdict.details.items() if k not in details})
-        event: ParsedEvent = events[pos]
+        event: ParsedEvent = events[pos - skipped]
         anomaly_event = event if previous is None or status == "final" else None
         if anomaly_event is None:      # an update keeps the first anomalous event of the alert
             first_event = previous.first_anomaly
@@ -207,7 +224,7 @@ class DetectCore:
             score=float(verdict.score), kind=kind, first_anomaly=first_event,
             expected=[self._key(k, p, details.get("expected_templates")) for k, p in expected],
             observed=self._key(observed),
-            window=[self._key(e.template_id) for e in events[max(0, pos - 10):pos]],
+            window=[self._key(k) for k in _keys(window)[max(0, pos - 10):pos]],
             anomalies=count, event_time=event.timestamp, detection_time=now, details=details,
             sequence=key_sequence(window))
 
@@ -236,6 +253,10 @@ class DetectStage:
         except ValidationError as err:
             first = err.errors()[0]
             raise BadRecord("bad_window", f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        if window.context:
+            textless = {s.template_id for s in window.context if s.template is None}.difference(window.templates)
+            if textless:
+                raise BadRecord("bad_window", f"templates: no text for context template id(s) {sorted(textless)}")
         self.buffer.append(window)
         return self.drain() if len(self.buffer) >= self.settings.detect_batch else []
 

@@ -3,6 +3,8 @@
     logs.<host>           FilebeatEvent   what Filebeat's Kafka output writes (ECS JSON)
     logwarden.events      ParsedEvent     one per (line, session key); Kafka key = session key
     logwarden.windows     Window          sliding | session | time; Kafka key = session key
+                                          (sliding: the newest event in full + compact Steps
+                                          of the h before it; session/time: full events)
     logwarden.alerts      Alert           Kafka key = alert id (updates reuse it)
     logwarden.deadletter  DeadLetter      original bytes + source + reason
     logwarden.feedback    Feedback        operator verdicts on alerts
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 from datetime import datetime
 from typing import Any, Literal
 
@@ -97,21 +100,73 @@ WindowKind = Literal["sliding", "session", "time"]
 CloseReason = Literal["gap", "max_events", "idle", "time", "shutdown"]
 
 
-class Window(BaseModel):
-    """A group of a key's events in event-time order.
+# float() accepts a string only if, past ASCII whitespace, it starts with a digit, a sign or a
+# point (or with a non-ASCII digit or space, which it converts): "blk_...", "/10.0.0.1:50010" and
+# other words fail this first-character check without paying for float()'s exception.
+_NUMBER_START = frozenset("0123456789+-. \t\n\r\f\v")
 
-    sliding: the newest event of an open session and up to h events before it
-             (``first_index`` = index of events[0] within the session; 0 means the session start);
-    session: every event of a closed session;
-    time:    a host's events in [start, end) for logs with no session key.
+
+def numeric_params(params: list[str]) -> list[float]:
+    """The numeric parameters of an event, in order: what detectors read of its params. The one
+    definition for training (models.data builds sequences with services.detect.to_sequence),
+    sliding-window context (Step.values) and the judged event.
+
+    A param counts when ``float()`` accepts it and the value is finite: "7", "-3", " 7", "1e5",
+    "1_000", ".5" count; "nan", "inf", "1e999" (overflows) do not: a non-finite value cannot
+    travel in window JSON (pydantic writes null) and would poison a parameter model's
+    normalisation. Most params are not numbers (block ids, addresses): two cheap checks skip
+    most of them before float() is tried."""
+    out = []
+    isfinite = math.isfinite
+    for p in params:
+        first = p[:1]
+        # a number has at most one "."; an IPv4 address has three
+        if (first in _NUMBER_START or first > "\x7f") and p.count(".") < 2:
+            try:
+                value = float(p)
+            except ValueError:
+                continue
+            if isfinite(value):
+                out.append(value)
+    return out
+
+
+class Step(BaseModel):
+    """An earlier event of a sliding window: what a detector reads of it."""
+    template_id: str
+    timestamp: float
+    values: list[float] = Field(default_factory=list)   # its numeric parameters, in order
+    # Its template text only where it differs from Window.templates[template_id] (the "unknown"
+    # id of a frozen vocabulary names many texts: each such line's masked text); left out of the
+    # JSON when None, so the usual step costs nothing for it.
+    template: str | None = Field(default=None, exclude_if=lambda text: text is None)
+
+
+class Window(BaseModel):
+    """A group of a key's events.
+
+    sliding: the newest event of an open session, in full (``events`` = [it]: the one judged,
+             whose message and source an alert shows), and the up to h events before it in
+             arrival order as compact ``context`` Steps, oldest first, with ``templates`` (id ->
+             text) for their ids. ``first_index`` = index within the session of the window's
+             first element (context[0], else events[0]); 0 means the session start.
+             ``first_event_id`` is context[0]'s event id (None without context);
+    session: every event of a closed session, by event time;
+    time:    a host's events in [start, end) for logs with no session key, by event time.
+    Session and time windows have no context.
     """
-    window_id: str                 # stable_id(kind, key, first event id, last event id)
+    window_id: str                 # stable_id(kind, key, first element's event id, last event id)
     session_id: str | None = None  # stable_id(key, the session's first event id): same for every
                                    # sliding window of a session and its closed session window
     kind: WindowKind
     key: str
-    hosts: list[str]
+    hosts: list[str]               # every host of the window's elements, context included
     events: list[ParsedEvent]
+    context: list[Step] = Field(default_factory=list)
+    templates: dict[str, str] = Field(default_factory=dict)   # template id -> text, context ids
+    # The one event id of the context a window needs (for window_id): one field per window
+    # rather than an event_id in each of h Steps (~30 bytes each).
+    first_event_id: str | None = None
     first_index: int = 0
     closed_reason: CloseReason | None = None
     start: float | None = None

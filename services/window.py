@@ -4,8 +4,10 @@ One core serves the events of one input partition (a key lives in exactly one pa
 core sees every event of its keys). For each event it
 
 * appends events with session keys (``event.keys`` non-empty) to the open session of
-  ``event.key`` and emits a **sliding** window: the newest event and up to h events before it, in
-  arrival order (``first_index`` = index of events[0] within the session);
+  ``event.key`` and emits a **sliding** window: the newest event in full and the up to h events
+  before it, in arrival order, as compact ``records.Step``s (template id, time, numeric params)
+  plus the texts of their template ids (``first_index`` = index within the session of the
+  window's first element);
 * closes a **session** window when its key has been quiet in event time (its last event is older
   than ``watermark - session_gap_s``, the watermark being the newest event time this core has
   seen), when it reaches ``session_max_events``, when no input has arrived for ``idle_close_s``
@@ -29,8 +31,9 @@ dropped, whether its session is still open or one of the ``closed_memory`` most 
 State is kept small: each event of an open session is held as one compact JSON array string
 (repeated strings such as templates, hosts and paths are replaced by indices into a shared
 table), which is also its snapshot form, so ``snapshot()`` is a join of stored strings with
-no re-encoding. Sliding windows decode the tail of a session on demand; a small LRU of decoded
-tails of recently active sessions avoids decoding the same events h+1 times.
+no re-encoding. Sliding windows decode the tail of a session on demand, straight from the stored
+rows into Steps (no full events are rebuilt); a small LRU of the Steps of recently active
+sessions' tails avoids decoding the same events h times.
 
 Checkpoints: ``snapshot()`` gives all open state; ``changes()`` gives only what changed since
 the last snapshot()/changes() (proportional to the input, not to the open state), and
@@ -48,7 +51,7 @@ import tracemalloc
 from collections import OrderedDict
 from typing import Iterable
 
-from services.records import ParsedEvent, Source, Window, stable_id
+from services.records import ParsedEvent, Source, Step, Window, numeric_params, stable_id
 
 SNAPSHOT_FORMAT = "logwarden.window/1"
 CHANGES_FORMAT = "logwarden.window-changes/1"
@@ -58,7 +61,7 @@ CHANGES_FORMAT = "logwarden.window-changes/1"
 # (past the cap such strings are simply stored inline).
 STRING_TABLE_MAX = 20_000
 
-# Decoded tails of this many recently active sessions are cached for sliding windows.
+# The tails (as Steps) of this many recently active sessions are cached for sliding windows.
 TAIL_CACHE_SESSIONS = 256
 
 # An encoded event is a JSON array: the ParsedEvent's fields in model order (but ``key``, which
@@ -74,6 +77,12 @@ _ID = _EVENT_LAYOUT.index("event_id")
 _encode_row = json.JSONEncoder(separators=(",", ":")).encode
 _raw_decode_row = json.JSONDecoder().raw_decode
 _TS = _EVENT_LAYOUT.index("timestamp")
+# What a sliding window's context reads of a stored row (records.Step, and the window's texts,
+# hosts and first event id).
+_TEMPLATE_ID = _EVENT_LAYOUT.index("template_id")
+_TEMPLATE = _EVENT_LAYOUT.index("template")
+_PARAMS = _EVENT_LAYOUT.index("params")
+_HOST = len(_EVENT_LAYOUT) + _SOURCE_LAYOUT.index("host")
 
 
 class WindowInputError(ValueError):
@@ -140,7 +149,9 @@ class WindowCore:
         self._closed: OrderedDict[str | tuple[str, float], set[str]] = OrderedDict()
         self._strings: list[str] = []
         self._string_index: dict[str, int] = {}
-        self._tails: OrderedDict[str, list[ParsedEvent]] = OrderedDict()
+        # session key -> the up to h newest events of the session, as _tail_entry() gives them:
+        # the context of its next sliding window
+        self._tails: OrderedDict[str, list[tuple[Step, str, str, str, float, str]]] = OrderedDict()
         self._last_input: float | None = None                # wall clock; not part of a snapshot
         self._snapshot_cache: bytes | None = None
         self._version = 0                                    # state changes so far
@@ -364,22 +375,56 @@ class WindowCore:
                        start=bucket.start, end=bucket.start + self.time_window_s)
 
     def _sliding_window(self, session: _Session, newest: ParsedEvent) -> Window:
-        size = self.window_size + 1
-        total = len(session.events)
+        h = self.window_size
+        total = len(session.events)              # the newest event is already in it
         tail = self._tails.pop(session.key, None)
-        if tail is not None and len(tail) == min(total - 1, size):
-            tail.append(newest)                  # the cached tail is the session's tail so far
-            del tail[:-size]
+        if tail is None or len(tail) != min(total - 1, h):   # not cached: decode the stored rows
+            tail = [self._tail_entry(text) for text in session.events[-h - 1:-1]]
+        host, ts = newest.source.host, newest.timestamp
+        if tail:
+            steps, ids, texts, hosts, times, event_ids = zip(*tail)
+            context = list(steps)
+            templates = dict(zip(reversed(ids), reversed(texts)))   # the oldest text of each id
+            if len(templates) != len(set(zip(ids, texts))):   # an id with several texts ("unknown")
+                context = [step if templates[step.template_id] == text
+                           else step.model_copy(update={"template": text}) for step, text in zip(steps, texts)]
+            hosts = sorted({host, *hosts})
+            start, end = min(ts, *times), max(ts, *times)
+            first_event_id = event_ids[0]
         else:
-            tail = [self._decode(text, session.key, keyless=False) for text in session.events[-size:-1]]
-            tail.append(newest)
+            context, templates, hosts, start, end, first_event_id = [], {}, [host], ts, ts, None
+        # Built from values that are already valid (_trusted): validating them again was a large
+        # share of a sliding window's cost.
+        window = _trusted(Window, _WINDOW_FIELDS, {
+            "window_id": stable_id("sliding", session.key, first_event_id or newest.event_id, newest.event_id),
+            "session_id": session.session_id, "kind": "sliding", "key": session.key, "hosts": hosts,
+            "events": [newest], "context": context, "templates": templates, "first_event_id": first_event_id,
+            "first_index": total - 1 - len(context), "closed_reason": None, "start": start, "end": end})
+        step = _trusted(Step, _STEP_FIELDS, {"template_id": newest.template_id, "timestamp": ts,
+                                             "values": numeric_params(newest.params), "template": None})
+        tail.append((step, newest.template_id, newest.template, host, ts, newest.event_id))
+        if len(tail) > h:
+            del tail[0]
         self._tails[session.key] = tail
         if len(self._tails) > TAIL_CACHE_SESSIONS:
             self._tails.popitem(last=False)
-        events = list(tail)
-        return _window("sliding", session.key, events, session_id=session.session_id,
-                       first_index=total - len(events),
-                       start=min(e.timestamp for e in events), end=max(e.timestamp for e in events))
+        return window
+
+    def _tail_entry(self, text: str) -> tuple[Step, str, str, str, float, str]:
+        """A stored row as a cached tail entry: (Step, template id, template text, host, time,
+        event id)."""
+        row = _raw_decode_row(text)[0]
+        table = self._strings
+        template_id, template, host, ts = row[_TEMPLATE_ID], row[_TEMPLATE], row[_HOST], row[_TS]
+        if type(template_id) is int:
+            template_id = table[template_id]
+        if type(template) is int:
+            template = table[template]
+        if type(host) is int:
+            host = table[host]
+        step = _trusted(Step, _STEP_FIELDS, {"template_id": template_id, "timestamp": ts,
+                                             "values": numeric_params(row[_PARAMS]), "template": None})
+        return step, template_id, template, host, ts, row[_ID]
 
     # ---------------------------------------------------------------------------------------
     # compact event form
@@ -576,6 +621,8 @@ class WindowCore:
 _EVENT_ORDER = tuple(ParsedEvent.model_fields)
 _EVENT_FIELDS = frozenset(_EVENT_ORDER)
 _SOURCE_FIELDS = frozenset(Source.model_fields)
+_STEP_FIELDS = frozenset(Step.model_fields)
+_WINDOW_FIELDS = frozenset(Window.model_fields)
 
 
 def _trusted(cls, fields: frozenset[str], values: dict):

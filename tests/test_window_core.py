@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from services.records import ParsedEvent, Source, stable_id
+from services.records import ParsedEvent, Source, Step, Window, numeric_params, stable_id
 from services.settings import REPO_ROOT
 from services.window import SnapshotError, WindowCore, WindowInputError, measure_open_sessions
 
@@ -95,6 +95,22 @@ def ids(window) -> list[str]:
     return [e.event_id for e in window.events]
 
 
+def elements(window) -> list[tuple]:
+    """(template id, time, numeric params, template text) of every element of a window, oldest
+    first: a sliding window's context Steps, then its full events."""
+    return [(s.template_id, s.timestamp, s.values, s.template or window.templates[s.template_id])
+            for s in window.context] + as_steps(window.events)
+
+
+def as_steps(events) -> list[tuple]:
+    return [(e.template_id, e.timestamp, numeric_params(e.params), e.template) for e in events]
+
+
+def ends(window) -> tuple[str, str]:
+    """Event ids of a window's first element and of its last event (what window_id names)."""
+    return (window.first_event_id or window.events[0].event_id, window.events[-1].event_id)
+
+
 # ------------------------------------------------------------------------------------------
 # sliding windows
 def test_sliding_windows_hold_the_newest_event_and_up_to_h_before_it():
@@ -105,7 +121,10 @@ def test_sliding_windows_hold_the_newest_event_and_up_to_h_before_it():
     assert [w.kind for w in windows] == ["sliding"] * 8
     for i, window in enumerate(windows):
         first = max(0, i - 3)
-        assert ids(window) == [e.event_id for e in stream[first:i + 1]]
+        assert window.events == [stream[i]] and len(window.context) == i - first
+        assert elements(window) == as_steps(stream[first:i + 1])
+        assert ends(window) == (stream[first].event_id, stream[i].event_id)
+        assert window.first_event_id == (stream[first].event_id if i else None)
         assert window.first_index == first
         assert window.key == "blk_1" and window.hosts == ["dn1"]
         assert window.window_id == stable_id("sliding", "blk_1", stream[first].event_id, stream[i].event_id)
@@ -120,23 +139,93 @@ def test_sliding_windows_follow_arrival_order_and_keys_do_not_mix():
     windows = feed(core, [a[0], b[0], a[1], b[1], a[2]])
 
     last_a = [w for w in windows if w.key == "blk_a"][-1]
-    assert ids(last_a) == [e.event_id for e in a]               # arrival order, not time order
+    assert elements(last_a) == as_steps(a)                      # arrival order, not time order
+    assert ends(last_a) == (a[0].event_id, a[2].event_id)
     assert [w.key for w in windows] == ["blk_a", "blk_b", "blk_a", "blk_b", "blk_a"]
-    assert ids([w for w in windows if w.key == "blk_b"][-1]) == [e.event_id for e in b]
+    last_b = [w for w in windows if w.key == "blk_b"][-1]
+    assert elements(last_b) == as_steps(b) and ends(last_b) == (b[0].event_id, b[1].event_id)
 
 
 def test_sliding_windows_stay_correct_when_many_sessions_interleave():
     # More active sessions than the decoded-tail cache holds: tails must be rebuilt correctly.
     core = WindowCore(window_size=4, session_gap_s=1e9, idle_close_s=60)
     rng = random.Random(7)
-    history: dict[str, list[str]] = defaultdict(list)
+    history: dict[str, list[ParsedEvent]] = defaultdict(list)
     for offset in range(6000):
         key = f"blk_{rng.randrange(400)}"
         e = event(key, ts=float(offset), offset=offset)
-        history[key].append(e.event_id)
+        history[key].append(e)
         (window,) = core.process(e, NOW)
-        assert ids(window) == history[key][-5:]
-        assert window.first_index == len(history[key]) - len(window.events)
+        assert elements(window) == as_steps(history[key][-5:])
+        assert ends(window) == (history[key][-5:][0].event_id, e.event_id)
+        assert window.first_index == len(history[key]) - len(window.context) - len(window.events)
+
+
+def sliding_with_full_events(stream, **options) -> list[tuple[Window, list[ParsedEvent]]]:
+    """Each sliding window the core emits for ``stream`` with the full events it stands for: the
+    event ids of its elements (the session's events in arrival order, tracked here), taken from
+    the closed session windows the same run emits (which list them by event time)."""
+    core = WindowCore(**options)
+    arrived: dict[str, list[str]] = defaultdict(list)    # key -> ids of its open session so far
+    pending, full = [], {}
+    for e in stream:
+        for w in core.process(e, NOW):
+            if w.kind == "sliding":
+                arrived[w.key].append(w.events[0].event_id)
+                pending.append((w, arrived[w.key][-core.window_size - 1:]))
+            elif w.kind == "session":
+                full.update({(w.key, x.event_id): x for x in w.events})
+                del arrived[w.key]
+    for w in core.close_all():
+        full.update({(w.key, x.event_id): x for x in w.events})
+    return [(w, [full[w.key, i] for i in event_ids]) for w, event_ids in pending]
+
+
+def full_event_window(window: Window, events: list[ParsedEvent]) -> Window:
+    """A sliding window as it was before context Steps: every element a full event."""
+    return Window(window_id=window.window_id, session_id=window.session_id, kind="sliding", key=window.key,
+                  hosts=sorted({e.source.host for e in events}), events=events, first_index=window.first_index,
+                  start=min(e.timestamp for e in events), end=max(e.timestamp for e in events))
+
+
+@needs_hdfs
+def test_sliding_context_steps_are_the_events_before_the_newest_one():
+    pairs = sliding_with_full_events(hdfs_events(4000), window_size=10, session_gap_s=600, idle_close_s=1e9)
+    assert len(pairs) > 3000 and any(len(w.context) == 10 for w, _ in pairs)
+    assert any(s.values for w, _ in pairs for s in w.context)        # some params are numbers
+    for w, full in pairs:
+        *before, newest = full
+        assert [e.model_dump_json(by_alias=True) for e in w.events] == [newest.model_dump_json(by_alias=True)]
+        assert len(w.context) == len(before) <= 10
+        assert elements(w) == as_steps(full)
+        assert set(w.templates) == {s.template_id for s in w.context}
+        assert w.first_event_id == (full[0].event_id if before else None)
+        assert w.window_id == stable_id("sliding", w.key, full[0].event_id, newest.event_id)
+        twin = full_event_window(w, full)
+        assert (w.hosts, w.start, w.end) == (twin.hosts, twin.start, twin.end)
+
+
+@needs_hdfs
+def test_compact_sliding_windows_are_much_smaller_than_full_event_ones():
+    pairs = sliding_with_full_events(hdfs_events(4000), window_size=10, session_gap_s=600, idle_close_s=1e9)
+    compact = sum(len(w.model_dump_json(by_alias=True)) for w, _ in pairs)
+    # the record as it was: every element a full event, no context fields
+    before = sum(len(full_event_window(w, full).model_dump_json(
+        by_alias=True, exclude={"context", "templates", "first_event_id"})) for w, full in pairs)
+    assert before >= 2.5 * compact, f"{before / len(pairs):.0f} -> {compact / len(pairs):.0f} bytes per window"
+
+
+def test_a_template_id_with_several_texts_keeps_each_steps_text():
+    # A frozen vocabulary maps every unmatched line to id "unknown", each with its own text.
+    texts = ["disk <*> full", "fan <*> off", "disk <*> full", "fan <*> off", "temp <*>"]
+    stream = [event("blk_1", ts=float(i), offset=i, template_id="unknown").model_copy(update={"template": t})
+              for i, t in enumerate(texts)]
+    last = feed(WindowCore(window_size=4, session_gap_s=600, idle_close_s=60), stream)[-1]
+    assert elements(last) == as_steps(stream)
+    assert last.templates == {"unknown": "disk <*> full"}
+    assert [s.template for s in last.context] == [None, "fan <*> off", None, "fan <*> off"]
+    assert '"template"' not in last.context[0].model_dump_json()      # no text: not in the JSON
+    assert Window.model_validate_json(last.model_dump_json(by_alias=True)) == last
 
 
 def test_sliding_can_be_switched_off():
@@ -169,7 +258,7 @@ def test_an_event_after_the_gap_starts_a_new_session_of_the_same_key():
     out = core.process(event("blk_a", ts=500.0, offset=1), NOW)
 
     assert [(w.kind, w.closed_reason) for w in out] == [("session", "gap"), ("sliding", None)]
-    assert out[1].first_index == 0 and len(out[1].events) == 1
+    assert out[1].first_index == 0 and len(out[1].events) == 1 and out[1].context == []
     assert core.open_sessions == 1
 
 
@@ -330,9 +419,11 @@ def test_windows_carry_every_field_of_their_events_byte_for_byte():
     rest = [event("blk_1", ts=13.0 + i, offset=100 + i) for i in range(3)]
     windows = feed(core, [first] + rest) + core.close_all()
 
-    # The oldest event of a sliding window and every event of a closed one come from the
-    # compact form; they must serialise exactly like the event that came in.
-    assert windows[1].events[0].model_dump_json(by_alias=True) == first.model_dump_json(by_alias=True)
+    # Every event of a closed window comes from the compact form; it must serialise exactly
+    # like the event that came in. A sliding window's context is decoded from it too.
+    assert windows[1].context == [Step(template_id="E5", timestamp=12.25, values=[])]
+    assert windows[1].templates == {"E5": first.template} and windows[1].first_event_id == first.event_id
+    assert windows[1].hosts == ["dn1", "dn7"]
     closed = windows[-1]
     assert [e.model_dump_json(by_alias=True) for e in closed.events] == [
         e.model_dump_json(by_alias=True) for e in [first] + rest]
@@ -584,7 +675,7 @@ def test_window_ids_are_deterministic_and_distinct():
     assert [w.window_id for w in runs[0]] == [w.window_id for w in runs[1]]
     assert len({w.window_id for w in runs[0]}) == len(runs[0])
     for w in runs[0]:
-        assert w.window_id == stable_id(w.kind, w.key, w.events[0].event_id, w.events[-1].event_id)
+        assert w.window_id == stable_id(w.kind, w.key, *ends(w))
 
 
 # ------------------------------------------------------------------------------------------
