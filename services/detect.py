@@ -127,6 +127,7 @@ class DetectCore:
         self.texts: dict[str, str] = {}                                  # template id -> text
         self._seen: OrderedDict[str, None] = OrderedDict()               # window ids (at-least-once)
         self._dedup_windows = dedup_windows
+        self._hosts: set[tuple[str, str]] = set()                        # (host, detector) counters made
 
     def _fresh(self, window: Window) -> bool:
         if window.window_id in self._seen:
@@ -152,11 +153,21 @@ class DetectCore:
             started = time.perf_counter()
             verdicts = detector.score(sequences)
             metrics.SCORE_SECONDS.labels(name).observe(time.perf_counter() - started)
+            kinds: dict[str, int] = {}
             for window, verdict in zip(windows, verdicts):
-                metrics.WINDOWS_SCORED.labels(name, window.kind).inc()
+                kinds[window.kind] = kinds.get(window.kind, 0) + 1
+                for host in window.hosts:
+                    if (host, name) not in self._hosts:
+                        # The anomaly counter of a host exists at 0 from its first window:
+                        # rate() ignores a series' first sample, so a series born at its first
+                        # anomaly would hide that anomaly from the spike alert.
+                        self._hosts.add((host, name))
+                        metrics.ANOMALIES.labels(host, name)
                 alert = self._alert(name, version, window, verdict, now or time.time())
                 if alert:
                     alerts.append(alert)
+            for kind, n in kinds.items():
+                metrics.WINDOWS_SCORED.labels(name, kind).inc(n)
         return alerts
 
     # ------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     freeze_templates: bool = Field(
         False, description="lines matching no catalog template get template id 'unknown' (not mined)")
     max_line_bytes: int = Field(65536, ge=64, description="longer lines go to the dead-letter topic")
-    window_size: int = Field(10, ge=1, description="h: events in a sliding window")
+    window_size: int = Field(10, ge=1, description="h: events before the newest one in a sliding window (its context)")
     session_gap_s: float = Field(600.0, gt=0, description="event-time inactivity that closes a session")
     session_max_events: int = Field(5000, ge=1, description="a session this long is closed")
     idle_close_s: float = Field(5.0, gt=0, description="no input for this long closes every open session")

@@ -218,6 +218,7 @@ class WindowStage:
         self.cores: dict[tuple[str, int], object] = {}
         self.next_offset: dict[tuple[str, int], int] = {}
         self.last_input: float | None = None       # wall time of the stage's last event, any partition
+        self._kinds: dict[str, int] = {}           # windows produced per kind since the last tick
         self.state_dir = Path(settings.state_dir) / "window" / settings.group("window")
 
     def _new_core(self):
@@ -284,13 +285,16 @@ class WindowStage:
         topic = self.settings.windows_topic
         outs = []
         for w in windows:
-            metrics.WINDOWS.labels(w.kind).inc()
+            self._kinds[w.kind] = self._kinds.get(w.kind, 0) + 1
             if w.kind == "session":
                 metrics.SESSIONS_CLOSED.labels(w.closed_reason or "unknown").inc()
             outs.append(Out(topic, w.model_dump_json(by_alias=True).encode(), w.key))
         return outs
 
     def _export_open(self) -> None:
+        for kind, n in self._kinds.items():         # counted per window, exported per tick
+            metrics.WINDOWS.labels(kind).inc(n)
+        self._kinds.clear()
         metrics.OPEN_SESSIONS.set(sum(c.open_sessions for c in self.cores.values()))
 
     def spec(self) -> StageSpec:

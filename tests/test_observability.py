@@ -219,13 +219,27 @@ def test_every_dashboard_and_rule_expression_returns_data_while_the_stages_run(
     # A second target nobody serves: a stage process that is down.
     prom = prometheus([f"127.0.0.1:{settings.metrics_port}", f"127.0.0.1:{free_port()}"], rule_files=[RULES])
     try:
-        head = tmp_path / "head.log"
         with open(datasets / "hdfs" / "HDFS_20000.log", "rb") as src:
-            head.write_bytes(b"".join(line for _, line in zip(range(6000), src)))
-        files = deal_lines(head, hosts, tmp_path / "logs")
-        replays = [logwarden("replay", str(path), "--host", host, "--no-progress", env=env, log=tmp_path / "replay.log")
-                   for host, path in files.items()]
-        assert all(p.wait(120) == 0 for p in replays), (tmp_path / "replay.log").read_text()[-2000:]
+            lines = [line for _, line in zip(range(6000), src)]
+        (tmp_path / "first.log").write_bytes(b"".join(lines[:600]))
+        (tmp_path / "rest.log").write_bytes(b"".join(lines[600:]))
+
+        def ship(part: str) -> dict:
+            files = deal_lines(tmp_path / part, hosts, tmp_path / part.replace(".log", ""))
+            replays = [logwarden("replay", str(path), "--host", host, "--no-progress", env=env,
+                                 log=tmp_path / "replay.log") for host, path in files.items()]
+            assert all(p.wait(120) == 0 for p in replays), (tmp_path / "replay.log").read_text()[-2000:]
+            return files
+
+        # A host's anomaly counter exists at 0 from its first window, and rate() needs a sample
+        # before an increase to see it: ship the rest only once Prometheus has scraped every
+        # host's counter, as it has long before any anomaly on a cluster that runs for a while.
+        files = ship("first.log")
+        deadline = time.monotonic() + 90
+        while {r["metric"]["host"] for r in prom.query('logwarden_anomalies_total{detector="deeplog"}')} < set(hosts):
+            assert time.monotonic() < deadline, "no anomaly counter per host after 90 s: " + log.read_text()[-3000:]
+            time.sleep(0.5)
+        ship("rest.log")
         # Filebeat sending a file again after a restart: every line is an at-least-once repeat.
         again = logwarden("replay", str(files[hosts[0]]), "--host", hosts[0], "--no-progress", env=env,
                           log=tmp_path / "replay.log")
