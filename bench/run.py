@@ -482,6 +482,12 @@ def _render_attgru(r: dict) -> list[str]:
     out.append(f"| ceiling (any key-sequence detector) | {_fmt(ceiling.get('all', {}).get('precision'), 3)} "
                f"| {_fmt(ceiling.get('all', {}).get('recall'), 3)} | {_fmt(ceiling.get('all', {}).get('f1'), 3)} "
                f"| {_fmt(ceiling.get('visible_anomalies', {}).get('f1'), 3)} |")
+    plus = rep.get("training_attgru_plus_complete_normal")
+    if plus:
+        out += ["", f"`attgru_plus_complete_normal`: the same training with the {_fmt(plus.get('complete_normal_sessions'))} "
+                f"complete (whole-log) normal sessions of {plus.get('complete_normal_file')} added to the normal "
+                "training sessions."]
+    out += _render_attgru_complete(rep.get("complete_sessions"))
     drops = rep.get("perturbed", {}).get("mean_f1_drop", {})
     if drops:
         out += ["", f"{rep['perturbed'].get('templates_changed')} templates changed by one word at test time "
@@ -489,6 +495,28 @@ def _render_attgru(r: dict) -> list[str]:
                 + "; ".join(f"{name} {_fmt(d.get('all'), 4)} (visible anomalies {_fmt(d.get('visible_anomalies'), 4)})"
                             for name, d in drops.items()) + "."]
     out += ["", f"Command: `{r.get('attgru.command')}` ({_when(r, 'attgru')}).", ""]
+    return out
+
+
+def _render_attgru_complete(c: dict | None) -> list[str]:
+    """The complete-session figures of bench/attgru_eval.py (absent from older reports)."""
+    if not c:
+        return []
+    out = ["", f"Complete sessions: {c.get('log')} ({c.get('sessions')} blocks, {c.get('abnormal')} anomalous, every line "
+           f"of each block over the whole log; labels {c.get('labels')}), sessions built by the stream's parse and window "
+           f"cores; both models trained again without {c.get('excluded_from_training')}, the complete normal sessions "
+           f"less {_fmt(c.get('complete_normal_dropped_as_possible_copies'))} that could be an HDFS_5k block (same key multiset).",
+           "", "| model | TP | FP | TN | FN | precision | recall | F1 |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = list(c.get("models", {}).items()) + [("ceiling (any key-sequence detector)", c.get("ceiling", {}))]
+    for name, m in rows:
+        out.append(f"| {name} | {_fmt(m.get('tp'))} | {_fmt(m.get('fp'))} | {_fmt(m.get('tn'))} | {_fmt(m.get('fn'))} "
+                   f"| {_fmt(m.get('precision'), 3)} | {_fmt(m.get('recall'), 3)} | {_fmt(m.get('f1'), 3)} |")
+    unseen = c.get("unseen_templates", {})
+    if unseen:
+        out += ["", "Templates of these sessions that no training session holds (normal / anomalous sessions carrying each): "
+                + "; ".join(f"{name}: " + (", ".join(f"{k} ({v.get('normal_sessions')}/{v.get('abnormal_sessions')})"
+                                                     for k, v in keys.items()) or "none")
+                            for name, keys in unseen.items()) + "."]
     return out
 
 

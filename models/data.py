@@ -140,6 +140,17 @@ def hdfs_test_split(blocks: list[HdfsBlock], training: list[list[str]],
     return normal, abnormal
 
 
+def without_possible_copies(sessions: list[list[str]], held_out: Iterable[Iterable[str]]) -> list[list[str]]:
+    """``sessions`` minus every session whose multiset of keys equals a ``held_out`` session's.
+
+    For session files without block ids (``deeplog_hdfs_train``): a copy of a held-out block, in
+    whatever event order its preprocessing gave it, has that block's keys with their counts, so
+    what is left holds no copy of any held-out block (and loses the unrelated sessions that
+    happen to have the same keys)."""
+    held = {tuple(sorted(Counter(keys).items())) for keys in held_out}
+    return [s for s in sessions if tuple(sorted(Counter(s).items())) not in held]
+
+
 def quiet_blocks(blocks: list[HdfsBlock], first_20k_labels: str | Path) -> set[str]:
     """Blocks whose every event in the first 100k lines already lies in the first 20k lines
     (``n_lines`` of HDFS_20000_block_labels.csv equals the 100k event count): their sequence

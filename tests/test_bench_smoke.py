@@ -114,3 +114,67 @@ def test_benchmarks_md_keeps_the_hand_written_part(tmp_path, monkeypatch):
     assert "| 12,345 | >= 100,000 | **not met** |" in text
     assert "| 300.0 ms | < 250 ms | **not met** |" in text
     assert "| parse core vs drain3 (`parse.ratio_vs_drain3`) | – | >= 3x | not measured |" in text
+
+
+def test_without_possible_copies_drops_sessions_with_a_held_out_key_multiset():
+    from models.data import without_possible_copies
+
+    sessions = [["E5", "E22", "E5"], ["E22", "E5", "E5"], ["E22", "E5"], ["E5", "E22", "E5", "E21"]]
+    # a copy in another event order is dropped; other counts or other keys stay
+    assert without_possible_copies(sessions, [("E5", "E5", "E22")]) == [["E22", "E5"], ["E5", "E22", "E5", "E21"]]
+    assert without_possible_copies(sessions, []) == sessions
+
+
+def test_attgru_complete_normal_variant_training_data(datasets):
+    """What attgru_plus_complete_normal trains on: every normal and abnormal training block plus
+    the complete normal sessions; for HDFS_5k's complete sessions, no HDFS_5k (nor HDFS_20000)
+    block, and none of the complete normal sessions that could be an HDFS_5k block."""
+    from collections import Counter
+
+    from bench import attgru_eval
+    from models.data import read_block_labels, read_hdfs_100k, read_sessions
+
+    hdfs = datasets / "hdfs"
+    blocks = read_hdfs_100k(hdfs / "HDFS_100k_block_labels.csv")
+    train = [b for b in blocks if b.split == "train"]
+    complete = read_sessions(hdfs / attgru_eval.COMPLETE_NORMAL)
+    normal, abnormal = attgru_eval.training_sessions(train, complete)
+    assert normal[-len(complete):] == complete and len(normal) == len(complete) + sum(1 for b in train if not b.label)
+    assert normal[:-len(complete)] == attgru_eval.training_sessions(train)[0]
+    assert len(abnormal) == 256 and sorted(map(tuple, abnormal)) == sorted(b.keys for b in train if b.label)
+    assert any("E21" in s for s in normal) and all(isinstance(k, str) and k[0] == "E" for s in normal for k in s)
+
+    data = attgru_eval.complete_session_data(hdfs)
+    five = read_block_labels(hdfs / attgru_eval.COMPLETE_LABELS)
+    training_ids = {b.block_id for b in data["blocks"]}
+    assert not training_ids & set(five)
+    assert not training_ids & set(read_block_labels(hdfs / attgru_eval.EXCLUDED_LABELS))
+    assert len(data["sequences"]) == len(five) == 110 and sum(data["labels"]) == 10
+    assert all(s.complete for s in data["sequences"])
+    held = {tuple(sorted(Counter(s.keys).items())) for s in data["sequences"]}
+    kept = data["complete_normal"]
+    assert not any(tuple(sorted(Counter(s).items())) in held for s in kept)
+    assert len(kept) + data["dropped_possible_copies"] == len(complete) and 0 < data["dropped_possible_copies"] < 100
+
+
+def test_attgru_render_shows_the_complete_normal_variant_and_complete_sessions():
+    confusion = {"tp": 1, "fp": 1, "tn": 99, "fn": 9, "precision": 0.5, "recall": 0.1, "f1": 0.1667}
+    report = {"split": {}, "models": {"attgru": {"all": {"f1": 0.69}, "visible_anomalies": {"f1": 0.98}},
+                                      "attgru_plus_complete_normal": {"all": {"f1": 0.67}, "visible_anomalies": {"f1": 0.95}}},
+              "training_attgru_plus_complete_normal": {"complete_normal_sessions": 4855,
+                                                        "complete_normal_file": "deeplog_hdfs_train"},
+              "complete_sessions": {"log": "HDFS_5k.log", "sessions": 110, "abnormal": 10,
+                                    "models": {"attgru": {**confusion, "tp": 10, "fp": 100, "tn": 0, "fn": 0},
+                                               "attgru_plus_complete_normal": confusion},
+                                    "ceiling": {**confusion, "tp": 10, "fp": 0, "fn": 0},
+                                    "unseen_templates": {"attgru": {"E4": {"normal_sessions": 97, "abnormal_sessions": 7}},
+                                                         "attgru_plus_complete_normal": {}}}}
+    text = "\n".join(bench_run._render_attgru({"attgru.report": report}))
+    assert "| attgru_plus_complete_normal | – | – | 0.670 | 0.950 |" in text
+    assert "4,855 complete (whole-log) normal sessions of deeplog_hdfs_train" in text
+    assert "| attgru | 10 | 100 | 0 | 0 |" in text
+    assert "| attgru_plus_complete_normal | 1 | 1 | 99 | 9 | 0.500 | 0.100 | 0.167 |" in text
+    assert "attgru: E4 (97/7); attgru_plus_complete_normal: none." in text
+    # an older report without the new keys renders as before
+    old = "\n".join(bench_run._render_attgru({"attgru.report": {"models": report["models"]}}))
+    assert "Complete sessions" not in old and "complete (whole-log)" not in old
