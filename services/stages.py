@@ -207,6 +207,11 @@ class ParseStage:
         # (template ids come from template text; the window stage drops repeated event ids).
         return StageSpec(self.name, [self.settings.logs_pattern], self, checkpoint=self.checkpoint)
 
+# A window partition's whole state is written at most this often (and when its change log has
+# grown larger than the state); in between, checkpoints append only what changed.
+WINDOW_SNAPSHOT_S = 60.0
+
+
 # ------------------------------------------------------------------------------------------
 # window: events -> windows (one WindowCore per input partition: a key lives in one partition)
 class WindowStage:
@@ -219,6 +224,7 @@ class WindowStage:
         self.next_offset: dict[tuple[str, int], int] = {}
         self.last_input: float | None = None       # wall time of the stage's last event, any partition
         self._kinds: dict[str, int] = {}           # windows produced per kind since the last tick
+        self._saved: dict[tuple[str, int], dict] = {}   # per partition: the last checkpoint written
         self.state_dir = Path(settings.state_dir) / "window" / settings.group("window")
 
     def _new_core(self):
@@ -238,10 +244,15 @@ class WindowStage:
             core = self._new_core()
             saved = checkpoint.load(self._path(tp))
             if saved:
-                core.restore(saved[0])
-                resume[tp] = saved[1]["next"]
-                self.next_offset[tp] = saved[1]["next"]
+                changes = checkpoint.load_log(self._log_path(tp))
+                # Changes older than the snapshot (a crash between writing a snapshot and
+                # removing the log) are skipped by restore(); offsets only grow, so the newest
+                # of all is where this state ends.
+                core.restore(saved[0], [delta for delta, _ in changes])
+                resume[tp] = max([saved[1]["next"], *(meta["next"] for _, meta in changes)])
+                self.next_offset[tp] = resume[tp]
             self.cores[tp] = core
+            self._saved.pop(tp, None)      # the next checkpoint starts with a full snapshot
         self._export_open()
         return resume
 
@@ -249,13 +260,35 @@ class WindowStage:
         for tp in partitions:          # their state was checkpointed by the commit on revoke
             self.cores.pop(tp, None)
             self.next_offset.pop(tp, None)
+            self._saved.pop(tp, None)
+
+    def _log_path(self, tp: tuple[str, int]) -> Path:
+        return self.state_dir / f"{tp[0]}-{tp[1]}.changes"
 
     def checkpoint(self, offsets: dict[tuple[str, int], int], final: bool = False) -> None:
-        # Every commit: on assignment the stage seeks to the checkpointed offsets, so a rarer
-        # checkpoint would only mean more input to replay.
+        """At every commit (on assignment the stage seeks to the checkpointed offsets, so a rarer
+        checkpoint would only mean more input to replay), but cheaply: a full snapshot now and
+        then, and in between only the changes since, appended to a log. Writing the whole open
+        state every second cost time in proportion to the open sessions, not to the input."""
+        now = time.monotonic()
         for tp, core in self.cores.items():
-            if tp in self.next_offset:
-                checkpoint.save(self._path(tp), core.snapshot(), {"next": self.next_offset[tp]})
+            if tp not in self.next_offset:
+                continue
+            meta = {"next": self.next_offset[tp]}
+            saved = self._saved.get(tp)
+            if saved is not None and saved["version"] == core.version and saved["next"] == meta["next"]:
+                continue                   # nothing changed since the last checkpoint
+            if (final or saved is None or now - saved["at"] >= WINDOW_SNAPSHOT_S
+                    or saved["log_bytes"] > saved["snapshot_bytes"]):
+                state = core.snapshot()
+                checkpoint.save(self._path(tp), state, meta)
+                self._log_path(tp).unlink(missing_ok=True)
+                self._saved[tp] = {"at": now, "snapshot_bytes": len(state), "log_bytes": 0}
+            else:
+                delta = core.changes()
+                checkpoint.append(self._log_path(tp), delta, meta)
+                saved["log_bytes"] += len(delta)
+            self._saved[tp].update(version=core.version, next=meta["next"])
 
     def handle(self, rec: Record) -> list[Out]:
         try:

@@ -171,6 +171,11 @@ class WindowCore:
         return len(self._buckets)
 
     @property
+    def version(self) -> int:
+        """Counts state changes: equal versions, equal state (a checkpoint can be skipped)."""
+        return self._version
+
+    @property
     def watermark(self) -> float | None:
         return None if self._watermark == -math.inf else self._watermark
 
