@@ -36,7 +36,7 @@ from confluent_kafka import Consumer
 from prometheus_client import REGISTRY
 
 from models import artifacts
-from models.data import read_block_labels, read_hdfs_100k
+from models.data import read_block_labels, read_hdfs_100k, read_sessions, sessions_from_logs, without_possible_copies
 from models.metrics import confusion
 from services import localkafka, stages
 from services.records import Alert, Source
@@ -83,13 +83,22 @@ def train_models(data: Path, cache: Path, demo_blocks: set[str]) -> dict[str, Pa
 
     # ATT-GRU is supervised: HDFS_100k blocks, minus every block the demo replays.
     blocks = [b for b in read_hdfs_100k(hdfs / "HDFS_100k_block_labels.csv") if b.block_id not in demo_blocks]
-    normal = "\n".join(" ".join(k[1:] for k in b.keys) for b in blocks if not b.label)
+    # ... plus the complete (whole-log) normal sessions of deeplog_hdfs_train: HDFS_100k's sequences
+    # stop at line 100k, so without them the later events of every complete session (E3, E4, E23)
+    # were never seen as normal and every complete HDFS_5k session was flagged (100 of 100);
+    # minus those that could be an HDFS_5k block (same keys and counts; the file has no block ids).
+    five, _, _ = sessions_from_logs([hdfs / "HDFS_5k.log"], hdfs / "HDFS_5k_block_labels.csv",
+                                    hdfs / "HDFS_templates.csv", session_gap_s=1e9)
+    complete = without_possible_copies(read_sessions(deeplog_train), [s.keys for s in five])
+    normal = "\n".join([" ".join(k[1:] for k in b.keys) for b in blocks if not b.label]
+                       + [" ".join(k[1:] for k in keys) for keys in complete])
     abnormal = "\n".join(" ".join(k[1:] for k in b.keys) for b in blocks if b.label)
     key = sha256_text("attgru", normal, abnormal, artifacts.sha256_file(hdfs / "HDFS_templates.csv"),
                       code_version("attgru"))
     out = cache / f"attgru-{key}"
     if not (out / artifacts.MANIFEST).exists():
-        say(f"training ATT-GRU on {len(blocks)} HDFS_100k blocks not in the demo (once; cached in {out}) ...")
+        say(f"training ATT-GRU on {len(blocks)} HDFS_100k blocks not in the demo + {len(complete)} complete normal "
+            f"sessions of {deeplog_train.name} (once; cached in {out}) ...")
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "normal").write_text(normal + "\n")
             (Path(tmp) / "abnormal").write_text(abnormal + "\n")
