@@ -264,8 +264,9 @@ class StageRunner:
             counter.inc(n)
         self._unacked.clear()
         # State changes without input too (a tick closes idle sessions): checkpoint then as well,
-        # or a restart would close those sessions a second time.
-        if self.spec.checkpoint and (self._pending or self._produced):
+        # or a restart would close those sessions a second time. A final one always: a core that
+        # saves less often (parse) may hold changes from earlier commits.
+        if self.spec.checkpoint and (final or self._pending or self._produced):
             self.spec.checkpoint(dict(self._pending), final)
         self._produced = False
         if not self._pending:

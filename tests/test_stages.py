@@ -85,3 +85,30 @@ def test_dead_letter_series_exist_at_zero_before_the_first_bad_record(tmp_path):
     StageRunner(settings, stage.spec())          # no broker needed until it runs
     for reason in (*ParseStage.dead_letter_reasons, "stage_error"):
         assert REGISTRY.get_sample_value("logwarden_deadletter_total", {"stage": "parse", "reason": reason}) is not None
+
+
+def test_parse_state_is_saved_at_most_every_few_seconds_but_always_when_final(tmp_path, monkeypatch):
+    # The parser's state (drain's tree, dedup marks) is not tied to offsets: saving it at every
+    # commit cost the stage time for nothing; at shutdown and on revoke it must be saved.
+    from services import stages
+    from services.checkpoint import load
+    from services.settings import load_settings
+    from services.shell import Record
+    from services.stages import ParseStage
+
+    settings = load_settings(kafka_bootstrap="127.0.0.1:9", state_dir=tmp_path, group_prefix="ckpt-test")
+    stage = ParseStage(settings)
+    line = "081109 203518 143 INFO dfs.DataNode$DataXceiver: Receiving block blk_1 src: /10.0.0.1:1 dest: /10.0.0.2:2"
+    doc = json.dumps({"@timestamp": "2008-11-09T20:35:18.000Z", "message": line, "host": {"name": "dn1"},
+                      "log": {"offset": 0, "file": {"path": "/var/log/hdfs.log"}}}).encode()
+    assert stage.handle(Record("logs.dn1", 0, 0, None, doc, 1)), "the line was parsed"
+    stage.checkpoint({("logs.dn1", 0): 1})                   # within PARSE_CHECKPOINT_S of start
+    assert load(stage.state_path) is None
+    stage.checkpoint({("logs.dn1", 0): 1}, final=True)
+    restored = ParseStage(settings)                          # a restart: the line is a repeat now
+    assert load(stage.state_path) is not None
+    assert restored.handle(Record("logs.dn1", 0, 0, None, doc, 1)) == []
+    monkeypatch.setattr(stages, "PARSE_CHECKPOINT_S", 0.0)   # once the interval has passed
+    stage.state_path.unlink()
+    stage.checkpoint({("logs.dn1", 0): 1})
+    assert load(stage.state_path) is not None
