@@ -63,6 +63,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import save_report
 from models.attgru import WEIGHTINGS, AttGRU, TemplateEmbedder, edit_template, template_tokens
 from models.base import Sequence
 from models.data import (HdfsBlock, datasets_dir, read_block_labels, read_hdfs_100k, read_sessions, read_templates,
@@ -306,10 +307,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _limit_cpu_threads()
     report = run(args.data, seed=args.seed, epochs=args.epochs, draws=args.draws)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    print(save_report(report, args.out))
     return 0
 
 

@@ -19,12 +19,12 @@ Throughput: score() on stream-shaped sliding windows (h context events + the new
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
 from pathlib import Path
 
+from bench import save_report
 from models.base import Sequence
 from models.cli import _limit_cpu_threads
 from models.data import (sessions_from_logs, datasets_dir, hdfs_test_split, quiet_blocks, read_hdfs_100k, read_sessions,
@@ -144,10 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     windows = [w for b in normal + abnormal for w in sliding_windows(b.keys, h)]
     report["throughput_cpu"] = [throughput(detector, windows, batch) for batch in (256, 4096)]
 
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    print(save_report(report, args.out))
     return 0
 
 

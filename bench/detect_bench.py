@@ -19,7 +19,6 @@ threads wait for each other (why the stage limits them).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -27,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench import save_report
 from models import artifacts
 from services.detect import DetectCore, to_sequence
 from services.records import Source, Window
@@ -166,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     result = run(args.data, args.models, args.seconds)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    save_report(result, args.json, indent=1)
     print(markdown(result))
     return 0
 

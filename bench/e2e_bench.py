@@ -59,6 +59,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
+from bench import save_report
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMMAND = "python -m bench.e2e_bench --data ../shared/datasets"
@@ -747,10 +748,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = run(args.data, load_settings().bootstrap(), args.models, args.lines, args.stage_seconds,
                  args.whole_seconds)
-    text = json.dumps(result, indent=1)
-    if args.json:
-        args.json.write_text(text + "\n")
-    print(text)
+    print(save_report(result, args.json, indent=1))
     return 0
 
 

@@ -29,7 +29,6 @@ Updates of the same starting model on the same reported sequences, at update()'s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -38,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import save_report
 from models import artifacts
 from models.base import Sequence
 from models.data import (hdfs_test_split, quiet_blocks, read_hdfs_100k, read_sessions, read_templates,
@@ -196,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         p.exit(2, f"{p.prog}: error: no HDFS data under {args.data}\n")
     result = run(args.data, args.model, args.save, args.epochs, args.update_epochs, args.stress_epochs,
                  args.seed, args.device)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    save_report(result, args.json)
     print(markdown(result))
     return 0
 

@@ -20,7 +20,6 @@ import argparse
 import collections
 import csv
 import datetime as dt
-import json
 import os
 import platform
 import statistics
@@ -32,6 +31,7 @@ from drain3 import TemplateMiner
 from drain3.masking import MaskingInstruction
 from drain3.template_miner_config import TemplateMinerConfig
 
+from bench import save_report
 from services.parse import ParseConfig, ParseCore, load_catalog
 from services.records import Source
 
@@ -294,9 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"parse_bench: no HDFS_20000.log under {args.data}/hdfs (use --data)", file=sys.stderr)
         return 2
     result = run(args.data, args.repeats)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    save_report(result, args.json)
     print(markdown(result))
     return 0
 
