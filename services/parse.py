@@ -39,7 +39,7 @@ import yaml
 from drain3.drain import Drain, LogCluster, Node
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from services.records import ParsedEvent, Source, stable_id
+from services.records import ParsedEvent, Source, stable_id, trusted
 from services.settings import SettingsError
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("parse_config.yaml")
@@ -575,34 +575,14 @@ def _fraction(text: str) -> float:
 # validated ParsedEvent is checked in tests/test_parse_core.py.
 _EVENT_FIELD_NAMES = tuple(ParsedEvent.model_fields)
 _EVENT_FIELDS = frozenset(_EVENT_FIELD_NAMES)
-_new_object = object.__new__
-_set = object.__setattr__
 try:   # CPython's own SHA-1: same digest as hashlib's OpenSSL one, less call overhead
     from _sha1 import sha1 as _sha1
 except ImportError:  # pragma: no cover
     _sha1 = hashlib.sha1
 
 
-# BaseModel's slots, set directly (what model_construct does, minus its per-field loop)
-_set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
-_set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
-_set_private = BaseModel.__dict__["__pydantic_private__"].__set__
-
-
-def trusted(cls: type[BaseModel], fields: dict, fields_set: frozenset[str] | None = None):
-    """An instance of ``cls`` holding ``fields`` (every field, of the right type) without
-    validation: the caller built the values, and pydantic's model_construct costs as much as
-    parsing the line."""
-    obj = _new_object(cls)
-    _set(obj, "__dict__", fields)
-    _set_fields_set(obj, fields_set if fields_set is not None else frozenset(fields))
-    _set_extra(obj, None)
-    _set_private(obj, None)
-    return obj
-
-
 def _event(fields: dict) -> ParsedEvent:
-    return trusted(ParsedEvent, fields, _EVENT_FIELDS)
+    return trusted(ParsedEvent, _EVENT_FIELDS, fields)
 
 
 # counts by what a line was mapped to (see ParseCounters)

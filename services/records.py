@@ -31,6 +31,26 @@ def stable_id(*parts: object, size: int = 16) -> str:
     return h.hexdigest()[:size]
 
 
+# BaseModel's slots, set directly: what model_construct does, minus its per-field loop.
+_new_object = object.__new__
+_set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+_set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
+_set_private = BaseModel.__dict__["__pydantic_private__"].__set__
+
+
+def trusted(cls: type[BaseModel], fields: frozenset[str], values: dict):
+    """An instance of ``cls`` holding ``values`` (every field of ``fields``, each already of the
+    right type: validated where it first arrived, or built by the caller) without validating
+    again. pydantic's model_construct cost as much as parsing a line; the result equals a
+    validated instance (tests/test_parse_core.py, tests/test_window_core.py)."""
+    instance = _new_object(cls)
+    object.__setattr__(instance, "__dict__", values)
+    _set_fields_set(instance, set(fields))      # a set of its own, as pydantic gives each instance
+    _set_extra(instance, None)
+    _set_private(instance, None)
+    return instance
+
+
 # --------------------------------------------------------------------------------------------
 # Filebeat (input)
 class _Named(BaseModel):

@@ -26,9 +26,9 @@ import pydantic_core
 from pydantic import ValidationError
 
 from services import checkpoint, metrics
-from services.parse import ParseError, trusted
+from services.parse import ParseError
 from services.window import WindowInputError
-from services.records import FilebeatEvent, ParsedEvent, Source
+from services.records import FilebeatEvent, ParsedEvent, Source, trusted
 from services.settings import Settings, UsageError, load_settings
 from services.shell import BadRecord, Out, Record, StageRunner, StageSpec, ensure_topics
 
@@ -161,10 +161,10 @@ class ParseStage:
         if self.dedup.seen(host, path, file_offset, message):
             metrics.DUPLICATES.labels(self.name).inc()
             return []
-        source = trusted(Source, {   # fields checked by decode_filebeat; no second validation
+        source = trusted(Source, _SOURCE_FIELDS, {   # fields checked by decode_filebeat: no second validation
             "host": host, "topic": rec.topic, "partition": rec.partition, "offset": rec.offset,
             "file_path": path, "file_offset": file_offset,
-            "kafka_timestamp": rec.timestamp_ms / 1000 if rec.timestamp_ms > 0 else None}, _SOURCE_FIELDS)
+            "kafka_timestamp": rec.timestamp_ms / 1000 if rec.timestamp_ms > 0 else None})
         self._sample += 1
         timed = self._sample % LATENCY_SAMPLE == 0     # a histogram observation costs as much as a parse
         started = time.perf_counter() if timed else 0.0

@@ -51,7 +51,7 @@ import tracemalloc
 from collections import OrderedDict
 from typing import Iterable
 
-from services.records import ParsedEvent, Source, Step, Window, numeric_params, stable_id
+from services.records import ParsedEvent, Source, Step, Window, numeric_params, stable_id, trusted
 
 SNAPSHOT_FORMAT = "logwarden.window/1"
 CHANGES_FORMAT = "logwarden.window-changes/1"
@@ -398,14 +398,14 @@ class WindowCore:
             first_event_id = event_ids[0]
         else:
             context, templates, hosts, start, end, first_event_id = [], {}, [host], ts, ts, None
-        # Built from values that are already valid (_trusted): validating them again was a large
+        # Built from values that are already valid (records.trusted): validating them again was a large
         # share of a sliding window's cost.
-        window = _trusted(Window, _WINDOW_FIELDS, {
+        window = trusted(Window, _WINDOW_FIELDS, {
             "window_id": stable_id("sliding", session.key, first_event_id or newest.event_id, newest.event_id),
             "session_id": session.session_id, "kind": "sliding", "key": session.key, "hosts": hosts,
             "events": [newest], "context": context, "templates": templates, "first_event_id": first_event_id,
             "first_index": total - 1 - len(context), "closed_reason": None, "start": start, "end": end})
-        step = _trusted(Step, _STEP_FIELDS, {"template_id": newest.template_id, "timestamp": ts,
+        step = trusted(Step, _STEP_FIELDS, {"template_id": newest.template_id, "timestamp": ts,
                                              "values": numeric_params(newest.params), "template": None})
         tail.append((step, newest.template_id, newest.template, host, ts, newest.event_id))
         if len(tail) > h:
@@ -427,7 +427,7 @@ class WindowCore:
             template = table[template]
         if type(host) is int:
             host = table[host]
-        step = _trusted(Step, _STEP_FIELDS, {"template_id": template_id, "timestamp": ts,
+        step = trusted(Step, _STEP_FIELDS, {"template_id": template_id, "timestamp": ts,
                                              "values": numeric_params(row[_PARAMS]), "template": None})
         return step, template_id, template, host, ts, row[_ID]
 
@@ -468,9 +468,9 @@ class WindowCore:
         if fields["keys"] is None:
             fields["keys"] = [] if keyless else [key]
         fields["key"] = key
-        fields["source"] = _trusted(Source, _SOURCE_FIELDS, dict(zip(_SOURCE_LAYOUT, row[len(_EVENT_LAYOUT):])))
+        fields["source"] = trusted(Source, _SOURCE_FIELDS, dict(zip(_SOURCE_LAYOUT, row[len(_EVENT_LAYOUT):])))
         # In model order: serialisation follows it, and a replayed window must be byte-identical.
-        return _trusted(ParsedEvent, _EVENT_FIELDS, {name: fields[name] for name in _EVENT_ORDER})
+        return trusted(ParsedEvent, _EVENT_FIELDS, {name: fields[name] for name in _EVENT_ORDER})
 
     # ---------------------------------------------------------------------------------------
     # crash safety
@@ -628,18 +628,6 @@ _EVENT_FIELDS = frozenset(_EVENT_ORDER)
 _SOURCE_FIELDS = frozenset(Source.model_fields)
 _STEP_FIELDS = frozenset(Step.model_fields)
 _WINDOW_FIELDS = frozenset(Window.model_fields)
-
-
-def _trusted(cls, fields: frozenset[str], values: dict):
-    """A model instance from values that were validated when they first arrived: what
-    ``model_construct`` does, without its per-field default handling, which made it the largest
-    cost of a sliding window. Every field is given, so the result equals a validated instance."""
-    instance = cls.__new__(cls)
-    object.__setattr__(instance, "__dict__", values)
-    object.__setattr__(instance, "__pydantic_fields_set__", set(fields))
-    object.__setattr__(instance, "__pydantic_extra__", None)
-    object.__setattr__(instance, "__pydantic_private__", None)
-    return instance
 
 
 def _load(data: bytes, expected_format: str, what: str) -> dict:
