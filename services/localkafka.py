@@ -244,7 +244,7 @@ def _format_storage(java: str, libs: Path, config: Path, data_dir: Path, logs_di
         [java, "-Xmx256m", "-XX:-UsePerfData", f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
          f"-Dkafka.logs.dir={logs_dir}", "-Dkafka.log.name=storage-format",
          "-cp", f"{libs}/*", "kafka.tools.StorageTool",
-         "format", "--config", str(config), "--cluster-id", cluster_id],
+         "format", "--config", str(config), f"--cluster-id={cluster_id}"],   # an id may start with "-"
         capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
         raise BrokerError(f"kafka-storage format failed (exit {result.returncode}): "
