@@ -68,7 +68,7 @@ test-fast: deps
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: deps
-	$(PY) -m services.demo --data $(DATA)
+	$(PY) -m toolkit.demo --data $(DATA)
 
 bench: deps
 	$(PY) -m bench.run --data $(DATA)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from bench import save_report
 from models import artifacts
-from services.detect import DetectCore, to_sequence
+from services.cores.detect import DetectCore, to_sequence
 from services.records import Source, Window
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -38,8 +38,8 @@ BATCHES = (32, 256, 4096)       # the latency run's setting, LOGWARDEN_DETECT_BA
 
 def stream_windows(data: Path, hosts: int = 3) -> list[Window]:
     """Sliding windows of HDFS_20000.log as the parse and window cores emit them."""
-    from services.parse import ParseConfig, ParseCore, load_catalog
-    from services.window import WindowCore
+    from services.cores.parse import ParseConfig, ParseCore, load_catalog
+    from services.cores.window import WindowCore
 
     hdfs = data / "hdfs"
     parser = ParseCore(ParseConfig.load(), catalog=load_catalog(hdfs / "HDFS_templates.csv"))

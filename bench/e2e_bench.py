@@ -353,9 +353,9 @@ def run_stages(pipeline: Pipeline, inputs: dict[str, str], ends, cap_s: float,
 # ------------------------------------------------------------------------------------------
 def replay_timed(settings, files: dict[str, Path], rate_per_host: float | None = None) -> tuple[int, float]:
     """Replay each host's file to logs.<host>: the hosts one after another as fast as the replay
-    goes, or all at once at ``rate_per_host`` lines/s each (services.replay.replay_hosts, as live
+    goes, or all at once at ``rate_per_host`` lines/s each (toolkit.replay.replay_hosts, as live
     hosts ship); returns (records, seconds)."""
-    from services.replay import replay_files, replay_hosts
+    from toolkit.replay import replay_files, replay_hosts
 
     started = time.perf_counter()
     if rate_per_host is None:
@@ -517,7 +517,7 @@ def profile_stage(pipeline: Pipeline, stage: str, seconds: float, top: int = 12)
     from services import stages
 
     import models.deeplog  # noqa: F401  (imports and torch's start-up are not the stage's work)
-    import services.detect  # noqa: F401
+    import services.cores.detect  # noqa: F401
 
     settings = pipeline.load()
     conf = {"bootstrap.servers": pipeline.bootstrap}
@@ -569,7 +569,7 @@ def measure_latency(bootstrap: str, data: Path, workdir: Path, models_dir: Path,
     settings = pipeline.load()
     scaled = scale_hdfs(hdfs / "HDFS_20000.log", workdir / "scaled-latency", lines)
     hosts = {f"{logs_id}-{h}": p for h, p in scaled.files.items()}
-    from services.replay import ensure_topic
+    from toolkit.replay import ensure_topic
     from services.shell import ensure_topics
 
     ensure_topics(settings)

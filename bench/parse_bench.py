@@ -32,7 +32,7 @@ from drain3.masking import MaskingInstruction
 from drain3.template_miner_config import TemplateMinerConfig
 
 from bench import save_report
-from services.parse import ParseConfig, ParseCore, load_catalog
+from services.cores.parse import ParseConfig, ParseCore, load_catalog
 from services.records import Source
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@
 Sections (``--only`` picks some; the figures of the others are kept from the previous
 results.json, never invented):
   parse     bench.parse_bench: parse core vs drain3, grouping accuracy
-  window    `python -m services.window`: memory per open session, snapshot cost, core events/s
+  window    `python -m services.cores.window`: memory per open session, snapshot cost, core events/s
   detect    bench.detect_bench: detector windows/s on CPU
   e2e       bench.e2e_bench: lines/s through a real broker per stage and whole, with profiles
   latency   bench.e2e_bench: alert latency at a steady replay rate
@@ -71,7 +71,7 @@ def provide_models(data: Path) -> dict[str, Path]:
     """detector -> trained model directory: the demo's cached models (trained the demo's way when
     missing). Without ATT-GRU (its training failing) DeepLog alone, the newest cached one."""
     from models.data import read_block_labels
-    from services import demo
+    from toolkit import demo
 
     hdfs = data / "hdfs"
     cache = REPO_ROOT / ".cache" / "demo-models"
@@ -100,7 +100,7 @@ class Broker:
     """LOGWARDEN_KAFKA_BOOTSTRAP, else a local broker of our own for the bench's duration."""
 
     def __init__(self, workdir: Path):
-        from services import localkafka
+        from toolkit import localkafka
 
         self.own = None
         self.bootstrap = os.environ.get("LOGWARDEN_KAFKA_BOOTSTRAP")
@@ -124,11 +124,11 @@ def section_parse(ctx) -> dict:
 
 
 def section_window(ctx) -> dict:
-    command = [sys.executable, "-m", "services.window", "--log", str(ctx.data / "hdfs" / "HDFS_20000.log")]
+    command = [sys.executable, "-m", "services.cores.window", "--log", str(ctx.data / "hdfs" / "HDFS_20000.log")]
     out = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, check=True).stdout
     measured = json.loads(out)
     measured.pop("log", None)
-    return {"window.command": "python -m services.window", **{f"window.{k}": v for k, v in measured.items()}}
+    return {"window.command": "python -m services.cores.window", **{f"window.{k}": v for k, v in measured.items()}}
 
 
 def section_detect(ctx) -> dict:

@@ -189,11 +189,11 @@ def sessions_from_logs(logs: list[str | Path], labels_csv: str | Path,
     and length from the settings), and each closed session becomes a Sequence with the detect
     stage's own ``to_sequence``. Sessions whose key has no label are left out (counted)."""
     from models.artifacts import sha256_file
-    from services.detect import to_sequence
-    from services.parse import ParseConfig, ParseCore, ParseError, load_catalog
+    from services.cores.detect import to_sequence
+    from services.cores.parse import ParseConfig, ParseCore, ParseError, load_catalog
     from services.records import Source
     from services.settings import SettingsError, load_settings
-    from services.window import WindowCore
+    from services.cores.window import WindowCore
 
     settings = load_settings()
     labels = read_block_labels(labels_csv)

@@ -15,15 +15,15 @@ from services.settings import SettingsError, UsageError
 
 # subcommand -> "module:function"; the function takes the parsed args and returns an exit code.
 COMMANDS = {
-    "replay": "services.replay:main",
+    "replay": "toolkit.replay:main",
     "run": "services.stages:main",
     "train": "models.cli:train",
     "evaluate": "models.cli:evaluate",
     "alerts": "services.alerts:main",
     "feedback": "services.feedback:main",
     "model": "models.cli:model",
-    "stack": "services.stack:main",
-    "kafka": "services.localkafka:main",
+    "stack": "toolkit.stack:main",
+    "kafka": "toolkit.localkafka:main",
     "topics": "services.shell:topics_main",
 }
 

@@ -128,7 +128,7 @@ _NUMBER_START = frozenset("0123456789+-. \t\n\r\f\v")
 
 def numeric_params(params: list[str]) -> list[float]:
     """The numeric parameters of an event, in order: what detectors read of its params. The one
-    definition for training (models.data builds sequences with services.detect.to_sequence),
+    definition for training (models.data builds sequences with services.cores.detect.to_sequence),
     sliding-window context (Step.values) and the judged event.
 
     A param counts when ``float()`` accepts it and the value is finite: "7", "-3", " 7", "1e5",

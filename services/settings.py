@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Where `make kafka-up` (services.localkafka) writes the bootstrap address of the local broker.
+# Where `make kafka-up` (toolkit.localkafka) writes the bootstrap address of the local broker.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = REPO_ROOT / ".run"
 BOOTSTRAP_FILE = RUN_DIR / "kafka.bootstrap"

@@ -6,13 +6,12 @@
     FEEDBACK_TOPIC               --feedback-> new model version in MODEL_DIR (workers reload it)
     any bad record               ----------> DEADLETTER_TOPIC
 
-Each stage below is a thin adapter from Kafka `Record`s to a pure core (services.parse,
-services.window, services.detect) run by the one shell (services.shell). `logwarden run all`
+Each stage below is a thin adapter from Kafka `Record`s to a pure core (services.cores: parse,
+window, detect, feedback) run by the one shell (services.shell). `logwarden run all`
 runs every stage in one process, each in its own thread with its own consumer group member.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 import signal
@@ -26,9 +25,10 @@ import pydantic_core
 from pydantic import ValidationError
 
 from services import checkpoint, metrics
-from services.parse import ParseError
-from services.window import WindowInputError
-from services.records import FilebeatEvent, ParsedEvent, Source, trusted
+from services.cores.parse import ParseError
+from services.cores.window import WindowInputError
+from services.cores.feedback import FeedbackError
+from services.records import Feedback, FilebeatEvent, ParsedEvent, Source, Window, trusted
 from services.settings import Settings, UsageError, load_settings
 from services.shell import BadRecord, Out, Record, StageRunner, StageSpec, ensure_topics
 
@@ -103,7 +103,7 @@ class ParseStage:
                            "line_too_long", "binary", "bad_header")
 
     def __init__(self, settings: Settings):
-        from services.parse import Deduper, ParseConfig, ParseCore, ParseStateError, load_catalog
+        from services.cores.parse import Deduper, ParseConfig, ParseCore, ParseStateError, load_catalog
 
         self.settings = settings
         catalog = load_catalog(settings.template_catalog) if settings.template_catalog else None
@@ -228,7 +228,7 @@ class WindowStage:
         self.state_dir = Path(settings.state_dir) / "window" / settings.group("window")
 
     def _new_core(self):
-        from services.window import WindowCore
+        from services.cores.window import WindowCore
 
         s = self.settings
         return WindowCore(window_size=s.window_size, session_gap_s=s.session_gap_s,
@@ -336,18 +336,115 @@ class WindowStage:
 
 
 # ------------------------------------------------------------------------------------------
+# detect: windows -> alerts (the GPU worker; the core is services.cores.detect)
+class DetectStage:
+    """Kafka adapter: buffers windows of a consumed batch, scores them together in tick()."""
+    name = "detect"
+    dead_letter_reasons = ("bad_window",)
+
+    def __init__(self, settings: Settings):
+        from services.cores.detect import DetectCore, ModelSet    # torch: only where detect runs
+
+        self.settings = settings
+        self.models = ModelSet(settings.model_dir, settings.device)
+        self.models.refresh()
+        if not self.models.loaded:
+            log.warning("no model in %s yet: windows are consumed only once a model appears", settings.model_dir)
+        self.core = DetectCore(self.models.loaded)
+        self.buffer: list[Window] = []
+        self.last_check = time.monotonic()
+
+    def ready(self) -> bool:
+        return bool(self.models.loaded)
+
+    def handle(self, rec: Record) -> list[Out]:
+        try:
+            window = Window.model_validate_json(rec.value or b"")
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise BadRecord("bad_window", f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        if window.context:
+            textless = {s.template_id for s in window.context if s.template is None}.difference(window.templates)
+            if textless:
+                raise BadRecord("bad_window", f"templates: no text for context template id(s) {sorted(textless)}")
+        self.buffer.append(window)
+        return self.drain() if len(self.buffer) >= self.settings.detect_batch else []
+
+    def drain(self) -> list[Out]:
+        windows, self.buffer = self.buffer, []
+        alerts = self.core.process(windows)
+        topic = self.settings.alerts_topic
+        outs = []
+        for a in alerts:
+            src = a.first_anomaly.source
+            if src is not None and src.kafka_timestamp and a.status == "open":
+                metrics.ALERT_LATENCY.labels(a.detector).observe(max(0.0, time.time() - src.kafka_timestamp))
+            outs.append(Out(topic, a.model_dump_json(by_alias=True).encode(), a.alert_id))
+        return outs
+
+    def tick(self, now: float) -> list[Out]:
+        if time.monotonic() - self.last_check >= self.settings.reload_check_s:
+            self.last_check = time.monotonic()
+            if self.models.refresh():
+                self.core.models = self.models.loaded
+        return self.drain()
+
+    def close(self) -> None:
+        """A stopped worker serves no model version any more."""
+        for name, (version, _) in self.models.loaded.items():
+            metrics.MODEL_VERSION.labels(name, version).set(0)
+
+    def spec(self) -> StageSpec:
+        return StageSpec(self.name, [self.settings.windows_topic], self, batch_size=self.settings.detect_batch)
+
+
+# ------------------------------------------------------------------------------------------
+# feedback: operator verdicts -> new model versions (the core is services.cores.feedback)
+class FeedbackStage:
+    """Kafka adapter: FEEDBACK_TOPIC -> FeedbackCore. Produces nothing; its output is a model
+    version. Feedback that cannot be applied goes to the dead-letter topic."""
+    dead_letter_reasons = ("bad_feedback", "no_sequence", "no_model")
+    name = "feedback"
+
+    def __init__(self, settings: Settings):
+        from services.cores.feedback import FeedbackCore
+
+        self.settings = settings
+        self.core = FeedbackCore(settings.model_dir, settings.device)
+
+    def handle(self, rec: Record) -> list[Out]:
+        try:
+            fb = Feedback.model_validate_json(rec.value or b"")
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise BadRecord("bad_feedback", f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        try:
+            result = self.core.apply(fb)
+        except FeedbackError as err:
+            raise BadRecord(err.reason, err.detail) from None
+        if result["action"] != "duplicate":
+            metrics.FEEDBACK.labels(fb.detector or "unknown", fb.verdict).inc()
+        if result["action"] == "recorded":
+            log.info("feedback on alert %s: %s %s (no model change)", fb.alert_id, fb.detector, fb.verdict)
+        return []
+
+    def tick(self, now: float) -> list[Out]:
+        return []
+
+    def spec(self) -> StageSpec:
+        # Small batches: each false positive is a model update of seconds.
+        return StageSpec(self.name, [self.settings.feedback_topic], self, batch_size=10)
+
+
+# ------------------------------------------------------------------------------------------
 def build(stage: str, settings: Settings) -> StageSpec:
     if stage == "parse":
         return ParseStage(settings).spec()
     if stage == "window":
         return WindowStage(settings).spec()
     if stage == "detect":
-        from services.detect import DetectStage
-
         return DetectStage(settings).spec()
     if stage == "feedback":
-        from services.feedback import FeedbackStage
-
         return FeedbackStage(settings).spec()
     raise UsageError(f"unknown stage {stage!r}")
 

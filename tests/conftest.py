@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from services import localkafka, localprom
+from toolkit import localkafka, localprom
 from tests.kafkautil import delete_topics, isolated_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

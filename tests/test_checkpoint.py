@@ -8,7 +8,7 @@ from services import checkpoint, stages
 from services.settings import load_settings
 from services.shell import Record
 from services.stages import WindowStage
-from services.window import hdfs_parsed_events
+from services.cores.window import hdfs_parsed_events
 
 
 def test_change_log_round_trips_and_a_torn_or_damaged_tail_ends_it(tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services import stack
+from toolkit import stack
 from services.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent

@@ -17,11 +17,12 @@ from models import artifacts
 from models.base import Sequence
 from models.deeplog import DeepLog
 from services import stages
-from services.detect import DetectCore, DetectStage, key_sequence, to_sequence
+from services.cores.detect import DetectCore, key_sequence, to_sequence
+from services.stages import DetectStage
 from services.records import Alert, ParsedEvent, Source, Step, numeric_params, stable_id
 from services.settings import Settings
 from services.shell import BadRecord, Record
-from services.window import WindowCore
+from services.cores.window import WindowCore
 from tests.kafkautil import consume, produce_values
 from tests.test_window_core import event as window_event
 from tests.test_window_core import full_event_window, hdfs_events, needs_hdfs, sliding_with_full_events

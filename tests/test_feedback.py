@@ -17,7 +17,8 @@ from models.base import Sequence
 from models.data import hdfs_test_split, read_hdfs_100k, read_sessions, read_templates, to_sequences
 from services import stages
 from services.alerts import reader as alerts_reader
-from services.feedback import FeedbackCore, FeedbackError, FeedbackStage
+from services.cores.feedback import FeedbackCore, FeedbackError
+from services.stages import FeedbackStage
 from services.records import Alert, Feedback, KeySequence, ParsedEvent, Source, Window, stable_id
 from services.shell import BadRecord, Record
 from tests.kafkautil import produce_values

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from services import replay
+from toolkit import replay
 from services.records import FilebeatEvent
 from services.settings import Settings
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from services import localkafka, localprom
-from services.localkafka import BrokerError, RunFiles, broker_processes, port_is_free
+from toolkit import localkafka, localprom
+from toolkit.localkafka import BrokerError, RunFiles, broker_processes, port_is_free
 from tests.kafkautil import isolated_settings, topic_partitions
 
 
@@ -115,7 +115,7 @@ def test_kafka_up_serves_is_idempotent_and_down_leaves_no_process(tmp_path, caps
 @pytest.mark.slow
 def test_a_test_broker_dies_with_its_parent_process(tmp_path):
     """A pytest run killed with SIGKILL cannot run fixture teardown; the kernel stops the JVM."""
-    script = ("import sys; from pathlib import Path; from services import localkafka; "
+    script = ("import sys; from pathlib import Path; from toolkit import localkafka; "
               "b = localkafka.start(Path(sys.argv[1]), die_with_parent=True); print(b.pid, flush=True); "
               "import time; time.sleep(600)")
     parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
@@ -130,7 +130,7 @@ def test_a_test_broker_dies_with_its_parent_process(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# The Prometheus fixture (services/localprom.py), the other piece of local infrastructure
+# The Prometheus fixture (toolkit/localprom.py), the other piece of local infrastructure
 def serve_metrics(registry):
     from prometheus_client import start_http_server
     port = localkafka.free_port()

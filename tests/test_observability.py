@@ -20,10 +20,11 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from services import alerts, localprom, metrics
-from services.localkafka import free_port
+from services import alerts, metrics
+from toolkit import localprom
+from toolkit.localkafka import free_port
 from tests.kafkautil import produce_values
-from services.replay import deal_lines
+from toolkit.replay import deal_lines
 from tests.streamutil import REPO, logwarden, settings_env
 
 RULES = REPO / "prometheus" / "rules.yml"

@@ -12,7 +12,7 @@ from drain3 import TemplateMiner
 from drain3.masking import MaskingInstruction
 from drain3.template_miner_config import TemplateMinerConfig
 
-from services.parse import (UNKNOWN, Deduper, ParseConfig, ParseConfigError, ParseCore, ParseError,
+from services.cores.parse import (UNKNOWN, Deduper, ParseConfig, ParseConfigError, ParseCore, ParseError,
                             ParseStateError, digit_blind, load_catalog)
 from services.records import ParsedEvent, Source, stable_id
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from services import replay
+from toolkit import replay
 from services.records import FilebeatEvent
 from tests.kafkautil import consume, consume_json
 
@@ -23,7 +23,7 @@ TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
 def expected_lines(path: Path) -> list[tuple[int, str]]:
-    """(byte offset, text) of every non-empty line, read independently of services.replay."""
+    """(byte offset, text) of every non-empty line, read independently of toolkit.replay."""
     data = path.read_bytes()
     out, offset = [], 0
     while offset < len(data):

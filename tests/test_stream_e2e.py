@@ -14,7 +14,7 @@ from confluent_kafka import KafkaException, Producer
 from services import stages
 from services.records import DeadLetter, ParsedEvent
 from tests.kafkautil import consume, record_count
-from services.replay import deal_lines
+from toolkit.replay import deal_lines
 from tests.streamutil import (collect_windows, lines_by_block, logwarden, settings_env,
                               unique_sessions, wait_until)
 

@@ -16,7 +16,7 @@ import pytest
 
 from services.records import ParsedEvent, Source, Step, Window, numeric_params, stable_id
 from services.settings import REPO_ROOT
-from services.window import SnapshotError, WindowCore, WindowInputError, measure_open_sessions
+from services.cores.window import SnapshotError, WindowCore, WindowInputError, measure_open_sessions
 
 DATASETS = Path(os.environ.get("LOGWARDEN_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
 HDFS_LOG = DATASETS / "hdfs" / "HDFS_20000.log"

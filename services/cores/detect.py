@@ -1,4 +1,4 @@
-"""detect: windows -> alerts. The GPU worker.
+"""detect core: windows -> alerts (the GPU worker's work; its Kafka adapter is services.stages.DetectStage).
 
 `DetectCore` is pure (windows in, alerts out; no Kafka): it turns each window into a
 `models.base.Sequence` (a sliding window's compact context Steps, then its full newest event),
@@ -21,15 +21,11 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from models import artifacts
 from models.base import Detector, Sequence, Verdict, limit_cpu_threads, pick_device
 from services import metrics
 from services.records import (Alert, AlertEvent, ExpectedKey, KeySequence, ParsedEvent, Window,
                               numeric_params, stable_id)
-from services.settings import Settings
-from services.shell import BadRecord, Out, Record, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -238,62 +234,3 @@ class DetectCore:
             window=[self._key(k) for k in _keys(window)[max(0, pos - 10):pos]],
             anomalies=count, event_time=event.timestamp, detection_time=now, details=details,
             sequence=key_sequence(window))
-
-
-class DetectStage:
-    """Kafka adapter: buffers windows of a consumed batch, scores them together in tick()."""
-    name = "detect"
-    dead_letter_reasons = ("bad_window",)
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.models = ModelSet(settings.model_dir, settings.device)
-        self.models.refresh()
-        if not self.models.loaded:
-            log.warning("no model in %s yet: windows are consumed only once a model appears", settings.model_dir)
-        self.core = DetectCore(self.models.loaded)
-        self.buffer: list[Window] = []
-        self.last_check = time.monotonic()
-
-    def ready(self) -> bool:
-        return bool(self.models.loaded)
-
-    def handle(self, rec: Record) -> list[Out]:
-        try:
-            window = Window.model_validate_json(rec.value or b"")
-        except ValidationError as err:
-            first = err.errors()[0]
-            raise BadRecord("bad_window", f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-        if window.context:
-            textless = {s.template_id for s in window.context if s.template is None}.difference(window.templates)
-            if textless:
-                raise BadRecord("bad_window", f"templates: no text for context template id(s) {sorted(textless)}")
-        self.buffer.append(window)
-        return self.drain() if len(self.buffer) >= self.settings.detect_batch else []
-
-    def drain(self) -> list[Out]:
-        windows, self.buffer = self.buffer, []
-        alerts = self.core.process(windows)
-        topic = self.settings.alerts_topic
-        outs = []
-        for a in alerts:
-            src = a.first_anomaly.source
-            if src is not None and src.kafka_timestamp and a.status == "open":
-                metrics.ALERT_LATENCY.labels(a.detector).observe(max(0.0, time.time() - src.kafka_timestamp))
-            outs.append(Out(topic, a.model_dump_json(by_alias=True).encode(), a.alert_id))
-        return outs
-
-    def tick(self, now: float) -> list[Out]:
-        if time.monotonic() - self.last_check >= self.settings.reload_check_s:
-            self.last_check = time.monotonic()
-            if self.models.refresh():
-                self.core.models = self.models.loaded
-        return self.drain()
-
-    def close(self) -> None:
-        """A stopped worker serves no model version any more."""
-        for name, (version, _) in self.models.loaded.items():
-            metrics.MODEL_VERSION.labels(name, version).set(0)
-
-    def spec(self) -> StageSpec:
-        return StageSpec(self.name, [self.settings.windows_topic], self, batch_size=self.settings.detect_batch)

@@ -752,7 +752,7 @@ def hdfs_parsed_events(log_path, hosts: int = 3, copies: int = 1) -> list[Parsed
     the log has blocks."""
     import re
 
-    from services.parse import ParseCore
+    from services.cores.parse import ParseCore
 
     parser = ParseCore()
     events: list[ParsedEvent] = []
@@ -773,7 +773,7 @@ def hdfs_parsed_events(log_path, hosts: int = 3, copies: int = 1) -> list[Parsed
 
 
 def _main(argv: list[str] | None = None) -> int:
-    """`python -m services.window`: memory per open session, snapshot cost and core throughput
+    """`python -m services.cores.window`: memory per open session, snapshot cost and core throughput
     on real HDFS events (issue 8's window.bytes_per_open_session)."""
     import argparse
     import os
@@ -781,7 +781,7 @@ def _main(argv: list[str] | None = None) -> int:
     from services.settings import REPO_ROOT
 
     datasets = os.environ.get("LOGWARDEN_DATASETS", str(REPO_ROOT.parent / "shared" / "datasets"))
-    parser = argparse.ArgumentParser(prog="python -m services.window", description=_main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m services.cores.window", description=_main.__doc__)
     parser.add_argument("--log", default=os.path.join(datasets, "hdfs", "HDFS_20000.log"))
     parser.add_argument("--sessions", type=int, default=2000, help="open sessions to measure")
     args = parser.parse_args(argv)

@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.localkafka import HOST, exit_with_parent, free_port
+from toolkit.localkafka import HOST, exit_with_parent, free_port
 
 
 class PromError(RuntimeError):

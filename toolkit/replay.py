@@ -298,7 +298,7 @@ class _AsDebug(logging.Filter):
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
-_rdkafka_log = logging.getLogger("services.replay.rdkafka")
+_rdkafka_log = logging.getLogger("toolkit.replay.rdkafka")
 _rdkafka_log.addFilter(_AsDebug())
 
 

@@ -38,7 +38,8 @@ from prometheus_client import REGISTRY
 from models import artifacts
 from models.data import read_block_labels, read_hdfs_100k, read_sessions, sessions_from_logs, without_possible_copies
 from models.metrics import confusion
-from services import localkafka, stages
+from toolkit import localkafka
+from services import stages
 from services.records import Alert, Source
 from services.settings import REPO_ROOT, load_settings
 
@@ -112,8 +113,8 @@ def train_models(data: Path, cache: Path, demo_blocks: set[str]) -> dict[str, Pa
 
 def offline_sessions(settings, files: dict[str, Path]) -> dict[str, list]:
     """Every block's closed session built by the same parse and window cores as the stream."""
-    from services.parse import ParseConfig, ParseCore, load_catalog
-    from services.window import WindowCore
+    from services.cores.parse import ParseConfig, ParseCore, load_catalog
+    from services.cores.window import WindowCore
 
     core = ParseCore(ParseConfig.load(settings.parse_config), catalog=load_catalog(settings.template_catalog))
     windows = WindowCore(window_size=settings.window_size, session_gap_s=settings.session_gap_s,
@@ -206,7 +207,7 @@ def plot_scores(models: dict[str, Path], sessions: dict, labels: dict[str, int],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from services.detect import to_sequence
+    from services.cores.detect import to_sequence
 
     keys = sorted(sessions)
     seqs = [to_sequence(sessions[k]) for k in keys]
@@ -237,7 +238,7 @@ def stream_run(log_name: str, labels_name: str, note: str, hdfs: Path, models: d
                rate: float) -> bool:
     """One pass of a log through every stage on fresh topics; True when stream == evaluate."""
     from models.data import sequence_ceiling, sessions_from_logs
-    from services.replay import deal_lines, ensure_topic, replay_hosts
+    from toolkit.replay import deal_lines, ensure_topic, replay_hosts
 
     labels = read_block_labels(hdfs / labels_name)
     run_id = "demo" + uuid.uuid4().hex[:6]

@@ -253,7 +253,7 @@ def _format_storage(java: str, libs: Path, config: Path, data_dir: Path, logs_di
 
 def _answers(bootstrap: str, timeout: float) -> bool:
     """True when the broker serves metadata and lists itself (it is unfenced and usable)."""
-    from confluent_kafka.admin import AdminClient   # keeps `import services.localkafka` light
+    from confluent_kafka.admin import AdminClient   # keeps `import toolkit.localkafka` light
     admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0,
                          "socket.connection.setup.timeout.ms": max(1000, int(timeout * 1000))})
     try:
