@@ -20,9 +20,13 @@ from typing import Any
 MANIFEST = "manifest.json"
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 
+# name -> "module:class", one file per detector (imported only when used).
 DETECTORS = {
-    "deeplog": "models.deeplog:DeepLog",
-    "attgru": "models.attgru:AttGRU",
+    "deeplog": "models.deeplog:DeepLog",        # logs: next-key LSTM + parameter LSTM
+    "attgru": "models.attgru:AttGRU",           # logs: word2vec + attention + BiGRU
+    "tracelstm": "models.tracelstm:TraceLSTM",  # traces: Nedelkoski et al.'s multimodal LSTM
+    "anofusion": "models.anofusion:AnoFusion",  # chunks: metrics + logs + traces per instance
+    "hades": "models.hades:Hades",              # chunks: logs + metrics, cross-modal attention
 }
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,9 +84,19 @@ def _output_dir(path: str) -> Path:
     return out
 
 
+def _is_log_detector(cls) -> bool:
+    return getattr(cls, "modality", "logs") == "logs"
+
+
 def train(args) -> int:
     cls = _detector_class(args.detector)
     out = _output_dir(args.out)
+    if not _is_log_detector(cls):
+        # Trace and chunk detectors read their own data (traces, a data directory, fault lists).
+        detector, stats, sources = cls.train_from_args(args, device=_device(args.device))
+        _save_model(detector, out, sources)
+        print(f"trained {args.detector} in {stats.get('seconds', '?')} s -> {out}")
+        return 0
     sequences, labels, sources, templates = _training_data(args)
     options = {"h": args.h, "g": args.g, "epochs": args.epochs, "seed": args.seed,
                "device": _device(args.device), "progress": not args.no_progress, "templates": templates}
@@ -96,13 +105,17 @@ def train(args) -> int:
         stats = detector.fit(sequences, labels, **{k: v for k, v in options.items() if v is not None})
     except ValueError as err:
         raise UsageError(str(err)) from None
+    _save_model(detector, out, sources)
+    print(f"trained {args.detector} on {len(sequences)} sessions in {stats.get('seconds', '?')} s -> {out}")
+    return 0
+
+
+def _save_model(detector, out: Path, sources: list[dict]) -> None:
     if out.exists():      # retraining into the same directory: nothing of the old model survives
         for name in (artifacts.MANIFEST, "weights.safetensors"):
             (out / name).unlink(missing_ok=True)
     detector.save(out)
     artifacts.update_manifest(out, training_data=sources)
-    print(f"trained {args.detector} on {len(sequences)} sessions in {stats.get('seconds', '?')} s -> {out}")
-    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,6 +151,18 @@ def evaluate(args) -> int:
     json_out = Path(args.json)
     if not json_out.parent.is_dir():
         raise UsageError(f"--json {json_out}: directory {json_out.parent} does not exist")
+    if not _is_log_detector(cls):
+        detector = cls.load(model, device=_device(args.device))
+        result = detector.evaluate_from_args(args)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        try:
+            artifacts.update_manifest(model, evaluations=manifest.get("evaluations", []) + [result])
+        except OSError as err:
+            log.warning("could not record the evaluation in %s: %s", model, err)
+        print(f"{args.detector}: evaluation -> {json_out}")
+        return 0
+    if not (args.normal and args.abnormal):
+        raise UsageError(f"evaluate --detector {args.detector} needs --normal FILE and --abnormal FILE")
     templates = read_templates(args.templates) if args.templates else None
     normal, abnormal = read_sessions(args.normal), read_sessions(args.abnormal)
     detector = cls.load(model, device=_device(args.device))

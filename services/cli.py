@@ -28,7 +28,7 @@ COMMANDS = {
 }
 
 STAGES = ("parse", "window", "detect", "feedback", "all")
-DETECTORS = ("deeplog", "attgru")
+DETECTORS = ("deeplog", "attgru", "tracelstm", "anofusion", "hades")   # models.artifacts.DETECTORS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,6 +46,16 @@ def _positive(kind):
             raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
         return value
     return convert
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1]")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--abnormal", metavar="FILE", help="abnormal sessions (supervised detectors)")
     s.add_argument("--templates", metavar="CSV", help="EventId,EventTemplate (key k <-> E<k>)")
     s.add_argument("--logs", nargs="+", metavar="FILE", help="train from raw log files instead")
-    s.add_argument("--labels", metavar="CSV", help="BlockId,Label for --logs")
+    s.add_argument("--labels", metavar="FILE",
+                   help="CSV SessionId,Label for --logs; FAULTS.json for hades")
+    s.add_argument("--traces", nargs="+", metavar="FILE_OR_DIR", help="trace CSVs (tracelstm)")
+    s.add_argument("--data", metavar="DIR", help="a data directory with metric/, trace/, log/ (anofusion, hades)")
+    s.add_argument("--exclude-faults", metavar="FAULTS.json", help="leave the time around these faults out of training")
+    s.add_argument("--labelled-fraction", type=_fraction, metavar="F", help="share of chunks whose label training sees (hades)")
     s.add_argument("--out", required=True, metavar="DIR")
     s.add_argument("--epochs", type=_positive(int))
     s.add_argument("--seed", type=int, default=1)
@@ -80,12 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-g", "-g", dest="g", type=_positive(int), help="g: top-g candidates (deeplog)")
     s.add_argument("--no-progress", action="store_true")
 
-    s = sub.add_parser("evaluate", help="evaluate a trained detector on labelled sessions")
+    s = sub.add_parser("evaluate", help="evaluate a trained detector on labelled data")
     s.add_argument("--detector", required=True, choices=DETECTORS)
     s.add_argument("--model", required=True, metavar="DIR")
-    s.add_argument("--normal", required=True, metavar="FILE")
-    s.add_argument("--abnormal", required=True, metavar="FILE")
+    s.add_argument("--normal", metavar="FILE", help="normal sessions (log detectors)")
+    s.add_argument("--abnormal", metavar="FILE", help="abnormal sessions (log detectors)")
+    s.add_argument("--logs", nargs="+", metavar="FILE", help="raw log files instead of session files")
+    s.add_argument("--labels", metavar="CSV", help="SessionId,Label for --logs")
     s.add_argument("--templates", metavar="CSV")
+    s.add_argument("--traces", nargs="+", metavar="FILE_OR_DIR", help="trace CSVs (tracelstm)")
+    s.add_argument("--data", metavar="DIR", help="a data directory with metric/, trace/, log/ (anofusion, hades)")
+    s.add_argument("--faults", metavar="FAULTS.json", help="the data's fault list (traces, chunks)")
     s.add_argument("--json", required=True, metavar="OUT")
     s.add_argument("--device", choices=("auto", "cpu", "cuda"))
     s.add_argument("--top-g", "-g", dest="g", type=_positive(int), help="override g (deeplog)")
