@@ -12,6 +12,8 @@ results.json, never invented):
   deeplog   bench.deeplog_eval with the demo's DeepLog model
   attgru    bench.attgru_eval (when that module exists)
   feedback  bench.feedback_eval (it trains its own DeepLog, as its command does)
+  ...       one section per bench/eval_<name>.py module: SECTION (its name), run(ctx) -> flat
+            "<SECTION>." keys, render(results) -> markdown lines, and optionally NEEDS_MODELS
 
 Models: the demo's (`make demo` trains them into .cache/demo-models once; this trains them the
 same way when missing), published into a temporary MODEL_DIR. Kafka: LOGWARDEN_KAFKA_BOOTSTRAP,
@@ -39,8 +41,22 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "bench" / "results.json"
 BENCHMARKS = REPO_ROOT / "BENCHMARKS.md"
 GENERATED_MARKER = "<!-- Everything below is written by `python -m bench.run` from bench/results.json. -->"
-SECTIONS = ("parse", "window", "detect", "e2e", "latency", "deeplog", "attgru", "feedback")
+BUILTIN_SECTIONS = ("parse", "window", "detect", "e2e", "latency", "deeplog", "attgru", "feedback")
 NEEDS_MODELS = {"detect", "e2e", "latency", "deeplog"}
+
+
+def plugin_sections() -> dict:
+    """Sections contributed by bench/eval_<name>.py modules (one per detector or study), by name."""
+    found = {}
+    for path in sorted((REPO_ROOT / "bench").glob("eval_*.py")):
+        module = importlib.import_module(f"bench.{path.stem}")
+        found[module.SECTION] = module
+    return found
+
+
+PLUGINS = plugin_sections()
+SECTIONS = BUILTIN_SECTIONS + tuple(PLUGINS)
+NEEDS_MODELS |= {name for name, module in PLUGINS.items() if getattr(module, "NEEDS_MODELS", False)}
 TARGETS = {"parse": 3.0, "e2e": 100_000, "latency_p95_ms": 250.0}
 
 
@@ -236,7 +252,8 @@ def run_sections(args, sections: list[str], previous: dict) -> list[str]:
                 load_before = os.getloadavg()
                 started = time.perf_counter()
                 try:
-                    figures = globals()[f"section_{name}"](ctx)
+                    run = PLUGINS[name].run if name in PLUGINS else globals()[f"section_{name}"]
+                    figures = run(ctx)
                 except Exception as err:              # the other sections still run
                     traceback.print_exc()
                     failed.append(name)
@@ -372,6 +389,10 @@ def render(r: dict) -> str:
     if "feedback.report" in r:
         out += ["## Feedback: DeepLog's online update", "", r.get("feedback.markdown", ""), "",
                 f"Command: `{r['feedback.report'].get('command')}` ({_when(r, 'feedback')}).", ""]
+    for name, module in PLUGINS.items():
+        if any(k.startswith(name + ".") and not k.endswith((".date", ".seconds", ".load_avg", ".error")) for k in r):
+            out += list(module.render(r))
+            out += ["", f"({_when(r, name)}.)", ""]
     return "\n".join(out) + "\n"
 
 
