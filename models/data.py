@@ -184,16 +184,17 @@ def sessions_from_logs(logs: list[str | Path], labels_csv: str | Path,
     """Labelled closed sessions from raw log files, built exactly as the stream builds them:
     each file is one host's log (host = file name without suffix), lines go through the parse
     core (same settings: LOGWARDEN_PARSE_CONFIG, the template catalog — ``templates_csv`` or
-    LOGWARDEN_TEMPLATE_CATALOG — and LOGWARDEN_FREEZE_TEMPLATES), events of all files are merged
-    in event-time order (hosts ship concurrently) and go through the window core (session gap
-    and length from the settings), and each closed session becomes a Sequence with the detect
-    stage's own ``to_sequence``. Sessions whose key has no label are left out (counted)."""
+    LOGWARDEN_TEMPLATE_CATALOG — and LOGWARDEN_FREEZE_TEMPLATES), events of all files go through
+    the session book in the stream's event-time order (services.cores.sessions.EVENT_ORDER;
+    session gap and length from the settings), and each closed session becomes a Sequence with
+    the sessions stage's own ``closed_sequence``. Sessions whose key has no label are left out
+    (counted)."""
     from models.artifacts import sha256_file
-    from services.cores.detect import to_sequence
+    from services.cores.detect import closed_sequence
     from services.cores.parse import ParseConfig, ParseCore, ParseError, load_catalog
+    from services.cores.sessions import SessionConfig, sessions_in_order
     from services.records import Source
     from services.settings import SettingsError, load_settings
-    from services.cores.window import WindowCore
 
     settings = load_settings()
     labels = read_block_labels(labels_csv)
@@ -206,7 +207,7 @@ def sessions_from_logs(logs: list[str | Path], labels_csv: str | Path,
     except SettingsError as err:
         raise UsageError(str(err)) from None
     events, sources = [], []
-    for order, path in enumerate(paths):
+    for path in paths:
         host, offset, lines, unparsed = path.stem, 0, 0, 0
         with open(path, "rb") as fh:
             for number, raw in enumerate(fh):
@@ -218,27 +219,22 @@ def sessions_from_logs(logs: list[str | Path], labels_csv: str | Path,
                     continue
                 lines += 1
                 try:
-                    parsed = parser.parse(line, host, source, 0.0)
+                    events += parser.parse(line, host, source, 0.0)
                 except ParseError:
                     unparsed += 1         # the stream sends these to the dead-letter topic
-                    continue
-                events += [(e.timestamp, order, number, e) for e in parsed]
         sources.append({"path": str(path.resolve()), "sha256": sha256_file(path), "lines": lines,
                         "unparsed_lines": unparsed, "role": "log"})
-    events.sort(key=lambda item: item[:3])
-    windows = WindowCore(window_size=settings.window_size, session_gap_s=session_gap_s or settings.session_gap_s,
-                         session_max_events=settings.session_max_events, sliding=False)
-    closed = [w for _, _, _, event in events for w in windows.process(event, 0.0)]
-    closed += windows.close_all()
+    config = SessionConfig(window_size=settings.window_size, session_gap_s=session_gap_s or settings.session_gap_s,
+                           session_max_events=settings.session_max_events, idle_close_s=1e18,
+                           time_window_s=settings.time_window_s)
+    closed = [c for c in sessions_in_order(events, config) if not c.session.time_window]
     sequences, session_labels, unlabelled = [], [], 0
-    for window in closed:
-        if window.kind != "session":
-            continue
-        if window.key not in labels:
+    for c in closed:
+        if c.session.key not in labels:
             unlabelled += 1
             continue
-        sequences.append(to_sequence(window))
-        session_labels.append(labels[window.key])
+        sequences.append(closed_sequence(c))
+        session_labels.append(labels[c.session.key])
     if not sequences:
         raise UsageError(f"no session of {', '.join(map(str, paths))} has a label in {labels_csv}")
     sources.append({"path": str(Path(labels_csv).resolve()), "sha256": sha256_file(labels_csv),

@@ -27,7 +27,7 @@ COMMANDS = {
     "topics": "services.shell:topics_main",
 }
 
-STAGES = ("parse", "window", "detect", "feedback", "all")
+STAGES = ("parse", "sessions", "feedback", "all")
 DETECTORS = ("deeplog", "attgru", "tracelstm", "anofusion", "hades")   # models.artifacts.DETECTORS
 
 
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--follow", action="store_true", help="keep reading appended lines, like tail -F")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    s = sub.add_parser("run", help="run a stage (parse, window, detect, feedback) or all of them")
+    s = sub.add_parser("run", help="run a stage (services/stages.py has the dataflow) or all of them")
     s.add_argument("stage", choices=STAGES)
     s.add_argument("--exit-when-idle", type=_positive(float), metavar="S",
                    help="stop after S seconds without input (batch replays, tests)")

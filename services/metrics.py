@@ -19,6 +19,8 @@ DEADLETTERS = Counter("logwarden_deadletter_total", "records sent to the dead-le
 COMMITS = Counter("logwarden_commits_total", "offset commits after acknowledged outputs", ["stage"])
 CONSUMER_LAG = Gauge("logwarden_consumer_lag", "messages behind the partition end, summed over the stage's partitions",
                      ["stage", "topic"])
+STATE_RESTORES = Counter("logwarden_state_restores_total", "partitions whose state was restored from the changelog", ["stage"])
+CHANGELOG_RECORDS = Counter("logwarden_changelog_records_total", "state changes written to the changelog", ["stage"])
 BATCH_SECONDS = Histogram("logwarden_batch_seconds", "time to process one consumed batch", ["stage"],
                           buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 
@@ -31,8 +33,13 @@ NEW_TEMPLATES = Counter("logwarden_templates_new_total", "templates mined online
 UNKNOWN_LINES = Counter("logwarden_unknown_template_lines_total", "lines matching no template of a frozen vocabulary")
 DUPLICATES = Counter("logwarden_duplicates_total", "at-least-once repeats dropped", ["stage"])
 
-# window
-OPEN_SESSIONS = Gauge("logwarden_open_sessions", "sessions open in the window stage")
+# sessions (window + judge)
+OPEN_SESSIONS = Gauge("logwarden_open_sessions", "sessions open in the sessions stage")
+REORDER_BUFFERED = Gauge("logwarden_reorder_buffered_events", "events held until the watermark passes them")
+WATERMARK_LAG = Gauge("logwarden_watermark_lag_seconds", "newest event time seen minus the watermark (the slowest active host)")
+LATE_EVENTS = Counter("logwarden_late_events_total", "events that arrived after the watermark had passed them (judged only in the final verdict)")
+FORCED_RELEASES = Counter("logwarden_forced_releases_total", "events judged before the watermark passed them (reorder buffer full)")
+RETRACTIONS = Counter("logwarden_early_alerts_retracted_total", "early alerts whose anomaly the final verdict does not hold", ["detector"])
 WINDOWS = Counter("logwarden_windows_total", "windows emitted", ["kind"])
 SESSIONS_CLOSED = Counter("logwarden_sessions_closed_total", "session windows closed", ["reason"])
 

@@ -35,6 +35,15 @@ class Settings(BaseSettings):
     alerts_topic: str = Field("logwarden.alerts", description="alerts, keyed by alert id")
     deadletter_topic: str = Field("logwarden.deadletter", description="records a stage could not process")
     feedback_topic: str = Field("logwarden.feedback", description="operator verdicts on alerts")
+    # Traces and metrics as the OpenTelemetry Collector's Kafka exporter writes them, and what
+    # logwarden makes of them (services/stages.py has the whole dataflow).
+    otlp_spans_topic: str = Field("otlp_spans", description="the Collector's spans (otlp_proto or otlp_json)")
+    otlp_metrics_topic: str = Field("otlp_metrics", description="the Collector's metrics")
+    otlp_logs_topic: str = Field("otlp_logs", description="the Collector's logs (parsed like Filebeat's lines)")
+    spans_topic: str = Field("logwarden.spans", description="decoded spans, keyed by trace id")
+    traces_topic: str = Field("logwarden.traces", description="complete traces, keyed by trace id")
+    timeline_topic: str = Field("logwarden.timeline", description="per-entity, per-step metrics, span and log summaries, keyed by entity")
+    chunks_topic: str = Field("logwarden.chunks", description="per-entity time-window chunks of every modality, keyed by entity")
     group_prefix: str = Field("logwarden", description="consumer group = <prefix>.<stage>")
     instance_id: str | None = Field(
         None, description="static group membership (stages with fixed topics): a restarted stage "
@@ -61,10 +70,21 @@ class Settings(BaseSettings):
     freeze_templates: bool = Field(
         False, description="lines matching no catalog template get template id 'unknown' (not mined)")
     max_line_bytes: int = Field(65536, ge=64, description="longer lines go to the dead-letter topic")
+    max_line_tokens: int = Field(4096, ge=16, description="lines with more whitespace-separated tokens go to the dead-letter topic")
+    max_message_bytes: int = Field(1_000_000, ge=16_384, description="largest record a stage produces (the broker's message.max.bytes or less); a larger output is dead-lettered")
+    consumer_queue_mb: int = Field(32, ge=1, description="a stage's prefetched input at most (librdkafka queued.max.messages.kbytes)")
+    producer_queue_mb: int = Field(64, ge=1, description="a stage's unacknowledged output at most (queue.buffering.max.kbytes); full: the stage waits")
     window_size: int = Field(10, ge=1, description="h: events before the newest one in a sliding window (its context)")
     session_gap_s: float = Field(600.0, gt=0, description="event-time inactivity that closes a session")
     session_max_events: int = Field(5000, ge=1, description="a session this long is closed")
     idle_close_s: float = Field(5.0, gt=0, description="no input for this long closes every open session")
+    allowed_lateness_s: float = Field(
+        2.0, ge=0, description="event-time disorder tolerated: an event is judged once every active host's log has passed its time by this much")
+    host_idle_s: float = Field(30.0, gt=0, description="a host silent this long (wall clock) no longer holds the watermark back")
+    watermark_grace_s: float = Field(2.0, ge=0, description="after a partition's first event (or a restore) its watermark waits this long (wall clock) for every host to show up")
+    reorder_max_events: int = Field(100_000, ge=1, description="events a partition holds for reordering; past it the oldest are judged early")
+    max_open_sessions: int = Field(500_000, ge=1, description="open sessions per input partition; past it the least recently active is closed (evicted)")
+    sliding_windows: bool = Field(False, description="also publish a sliding window (the newest event and the h before it) per event, for subscribers")
     time_window_s: float = Field(60.0, gt=0, description="width of per-host time windows (no session key)")
     state_dir: Path = Field(Path(".run/state"), description="checkpoints of parser and window state")
 
@@ -126,6 +146,10 @@ class Settings(BaseSettings):
 
     def group(self, stage: str) -> str:
         return f"{self.group_prefix}.{stage}"
+
+    def multimodal_topics(self) -> list[str]:
+        """logwarden's own topics of traces and metrics (the otlp_* ones are the Collector's)."""
+        return [self.spans_topic, self.traces_topic, self.timeline_topic, self.chunks_topic]
 
 
 def settings_table() -> str:

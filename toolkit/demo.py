@@ -40,7 +40,7 @@ from models.data import read_block_labels, read_hdfs_100k, read_sessions, sessio
 from models.metrics import confusion
 from toolkit import localkafka
 from services import stages
-from services.records import Alert, Source
+from services.records import Alert, Source, decode
 from services.settings import REPO_ROOT, load_settings
 
 log = logging.getLogger("logwarden.demo")
@@ -112,14 +112,12 @@ def train_models(data: Path, cache: Path, demo_blocks: set[str]) -> dict[str, Pa
 
 
 def offline_sessions(settings, files: dict[str, Path]) -> dict[str, list]:
-    """Every block's closed session built by the same parse and window cores as the stream."""
+    """Every block's closed session built by the same parse core and session book as the stream
+    (its event-time order), without Kafka: what `logwarden evaluate` is given."""
     from services.cores.parse import ParseConfig, ParseCore, load_catalog
-    from services.cores.window import WindowCore
+    from services.cores.sessions import SessionConfig, sessions_in_order
 
     core = ParseCore(ParseConfig.load(settings.parse_config), catalog=load_catalog(settings.template_catalog))
-    windows = WindowCore(window_size=settings.window_size, session_gap_s=settings.session_gap_s,
-                         session_max_events=settings.session_max_events, idle_close_s=settings.idle_close_s,
-                         time_window_s=settings.time_window_s, sliding=False)
     events = []
     for host, path in files.items():
         offset = 0
@@ -130,10 +128,10 @@ def offline_sessions(settings, files: dict[str, Path]) -> dict[str, list]:
                              file_offset=offset)
                 events.extend(core.parse(line, host, src, 0.0))
                 offset += len(raw)
-    events.sort(key=lambda e: e.timestamp)
-    out = [w for e in events for w in windows.process(e, 0.0)]
-    out += windows.close_all("idle")
-    return {w.key: w for w in out if w.kind == "session"}
+    config = SessionConfig(window_size=settings.window_size, session_gap_s=settings.session_gap_s,
+                           session_max_events=settings.session_max_events, idle_close_s=1e18,
+                           time_window_s=settings.time_window_s)
+    return {c.session.key: c for c in sessions_in_order(events, config) if not c.session.time_window}
 
 
 # ------------------------------------------------------------------------------------------
@@ -160,7 +158,7 @@ class AlertPrinter(threading.Thread):
                 for msg in consumer.consume(200, timeout=0.2):
                     if msg.error():
                         continue
-                    alert = Alert.model_validate_json(msg.value())
+                    alert = decode(msg.value(), Alert)
                     if alert.status == "final":
                         self.finals[(alert.detector, alert.key)] = alert
                     if alert.status == "update":
@@ -191,7 +189,7 @@ def evaluate_batch(model: Path, detector: str, sessions: dict, labels: dict[str,
     normal = [s for k, s in sessions.items() if not labels[k]]
     abnormal = [s for k, s in sessions.items() if labels[k]]
     for name, group in (("normal", normal), ("abnormal", abnormal)):
-        (tmp / name).write_text("\n".join(" ".join(e.template_id[1:] for e in w.events) for w in group) + "\n")
+        (tmp / name).write_text("\n".join(" ".join(v.template_id[1:] for v in c.steps) for c in group) + "\n")
     out = tmp / f"{detector}.json"
     args = ["evaluate", "--detector", detector, "--model", str(model), "--normal", str(tmp / "normal"),
             "--abnormal", str(tmp / "abnormal"), "--json", str(out)]
@@ -207,10 +205,10 @@ def plot_scores(models: dict[str, Path], sessions: dict, labels: dict[str, int],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from services.cores.detect import to_sequence
+    from services.cores.detect import closed_sequence
 
     keys = sorted(sessions)
-    seqs = [to_sequence(sessions[k]) for k in keys]
+    seqs = [closed_sequence(sessions[k]) for k in keys]
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4))
     for ax, (name, model) in zip(axes, models.items()):
         verdicts = artifacts.load(model, device="cpu").score(seqs)

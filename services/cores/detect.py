@@ -1,89 +1,59 @@
-"""detect core: windows -> alerts (the GPU worker's work; its Kafka adapter is services.stages.DetectStage).
+"""The detect cores: verdicts -> alerts, for every modality. Pure (no Kafka); the adapters in
+services.stages run them.
 
-`DetectCore` is pure (windows in, alerts out; no Kafka): it turns each window into a
-`models.base.Sequence` (a sliding window's compact context Steps, then its full newest event),
-batches them across keys per detector, calls `Detector.score` — the very call evaluation makes —
-and keeps one alert per (session, detector):
+`SessionJudge` judges log sessions as the session book (services.cores.sessions) releases them
+in event time, calling `Detector.score` — the very call evaluation makes:
 
-  sliding window, anomalous  -> alert "open" at the first anomalous event, "update" after that
-                                (same alert id: stable_id(detector, session id))
-  closed session window      -> "final": the verdict on the whole session, which is exactly the
-                                batch evaluation verdict; a session that was never flagged and is
-                                normal produces no alert (only a metric)
+  released event   -> a Sequence of the up to h events before it and the event (judge_from =
+                      the event): anomalous -> alert ``open`` (the first anomaly of the session),
+                      later anomalies -> ``update`` only when a new kind of anomaly appears or the
+                      count doubles (2, 4, 8, ...), so a pager sees one alert per session
+  closed session   -> the Sequence of the whole session (complete): the final verdict, exactly
+                      evaluation's. Anomalous -> ``final``. Normal after an early alert ->
+                      ``cleared`` (the early alert is retracted; only late input can cause it)
 
-`ModelSet` serves the newest version of each detector in MODEL_DIR and reloads when a newer
-version appears (or the newest is rolled back).
+Because the book releases events in event-time order and judges each with its final history, an
+early anomaly is one the final verdict holds (same event, same reason) unless input came later
+than the allowed lateness; an early alert the final verdict does not hold is counted as a
+retraction (logwarden_early_alerts_retracted_total). Alert ids are stable_id(detector, session
+id): every record of one session and detector shares it. The judge's open-alert state lives in
+the session's own state (OpenSession.alerts), so it moves with the partition.
+
+`ModelSet` serves the newest version of each detector of a modality in MODEL_DIR and reloads
+when a newer version appears (or the newest is rolled back).
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from pathlib import Path
+
+import msgspec
 
 from models import artifacts
 from models.base import Detector, Sequence, Verdict, limit_cpu_threads, pick_device
 from services import metrics
-from services.records import (Alert, AlertEvent, ExpectedKey, KeySequence, ParsedEvent, Window,
-                              numeric_params, stable_id)
+from services.cores.sessions import Closed, Released, StepView
+from services.records import (Alert, AlertEvent, ExpectedKey, KeySequence, Source, Step, Window,
+                              stable_id, to_dict)
 
 log = logging.getLogger(__name__)
-
-
-def _context_texts(window: Window) -> list[str]:
-    texts = window.templates
-    return [step.template or texts[step.template_id] for step in window.context]
-
-
-def to_sequence(window: Window) -> Sequence:
-    """The detector's view of a window; the same function builds sequences for evaluation. A
-    sliding window's context Steps come first (their values are ``numeric_params`` of their
-    params, computed by the window stage), then its events."""
-    events, context = window.events, window.context
-    if window.kind == "sliding":
-        complete, judge_from = False, max(0, len(context) + len(events) - 1)
-    else:
-        complete, judge_from = True, 0
-    keys = [s.template_id for s in context]
-    keys += [e.template_id for e in events]
-    params = [s.values for s in context]
-    params += [numeric_params(e.params) for e in events]
-    timestamps = [s.timestamp for s in context]
-    timestamps += [e.timestamp for e in events]
-    templates = _context_texts(window) if context else []
-    templates += [e.template for e in events]
-    return Sequence(keys=keys, templates=templates, params=params, timestamps=timestamps,
-                    complete=complete, start=window.first_index == 0, judge_from=judge_from)
-
-
-def _keys(window: Window) -> list[str]:
-    return [s.template_id for s in window.context] + [e.template_id for e in window.events]
-
-
-def key_sequence(window: Window) -> KeySequence:
-    """What the detector judged, as an alert carries it for feedback's online update."""
-    texts = dict(zip(_keys(window), _context_texts(window) + [e.template for e in window.events]))
-    return KeySequence(keys=_keys(window), start=window.first_index == 0,
-                       complete=window.kind != "sliding", templates=texts)
-
-
-def session_id(window: Window) -> str:
-    if window.session_id:
-        return window.session_id
-    first = window.first_event_id or (window.events[0].event_id if window.events else "")
-    return stable_id(window.key, first)
+END = "<end>"
 
 
 class ModelSet:
-    """The newest model version of each detector found in MODEL_DIR."""
+    """The newest model version of each detector of one modality found in MODEL_DIR."""
 
-    def __init__(self, model_dir: Path, device: str = "auto", detectors: tuple[str, ...] = tuple(artifacts.DETECTORS)):
+    def __init__(self, model_dir: Path, device: str = "auto", modality: str | None = "logs",
+                 detectors: tuple[str, ...] = tuple(artifacts.DETECTORS)):
         self.model_dir = Path(model_dir)
         self.device = pick_device(device)
         if self.device == "cpu":
             limit_cpu_threads()
         self.names = detectors
+        self.modality = modality
         self.loaded: dict[str, tuple[str, Detector]] = {}   # name -> (version dir name, detector)
+        self._other: set[str] = set()                       # versions of another modality (not served here)
 
     def refresh(self) -> bool:
         """Load any detector whose newest version changed; True when something changed."""
@@ -98,12 +68,15 @@ class ModelSet:
                     del self.loaded[name]
                     changed = True
                 continue
-            if current and current[0] == newest.name:
+            if (current and current[0] == newest.name) or str(newest) in self._other:
                 continue
             try:
                 detector = artifacts.load(newest, device=self.device)
             except Exception:
                 log.exception("%s: cannot load %s; keeping the current version", name, newest)
+                continue
+            if self.modality is not None and getattr(detector, "modality", "logs") != self.modality:
+                self._other.add(str(newest))
                 continue
             if current:
                 metrics.MODEL_VERSION.labels(name, current[0]).set(0)
@@ -113,124 +86,236 @@ class ModelSet:
             changed = True
         return changed
 
+    def close(self) -> None:
+        """A stopped worker serves no model version any more."""
+        for name, (version, _) in self.loaded.items():
+            metrics.MODEL_VERSION.labels(name, version).set(0)
 
-class DetectCore:
-    def __init__(self, models: dict[str, tuple[str, Detector]], max_alerts: int = 100_000,
-                 dedup_windows: int = 200_000):
+
+# --------------------------------------------------------------------------------------------
+# sequences: the one definition, for the stream and for evaluation
+def steps_sequence(steps: list[StepView] | list[Step], templates: dict[str, str] | None = None, *,
+                   complete: bool, start: bool, judge_from: int) -> Sequence:
+    """A detector's view of events in event-time order (StepViews of the session book, or Steps
+    of a published Window with its template texts)."""
+    if templates is None:
+        texts = [s.template for s in steps]
+    else:
+        texts = [s.template or templates.get(s.template_id, "") for s in steps]
+    return Sequence(keys=[s.template_id for s in steps], templates=texts,
+                    params=[list(s.values) for s in steps], timestamps=[s.timestamp for s in steps],
+                    complete=complete, start=start, judge_from=judge_from)
+
+
+def released_sequence(r: Released) -> Sequence:
+    steps = [*r.history, r.step]
+    return steps_sequence(steps, complete=False, start=r.index == len(r.history), judge_from=len(r.history))
+
+
+def closed_sequence(c: Closed) -> Sequence:
+    return steps_sequence(c.steps, complete=True, start=True, judge_from=0)
+
+
+def window_sequence(window: Window) -> Sequence:
+    """A published window as a detector sees it (subscribers can score windows themselves)."""
+    steps = list(window.steps)
+    if window.kind == "sliding" and window.event is not None:
+        e = window.event
+        from services.records import numeric_params
+        steps.append(Step(template_id=e.template_id, timestamp=e.timestamp, values=numeric_params(e.params),
+                          template=e.template))
+        return steps_sequence(steps, window.templates, complete=False, start=window.first_index == 0,
+                              judge_from=len(steps) - 1)
+    return steps_sequence(steps, window.templates, complete=True, start=True, judge_from=0)
+
+
+def session_window(c: Closed, time_window_s: float) -> Window:
+    """A closed session (or time window) as the windows topic carries it (compact steps, each
+    template text once)."""
+    s = c.session
+    templates: dict[str, str] = {}
+    steps = []
+    for v in c.steps:
+        known = templates.setdefault(v.template_id, v.template)
+        steps.append(Step(template_id=v.template_id, timestamp=v.timestamp, values=v.values,
+                          template=None if known == v.template else v.template, host=v.host,
+                          file_offset=v.file_offset))
+    hosts = sorted({v.host for v in c.steps})
+    kind = "time" if s.time_window else "session"
+    if s.time_window:
+        start, end = s.bucket, s.bucket + time_window_s
+    else:
+        start = c.steps[0].timestamp if c.steps else None
+        end = max(v.timestamp for v in c.steps) if c.steps else None
+    return Window(window_id=stable_id(kind, s.key, s.session_id, len(steps)), kind=kind, key=s.key, hosts=hosts,
+                  steps=steps, templates=templates, session_id=s.session_id, closed_reason=c.reason,
+                  start=start, end=end, late_events=s.late)
+
+
+# --------------------------------------------------------------------------------------------
+def _expected(pairs, texts) -> list[ExpectedKey]:
+    return [ExpectedKey(template_id=k, template=texts.get(k), probability=p) for k, p in pairs]
+
+
+def _doubling(n: int) -> bool:
+    return n >= 2 and n & (n - 1) == 0
+
+
+class SessionJudge:
+    """Early and final verdicts on log sessions, and the alert records they make."""
+
+    def __init__(self, models: dict[str, tuple[str, Detector]], on_change=None):
         self.models = models
-        self.open: OrderedDict[tuple[str, str], Alert] = OrderedDict()   # (detector, session) -> alert
-        self.max_alerts = max_alerts
-        self.texts: dict[str, str] = {}                                  # template id -> text
-        self._seen: OrderedDict[str, None] = OrderedDict()               # window ids (at-least-once)
-        self._dedup_windows = dedup_windows
-        self._hosts: set[tuple[str, str]] = set()                        # (host, detector) counters made
+        self.on_change = on_change or (lambda session: None)   # a session's alert state changed
+        self.texts: dict[str, str] = {}                           # template id -> text (expected keys)
+        self._hosts: set[tuple[str, str]] = set()                 # (host, detector) counters made
 
-    def _fresh(self, window: Window) -> bool:
-        if window.window_id in self._seen:
-            return False
-        self._seen[window.window_id] = None
-        if len(self._seen) > self._dedup_windows:
-            self._seen.popitem(last=False)
-        return True
-
-    def process(self, windows: list[Window], now: float | None = None) -> list[Alert]:
-        windows = [w for w in windows if w.events and self._fresh(w)]
-        texts = self.texts
-        for w in windows:
-            for template_id, text in w.templates.items():   # first text of each context id
-                texts.setdefault(template_id, text)
-            for e in w.events:
-                texts.setdefault(e.template_id, e.template)
+    def judge(self, actions: list[Released | Closed], now: float | None = None) -> list[Alert]:
+        released = [a for a in actions if type(a) is Released]
+        closed = [a for a in actions if type(a) is Closed]
+        now = time.time() if now is None else now
         alerts: list[Alert] = []
-        if not windows:
-            return alerts
-        sequences = [to_sequence(w) for w in windows]
-        for name, (version, detector) in self.models.items():
-            started = time.perf_counter()
-            verdicts = detector.score(sequences)
-            metrics.SCORE_SECONDS.labels(name).observe(time.perf_counter() - started)
-            kinds: dict[str, int] = {}
-            for window, verdict in zip(windows, verdicts):
-                kinds[window.kind] = kinds.get(window.kind, 0) + 1
-                for host in window.hosts:
-                    if (host, name) not in self._hosts:
-                        # The anomaly counter of a host exists at 0 from its first window:
-                        # rate() ignores a series' first sample, so a series born at its first
-                        # anomaly would hide that anomaly from the spike alert.
-                        self._hosts.add((host, name))
-                        metrics.ANOMALIES.labels(host, name)
-                alert = self._alert(name, version, window, verdict, now or time.time())
-                if alert:
-                    alerts.append(alert)
-            for kind, n in kinds.items():
-                metrics.WINDOWS_SCORED.labels(name, kind).inc(n)
+        for r in released:
+            self.texts.setdefault(r.step.template_id, r.step.template)
+        if released:
+            sequences = [released_sequence(r) for r in released]
+            for name, (version, detector) in self.models.items():
+                started = time.perf_counter()
+                verdicts = detector.score(sequences)
+                metrics.SCORE_SECONDS.labels(name).observe(time.perf_counter() - started)
+                metrics.WINDOWS_SCORED.labels(name, "event").inc(len(released))
+                for r, seq, verdict in zip(released, sequences, verdicts):
+                    if verdict.anomalous:
+                        alert = self._early(name, version, r, seq, verdict, now)
+                        if alert is not None:
+                            alerts.append(alert)
+        if closed:
+            sequences = [closed_sequence(c) for c in closed]
+            for name, (version, detector) in self.models.items():
+                started = time.perf_counter()
+                verdicts = detector.score(sequences)
+                metrics.SCORE_SECONDS.labels(name).observe(time.perf_counter() - started)
+                metrics.WINDOWS_SCORED.labels(name, "session").inc(len(closed))
+                for c, seq, verdict in zip(closed, sequences, verdicts):
+                    alert = self._final(name, version, c, seq, verdict, now)
+                    if alert is not None:
+                        alerts.append(alert)
         return alerts
 
     # ------------------------------------------------------------------------------------
-    def _alert(self, name: str, version: str, window: Window, verdict: Verdict, now: float) -> Alert | None:
-        sid = session_id(window)
-        slot = (name, sid)
-        previous = self.open.get(slot)
-        closed = window.kind != "sliding"
-        if closed:
-            self.open.pop(slot, None)
-            metrics.SESSIONS_JUDGED.labels(name, "anomalous" if verdict.anomalous else "normal").inc()
-            if not verdict.anomalous and previous is None:
-                return None
-            status = "final"
+    def _count_host(self, host: str, name: str) -> None:
+        if (host, name) not in self._hosts:
+            # The anomaly counter of a host exists at 0 from its first window: rate() ignores a
+            # series' first sample, so a series born at its first anomaly would hide it.
+            self._hosts.add((host, name))
+            metrics.ANOMALIES.labels(host, name)
+
+    def _early(self, name, version, r: Released, seq: Sequence, verdict: Verdict, now: float) -> Alert | None:
+        session = r.session
+        state = (session.alerts or {}).get(name)
+        first = verdict.anomalies[0] if verdict.anomalies else None
+        kind = first.kind if first else "window"
+        hosts = sorted({h.host for h in r.history} | {r.step.host} | set(state["hosts"] if state else ()))
+        for h in hosts:
+            self._count_host(h, name)
+        if state is None:
+            source = r.step.source()
+            source.kafka_timestamp = r.kafka_timestamp
+            state = {"first": {"position": r.index, "kind": kind, "template_id": r.step.template_id,
+                               "template": r.step.template, "message": r.message, "timestamp": r.step.timestamp,
+                               "source": to_dict(source),
+                               "observed": first.observed if first else r.step.template_id,
+                               "expected": [list(p) for p in (first.expected if first else [])],
+                               "window": [s.template_id for s in r.history]},
+                     "count": 1, "kinds": [kind], "hosts": hosts, "score": float(verdict.score), "updates": 0}
+            session.alerts = {**(session.alerts or {}), name: state}
+            self.on_change(session)
+            metrics.ANOMALIES.labels(hosts[0] if hosts else "", name).inc()
+            metrics.ANOMALOUS_TEMPLATES.labels(name, r.step.template_id).inc()
+            status = "open"
         else:
-            if not verdict.anomalous:
+            state["count"] += 1
+            state["score"] = max(state["score"], float(verdict.score))
+            state["hosts"] = hosts
+            new_kind = kind not in state["kinds"]
+            if new_kind:
+                state["kinds"].append(kind)
+            self.on_change(session)
+            if not (new_kind or _doubling(state["count"])):
                 return None
-            status = "update" if previous else "open"
-        alert = self._build(name, version, window, verdict, status, previous, now)
-        if not closed:
-            self.open[slot] = alert
-            if len(self.open) > self.max_alerts:       # sessions that never closed: forget the oldest
-                self.open.popitem(last=False)
-        if verdict.anomalous and previous is None:
-            metrics.ANOMALIES.labels(alert.hosts[0] if alert.hosts else "", name).inc()
-            metrics.ANOMALOUS_TEMPLATES.labels(name, alert.first_anomaly.template_id).inc()
+            state["updates"] += 1
+            status = "update"
         metrics.ALERTS.labels(name, status).inc()
-        return alert
+        return self._alert(name, version, session.key, session.session_id, status, True, state, verdict,
+                           seq, now, complete=False)
 
-    def _key(self, template_id: str, probability: float | None = None, known: dict | None = None) -> ExpectedKey:
-        # known: texts the detector has for keys this stream has not shown yet (its vocabulary)
-        text = self.texts.get(template_id) or (known or {}).get(template_id)
-        return ExpectedKey(template_id=template_id, template=text, probability=probability)
-
-    def _build(self, name, version, window: Window, verdict: Verdict, status, previous: Alert | None,
-               now: float) -> Alert:
-        # Positions count the context Steps first, then the full events (as to_sequence lists
-        # them); detectors judge only from judge_from (the newest event of a sliding window), so
-        # the anomalous event is a full one.
-        events, skipped = window.events, len(window.context)
-        last = skipped + len(events) - 1
-        if verdict.anomalies:
-            first = verdict.anomalies[0]
-            pos = max(skipped, min(first.position, last))   # position last + 1 = the session end
-            kind, expected, observed = first.kind, first.expected, first.observed
-            details = dict(first.details)
-        else:                                               # a cleared alert: nothing anomalous
-            pos, kind, expected, observed, details = last, "none", [], events[-1].template_id, {}
-        details.update({k: v for k, v in verdict.details.items() if k not in details})
-        event: ParsedEvent = events[pos - skipped]
-        anomaly_event = event if previous is None or status == "final" else None
-        if anomaly_event is None:      # an update keeps the first anomalous event of the alert
-            first_event = previous.first_anomaly
+    def _final(self, name, version, c: Closed, seq: Sequence, verdict: Verdict, now: float) -> Alert | None:
+        session = c.session
+        state = (session.alerts or {}).get(name)
+        metrics.SESSIONS_JUDGED.labels(name, "anomalous" if verdict.anomalous else "normal").inc()
+        if state is not None:
+            early = (state["first"]["position"], state["first"]["kind"])
+            if not any((a.position, a.kind) == early for a in verdict.anomalies) or not verdict.anomalous:
+                metrics.RETRACTIONS.labels(name).inc()
+        if not verdict.anomalous:
+            if state is None:
+                return None
+            metrics.ALERTS.labels(name, "cleared").inc()
+            return self._alert(name, version, session.key, session.session_id, "cleared", False, state, verdict,
+                               seq, now, complete=True)
+        hosts = sorted({v.host for v in c.steps})
+        for h in hosts:
+            self._count_host(h, name)
+        if state is None:
+            metrics.ANOMALIES.labels(hosts[0] if hosts else "", name).inc()
+        confirmed = state is not None and any((a.position, a.kind) == (state["first"]["position"], state["first"]["kind"])
+                                              for a in verdict.anomalies)
+        if not confirmed:
+            first = verdict.anomalies[0] if verdict.anomalies else None
+            pos = min(first.position, len(c.steps) - 1) if first else len(c.steps) - 1
+            step = c.steps[pos] if c.steps else None
+            at_end = first is not None and first.position >= len(c.steps)
+            state = {"first": {"position": first.position if first else pos, "kind": first.kind if first else "window",
+                               "template_id": END if at_end else (step.template_id if step else END),
+                               "template": "the end of the session" if at_end else (step.template if step else ""),
+                               # the line itself is kept only for an event judged while the session was
+                               # open; the source says where to find this one
+                               "message": "",
+                               "timestamp": step.timestamp if step else 0.0,
+                               "source": to_dict(step.source()) if step else None,
+                               "observed": first.observed if first else "",
+                               "expected": [list(p) for p in (first.expected if first else [])],
+                               "window": [s.template_id for s in c.steps[max(0, pos - 10):pos]]},
+                     "count": len(verdict.anomalies), "kinds": sorted({a.kind for a in verdict.anomalies}),
+                     "hosts": hosts, "score": float(verdict.score), "updates": (state or {}).get("updates", 0)}
         else:
-            first_event = AlertEvent(position=window.first_index + pos, template_id=event.template_id,
-                                     template=event.template, message=event.message,
-                                     timestamp=event.timestamp, source=event.source)
-        count = (previous.anomalies + 1) if previous and status != "final" else max(1, len(verdict.anomalies))
+            state = {**state, "count": max(1, len(verdict.anomalies)), "hosts": hosts, "score": float(verdict.score)}
+        metrics.ALERTS.labels(name, "final").inc()
+        return self._alert(name, version, session.key, session.session_id, "final", True, state, verdict,
+                           seq, now, complete=True)
+
+    def _alert(self, name, version, key, session_id, status, anomalous, state, verdict: Verdict, seq: Sequence,
+               now: float, complete: bool) -> Alert:
+        f = state["first"]
+        src = f.get("source")
+        source = msgspec.convert(src, Source) if src else None
+        first = verdict.anomalies[0] if verdict.anomalies else None
+        details = dict(first.details) if first else {}
+        details.update({k: v for k, v in verdict.details.items() if k not in details})
+        texts = self.texts
+        known = details.get("expected_templates") or {}
+        expected = [ExpectedKey(template_id=k, template=texts.get(k) or known.get(k), probability=p)
+                    for k, p in f["expected"]]
+        severity = ("critical" if status == "final" else "warning") if anomalous else "info"
+        keys = seq.keys
+        templates = dict(zip(keys, seq.templates or []))
         return Alert(
-            alert_id=stable_id(name, session_id(window)), status=status, detector=name,
-            model_version=version, key=window.key,
-            hosts=sorted(set(window.hosts) | set(previous.hosts if previous else [])),
-            anomalous=verdict.anomalous,
-            severity="critical" if status == "final" and verdict.anomalous else ("warning" if verdict.anomalous else "info"),
-            score=float(verdict.score), kind=kind, first_anomaly=first_event,
-            expected=[self._key(k, p, details.get("expected_templates")) for k, p in expected],
-            observed=self._key(observed),
-            window=[self._key(k) for k in _keys(window)[max(0, pos - 10):pos]],
-            anomalies=count, event_time=event.timestamp, detection_time=now, details=details,
-            sequence=key_sequence(window))
+            alert_id=stable_id(name, session_id), status=status, detector=name, model_version=version, key=key,
+            hosts=state["hosts"], anomalous=anomalous, severity=severity, score=float(verdict.score),
+            kind=f["kind"],
+            first_anomaly=AlertEvent(position=f["position"], template_id=f["template_id"], template=f["template"],
+                                     message=f["message"], timestamp=f["timestamp"], source=source),
+            observed=ExpectedKey(template_id=f["observed"], template=texts.get(f["observed"])),
+            expected=expected, window=[ExpectedKey(template_id=k, template=texts.get(k)) for k in f["window"][-10:]],
+            anomalies=state["count"], event_time=f["timestamp"], detection_time=now, details=details,
+            sequence=KeySequence(keys=list(keys), start=seq.start, complete=complete, templates=templates))
