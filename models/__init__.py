@@ -1,3 +1,7 @@
-"""Detectors, one file each (deeplog.py, attgru.py), behind the interface in base.py.
-Training, evaluation and the detect stage all call the same Detector.score, so a verdict in the
-stream equals the verdict in evaluation."""
+"""The detectors (one file each), their interface (base.py), artifacts, data readers and CLI."""
+import sys
+
+# torch's optimizers look for triton (a GPU kernel compiler for torch.compile, which logwarden
+# never calls); once imported, triton's nanobind bindings print hundreds of "leaked" lines when
+# the interpreter exits. Keep it out unless something imported it before us.
+sys.modules.setdefault("triton", None)

@@ -148,13 +148,13 @@ class Closed:
 
 class OpenSession:
     """An open session: released events as framed msgpack rows, their ids, the judge's alerts."""
-    __slots__ = ("slot", "key", "session_id", "first_ts", "last_ts", "rows", "ids", "n", "late",
+    __slots__ = ("slot", "key", "sid", "first_ts", "last_ts", "rows", "ids", "n", "late",
                  "alerts", "bucket", "serial", "time_window")
 
     def __init__(self, slot: str, key: str, session_id: str, serial: int, bucket: float | None = None):
         self.slot = slot                 # state key: the session key, or host + window start
-        self.key = key                   # session key (or host, for a time window)
-        self.session_id = session_id
+        self.key = slot if key == slot else key   # session key (or host, for a time window)
+        self.sid = bytes.fromhex(session_id)      # stable_id(...) is 16 hex digits
         self.first_ts = math.nan
         self.last_ts = -math.inf
         self.rows = bytearray()
@@ -165,6 +165,10 @@ class OpenSession:
         self.bucket = bucket             # time windows: their start
         self.serial = serial
         self.time_window = bucket is not None
+
+    @property
+    def session_id(self) -> str:
+        return self.sid.hex()
 
 
 def _event_id_bytes(event_id: str) -> bytes:
@@ -373,6 +377,9 @@ class SessionBook:
             self._buffered_offsets.discard(entry[2])
             if entry[0][0] > self._watermark:
                 self._watermark = entry[0][0]
+                # what the event-time frontier has passed closes before the event joins: the
+                # same interleaving of releases and closes whatever the batch boundaries
+                out += self._close_expired()
             out += self._apply(entry)
         if limit != math.inf and limit > self._watermark:
             self._watermark = limit
@@ -389,13 +396,15 @@ class SessionBook:
         if session is not None and keyed and ts - session.last_ts > self.config.session_gap_s:
             out.append(self._close(slot, "gap"))
             session = None
-        if session is None:
+        opened = session is None
+        if opened:
             session = self._open(slot, key, event_id, None if keyed else float(slot.rsplit("\x00", 1)[1]))
-            out += self._evict()
         index = session.n
         history = self._tail(session)
         step = self._append(session, ts, tidx, hidx, topic_idx, pidx, file_offset, partition, logs_offset, values, eid)
         out.append(Released(session, index, history, step, message, event_id, kafka_ts))
+        if opened:
+            out += self._evict(keep=slot)
         if session.n >= self.config.session_max_events:
             out.append(self._close(slot, "max_events"))
         return out
@@ -542,11 +551,11 @@ class SessionBook:
                 heapq.heappush(heap, (when, slot, serial))
         return [self._close(slot, reason) for _, slot, reason in sorted(due)]
 
-    def _evict(self) -> list[Closed]:
+    def _evict(self, keep: str) -> list[Closed]:
         over = len(self.sessions) - self.config.max_open_sessions
         if over <= 0:
             return []
-        oldest = sorted(self.sessions.values(), key=lambda s: (s.last_ts, s.slot))[:over]
+        oldest = sorted((s for s in self.sessions.values() if s.slot != keep), key=lambda s: (s.last_ts, s.slot))[:over]
         return [self._close(s.slot, "evicted") for s in oldest]
 
     # ---------------------------------------------------------------------------------------
