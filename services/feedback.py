@@ -21,10 +21,10 @@ import logging
 import time
 import uuid
 
-from pydantic import ValidationError
+import msgspec
 
 from services.cores.feedback import UPDATABLE
-from services.records import Alert, Feedback
+from services.records import Alert, Feedback, decode, encode
 from services.settings import Settings, UsageError, load_settings
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,8 @@ def find_alert(settings: Settings, alert_id: str, timeout: float = 30.0) -> Aler
                     continue
                 if msg.key() == wanted:
                     try:
-                        found = Alert.model_validate_json(msg.value() or b"")
-                    except ValidationError:
+                        found = decode(msg.value() or b"", Alert)
+                    except (msgspec.DecodeError, RecursionError):
                         log.warning("%s[%d]@%d: a record keyed %s that is not an alert", topic,
                                     msg.partition(), msg.offset(), alert_id)
             # By position, not by the last offset seen: the end can be a gap (deleted records).
@@ -88,7 +88,7 @@ def send(settings: Settings, fb: Feedback) -> tuple[int, int]:
     ensure_topics(settings)
     producer = Producer(producer_config(settings, **{"linger.ms": 0}))
     delivered: dict = {}
-    producer.produce(settings.feedback_topic, fb.model_dump_json().encode(), fb.alert_id,
+    producer.produce(settings.feedback_topic, encode(fb), fb.alert_id,
                      on_delivery=lambda err, msg: delivered.update(err=err, msg=msg))
     producer.flush(30)
     if delivered.get("err") is not None or "msg" not in delivered:

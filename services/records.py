@@ -304,3 +304,40 @@ def to_dict(record) -> dict:
 
 def schema(record_type: type) -> dict:
     return msgspec.json.schema(record_type)
+
+
+# --------------------------------------------------------------------------------------------
+# published JSON Schemas: schemas/<name>.v<SCHEMA_VERSION>.json, one per record on a topic
+SCHEMAS = {"filebeat": FilebeatDoc, "event": ParsedEvent, "window": Window, "alert": Alert,
+           "deadletter": DeadLetter, "feedback": Feedback}
+
+
+def published_schema(name: str) -> dict:
+    """The JSON Schema of a record as schemas/ holds it (field names as on the wire)."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": f"https://logwarden.invalid/schemas/{name}.v{SCHEMA_VERSION}.json", **schema(SCHEMAS[name])}
+
+
+def write_schemas(directory) -> list:
+    import json
+    from pathlib import Path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in SCHEMAS:
+        path = directory / f"{name}.v{SCHEMA_VERSION}.json"
+        path.write_text(json.dumps(published_schema(name), indent=2, sort_keys=True) + "\n")
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    import sys
+
+    from services.settings import REPO_ROOT
+
+    if sys.argv[1:] != ["--write-schemas"]:
+        sys.exit("usage: python -m services.records --write-schemas")
+    for written_path in write_schemas(REPO_ROOT / "schemas"):
+        print(written_path)

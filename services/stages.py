@@ -52,13 +52,6 @@ def classify_envelope(value: bytes) -> tuple[str, str] | FilebeatDoc:
         return _filebeat.decode(value)
     except RecursionError:
         return "too_deep", "JSON nested deeper than the decoder follows"
-    except msgspec.DecodeError as err:
-        text = str(err)
-        if "UTF-8" in text:
-            return "not_utf8", "invalid UTF-8"
-        if "truncated" in text:
-            return "truncated_json", "the JSON ends before it is complete"
-        return "not_json", f"not JSON: {text[:120]}"
     except msgspec.ValidationError as err:
         text = str(err)
         if text.startswith("Expected `object`, got"):
@@ -74,6 +67,13 @@ def classify_envelope(value: bytes) -> tuple[str, str] | FilebeatDoc:
         if "$.host" in text or "missing required field `host`" in text:
             return "bad_host", f"host.name: {text[:120]}"
         return "bad_envelope", text[:200]
+    except msgspec.DecodeError as err:          # (ValidationError is one too: caught above)
+        text = str(err)
+        if "UTF-8" in text:
+            return "not_utf8", "invalid UTF-8"
+        if "truncated" in text:
+            return "truncated_json", "the JSON ends before it is complete"
+        return "not_json", f"not JSON: {text[:120]}"
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")   # not \t \n \r: multiline stack traces

@@ -28,7 +28,8 @@ class IsolatedSettings(Settings):
         return f"logs.{self.host(name)}"
 
     def owned_topic(self, topic: str) -> bool:
-        return topic.startswith(f"{self.test_id}.") or topic.startswith(f"logs.{self.test_id}-")
+        return (topic.startswith(f"{self.test_id}.") or topic.startswith(f"logs.{self.test_id}-")
+                or topic.startswith(f"{self.group_prefix}."))       # changelogs: <group>-changelog
 
 
 def isolated_settings(bootstrap: str, **overrides) -> IsolatedSettings:
@@ -42,6 +43,13 @@ def isolated_settings(bootstrap: str, **overrides) -> IsolatedSettings:
         "alerts_topic": f"{test_id}.alerts",
         "deadletter_topic": f"{test_id}.deadletter",
         "feedback_topic": f"{test_id}.feedback",
+        "otlp_spans_topic": f"{test_id}.otlp_spans",
+        "otlp_metrics_topic": f"{test_id}.otlp_metrics",
+        "otlp_logs_topic": f"{test_id}.otlp_logs",
+        "spans_topic": f"{test_id}.spans",
+        "traces_topic": f"{test_id}.traces",
+        "timeline_topic": f"{test_id}.timeline",
+        "chunks_topic": f"{test_id}.chunks",
         "group_prefix": test_id,
     }
     return IsolatedSettings(**(values | overrides))

@@ -12,7 +12,10 @@ import jsonschema
 import pytest
 
 from services import alerts
-from services.records import SCHEMA_VERSION, Alert, AlertEvent, ExpectedKey, KeySequence, Source, stable_id
+import msgspec
+
+from services.records import (SCHEMAS, SCHEMA_VERSION, Alert, AlertEvent, ExpectedKey, KeySequence, Source,
+                              encode, published_schema, stable_id)
 from tests.kafkautil import produce_values
 from tests.streamutil import REPO, settings_env
 
@@ -48,19 +51,25 @@ def make_alert(n: int, hosts: list[str], detector: str = "deeplog", status: str 
 
 # --------------------------------------------------------------------------------------------
 # schema
-def test_schema_file_is_the_alert_model_schema_of_this_schema_version():
-    path = REPO / "schemas" / f"alert.v{SCHEMA_VERSION}.json"
-    assert path == alerts.SCHEMA_PATH
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_each_schema_file_is_its_records_schema_of_this_schema_version(name):
+    path = REPO / "schemas" / f"{name}.v{SCHEMA_VERSION}.json"
     on_disk = json.loads(path.read_text())
-    assert on_disk == alerts.alert_schema(), (
-        "schemas/ disagrees with services.records.Alert: run `python -m services.alerts --write-schema` "
-        "(and bump SCHEMA_VERSION if old readers cannot read the new record)")
+    assert on_disk == published_schema(name), (
+        f"schemas/ disagrees with services.records.{SCHEMAS[name].__name__}: run "
+        "`python -m services.records --write-schemas` (and bump SCHEMA_VERSION if old readers cannot read the new record)")
+    assert alerts.SCHEMA_PATH == REPO / "schemas" / f"alert.v{SCHEMA_VERSION}.json"
+
+
+def test_no_stale_schema_files():
+    wanted = {f"{name}.v{SCHEMA_VERSION}.json" for name in SCHEMAS}
+    assert {p.name for p in (REPO / "schemas").glob("*.json")} == wanted
 
 
 def test_alert_records_as_produced_validate_against_the_schema_file_and_broken_ones_do_not():
     schema = json.loads(alerts.SCHEMA_PATH.read_text())
     validator = jsonschema.Draft202012Validator(schema)
-    wire = json.loads(make_alert(1, ["dn1", "dn2"]).model_dump_json(by_alias=True))
+    wire = json.loads(encode(make_alert(1, ["dn1", "dn2"])))
     assert not list(validator.iter_errors(wire))
     assert wire["first_anomaly"]["source"]["log.file.path"] == "/var/log/hadoop/dn1.log"   # wire names
 
@@ -100,16 +109,16 @@ def test_readable_block_says_what_where_and_what_was_expected():
 
 
 def test_readable_block_names_the_session_end_and_keys_without_text():
-    alert = make_alert(1, ["dn1"]).model_copy(update={"expected": [
-        ExpectedKey(template_id="<end>", probability=0.6), ExpectedKey(template_id="T3fa9", probability=0.2)]})
+    alert = msgspec.structs.replace(make_alert(1, ["dn1"]), expected=[
+        ExpectedKey(template_id="<end>", probability=0.6), ExpectedKey(template_id="T3fa9", probability=0.2)])
     lines = alerts.format_alert(alert).splitlines()
     assert any("<end>" in line and "(end of session)" in line for line in lines)
     assert any("T3fa9" in line and "(template text unknown)" in line for line in lines)
 
 
 def test_json_rendering_is_one_line_and_keeps_fields_a_newer_producer_added():
-    raw = json.loads(make_alert(1, ["dn1"]).model_dump_json(by_alias=True)) | {"added_later": {"x": 1}}
-    line = alerts.render(Alert.model_validate(raw), raw, as_json=True)
+    raw = json.loads(encode(make_alert(1, ["dn1"]))) | {"added_later": {"x": 1}}
+    line = alerts.render(msgspec.convert(raw, Alert), raw, as_json=True)
     assert "\n" not in line and json.loads(line) == raw
 
 
@@ -123,8 +132,8 @@ def test_filters_match_any_given_host_and_the_detector(hosts, detector, expected
 
 # --------------------------------------------------------------------------------------------
 # through the broker
-def _wire(alert: Alert) -> str:
-    return alert.model_dump_json(by_alias=True)
+def _wire(alert: Alert) -> bytes:
+    return encode(alert)
 
 
 def _produce_alerts(settings, produced: list[Alert]) -> None:

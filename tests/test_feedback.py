@@ -19,8 +19,8 @@ from services import stages
 from services.alerts import reader as alerts_reader
 from services.cores.feedback import FeedbackCore, FeedbackError
 from services.stages import FeedbackStage
-from services.records import Alert, Feedback, KeySequence, ParsedEvent, Source, Window, stable_id
-from services.shell import BadRecord, Record
+from services.records import Alert, Feedback, KeySequence, ParsedEvent, Source, decode, encode, stable_id
+from services.shell import Record, Reject
 from tests.kafkautil import produce_values
 from tests.streamutil import REPO, settings_env, wait_until
 
@@ -124,16 +124,14 @@ def test_stage_dead_letters_bad_records_and_counts_applied_feedback(tmp_path, ka
     def record(value: bytes) -> Record:
         return Record("fb", 0, 0, None, value, 0)
 
-    with pytest.raises(BadRecord) as bad:
-        stage.handle(record(b'{"alert_id": "x"}'))
-    assert bad.value.reason == "bad_feedback" and "verdict" in bad.value.detail
-    with pytest.raises(BadRecord) as unusable:
-        stage.handle(record(false_positive(["E5"], {"E5": "t"}).model_dump_json().encode()))
-    assert unusable.value.reason == "no_model"
+    (bad,) = stage.process([record(b'{"alert_id": "x"}')])
+    assert isinstance(bad, Reject) and bad.reason == "bad_feedback" and "verdict" in bad.detail
+    (unusable,) = stage.process([record(encode(false_positive(["E5"], {"E5": "t"})))])
+    assert unusable.reason == "no_model"
     labels = {"detector": "deeplog", "verdict": "true_positive"}
     before = REGISTRY.get_sample_value("logwarden_feedback_total", labels) or 0
     tp = Feedback(alert_id="a", verdict="true_positive", detector="deeplog", time=1)
-    assert stage.handle(record(tp.model_dump_json().encode())) == []
+    assert stage.process([record(encode(tp))]) == []
     assert REGISTRY.get_sample_value("logwarden_feedback_total", labels) == before + 1
 
 
@@ -147,19 +145,17 @@ def kafka_settings_free():
 
 # --------------------------------------------------------------------------------------------
 # through the broker
-def session_window(key: str, keys: list[str], templates: dict[str, str], host: str = "dn1") -> Window:
-    events = [ParsedEvent(event_id=stable_id(key, i), key=key, keys=[key], timestamp=1226262918.0 + i,
-                          template_id=k, template=templates.get(k, k), message=f"event {i} of {key}: {k}",
-                          source=Source(host=host, topic=f"logs.{host}", partition=0, offset=i,
-                                        file_path=f"/var/log/hadoop/{host}.log", file_offset=100 * i))
-              for i, k in enumerate(keys)]
-    return Window(window_id=stable_id("session", key, events[0].event_id, events[-1].event_id),
-                  session_id=stable_id(key, events[0].event_id), kind="session", key=key, hosts=[host],
-                  events=events, closed_reason="idle")
+def session_events(key: str, keys: list[str], templates: dict[str, str], host: str = "dn1") -> list[ParsedEvent]:
+    return [ParsedEvent(event_id=stable_id(host, key, i), key=key, keys=[key], timestamp=1226262918.0 + i,
+                        level="INFO", component="dfs.DataNode", template_id=k, template=templates.get(k, k), params=[],
+                        message=f"event {i} of {key}: {k}",
+                        source=Source(host=host, topic=f"logs.{host}", partition=0, offset=i,
+                                      file_path=f"/var/log/hadoop/{host}.log", file_offset=100 * i))
+            for i, k in enumerate(keys)]
 
 
-def alert_id_of(window: Window) -> str:
-    return stable_id("deeplog", window.session_id)
+def alert_id_of(events: list[ParsedEvent]) -> str:
+    return stable_id("deeplog", stable_id(events[0].key, events[0].event_id))
 
 
 class AlertCollector(threading.Thread):
@@ -175,7 +171,7 @@ class AlertCollector(threading.Thread):
             while not self.stop.is_set():
                 for msg in consumer.consume(100, timeout=0.2):
                     if not msg.error():
-                        alert = Alert.model_validate_json(msg.value())
+                        alert = decode(msg.value(), Alert)
                         self.alerts.setdefault(alert.alert_id, []).append(alert)
         finally:
             consumer.close()
@@ -200,24 +196,28 @@ def test_false_positive_fed_back_through_kafka_is_not_flagged_by_the_reloaded_mo
         trained, kafka_settings, tmp_path):
     model, templates, keys = trained
     settings = kafka_settings.model_copy(update={
-        "model_dir": tmp_path / "models", "device": "cpu", "reload_check_s": 0.5, "state_dir": tmp_path / "state"})
+        "model_dir": tmp_path / "models", "device": "cpu", "reload_check_s": 0.5, "state_dir": tmp_path / "state",
+        "session_gap_s": 1e9, "idle_close_s": 2.0, "allowed_lateness_s": 0.0, "watermark_grace_s": 0.5})
     published(model, settings.model_dir)
     stop = threading.Event()
-    runner = threading.Thread(target=stages.run, args=(["detect", "feedback"], settings), kwargs={"stop": stop})
+    runner = threading.Thread(target=stages.run, args=(["sessions", "feedback"], settings), kwargs={"stop": stop})
     runner.start()
     collector = AlertCollector(settings)
     collector.start()
 
-    def send(*windows: Window) -> None:
-        # one Kafka key: one partition, so detect judges them in this order
-        produce_values(settings, settings.windows_topic, [w.model_dump_json() for w in windows], key="fb-test")
+    def send(*sessions: list[ParsedEvent]) -> None:
+        # closed by the stage's idle close, judged at once
+        for events in sessions:
+            produce_values(settings, settings.events_topic, [encode(e) for e in events], key=events[0].key)
 
     labels = {"detector": "deeplog", "verdict": "false_positive"}
     feedback_before = REGISTRY.get_sample_value("logwarden_feedback_total", labels) or 0
     try:
-        first = session_window("blk_101", keys, templates)
+        first = session_events("blk_101", keys, templates)
         send(first)
         alert = collector.wait(alert_id_of(first))
+        wait_until(lambda: collector.alerts[alert.alert_id][-1].status == "final", 60, what="the final alert")
+        alert = collector.alerts[alert.alert_id][-1]
         assert alert.status == "final" and alert.anomalous and alert.model_version == "v0001"
         assert alert.sequence.keys == keys and alert.sequence.complete
         # texts of expected keys the stream has not shown come from the model's vocabulary
@@ -236,7 +236,7 @@ def test_false_positive_fed_back_through_kafka_is_not_flagged_by_the_reloaded_mo
 
         # The same sequence in another block is now normal: no alert. A block with a template the
         # model never saw, judged right after it, shows the detector has got that far.
-        again, sentinel = session_window("blk_102", keys, templates), session_window("blk_103", [*keys, "E999"], templates)
+        again, sentinel = session_events("blk_102", keys, templates), session_events("blk_103", [*keys, "E999"], templates)
         send(again, sentinel)
         assert collector.wait(alert_id_of(sentinel)).model_version == "v0002"
         time.sleep(2)
@@ -245,7 +245,7 @@ def test_false_positive_fed_back_through_kafka_is_not_flagged_by_the_reloaded_mo
         rollback = cli(settings, "model", "rollback", "--detector", "deeplog")
         assert rollback.returncode == 0, rollback.stderr
         wait_until(lambda: served("v0001"), 30, what="detect to serve v0001 again")
-        third = session_window("blk_104", keys, templates)
+        third = session_events("blk_104", keys, templates)
         send(third)
         restored = collector.wait(alert_id_of(third))
         assert restored.anomalous and restored.model_version == "v0001"

@@ -13,11 +13,12 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from toolkit import replay
-from services.records import FilebeatEvent
+from services.records import FilebeatDoc
 from tests.kafkautil import consume, consume_json
+from toolkit import replay
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -60,7 +61,7 @@ def assert_filebeat_document(doc: dict, host: str, path: Path, since: datetime) 
     assert agent["type"] == "filebeat" and agent["name"] == host
     assert agent["version"] == replay.FILEBEAT_VERSION
     uuid.UUID(agent["id"]), uuid.UUID(agent["ephemeral_id"])
-    FilebeatEvent.model_validate(doc)
+    msgspec.convert(doc, FilebeatDoc)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
-"""Stage adapters without Kafka: the Filebeat decode fast path agrees with the pydantic model."""
+"""Stage adapters without Kafka: the Filebeat envelope checks, the parse stage on a batch, and its
+dedup marks (services.cores.dedup) as partition state."""
 import json
 
 import pytest
 
-from services.records import FilebeatEvent
-from services.shell import BadRecord
-from services.stages import decode_filebeat, looks_binary
+from services.cores.dedup import FileMarks
+from services.records import DeadLetter, decode
+from services.shell import Out, Record, Reject
+from services.stages import ParseStage, classify_envelope, looks_binary
 
 GOOD = {"@timestamp": "2008-11-09T20:35:18.123Z", "message": "081109 203518 143 INFO dfs.DataNode: x",
         "host": {"name": "dn1"}, "log": {"file": {"path": "/var/log/a.log"}, "offset": 42},
@@ -13,55 +15,53 @@ GOOD = {"@timestamp": "2008-11-09T20:35:18.123Z", "message": "081109 203518 143 
         "@metadata": {"beat": "filebeat", "type": "_doc", "version": "8.19.0"}}
 
 
-def variants():
-    yield "good", json.dumps(GOOD).encode()
-    for path, value in [(("message",), 5), (("host", "name"), None), (("log", "offset"), -1),
-                        (("log", "offset"), "12"), (("log", "offset"), 1.5), (("@timestamp",), "yesterday"),
-                        (("@timestamp",), 1226262918)]:
-        doc = json.loads(json.dumps(GOOD))
-        node = doc
-        for part in path[:-1]:
-            node = node[part]
-        node[path[-1]] = value
-        yield f"{'.'.join(path)}={value!r}", json.dumps(doc).encode()
-    for field in ("message", "host", "log", "@timestamp"):
-        doc = dict(GOOD)
-        del doc[field]
-        yield f"no {field}", json.dumps(doc).encode()
-    yield "array", b"[1, 2]"
-    yield "not json", b"{nope"
-    yield "latin-1", json.dumps(GOOD).encode().replace(b"dn1", b"dn\xe9")
+def changed(path, value) -> bytes:
+    doc = json.loads(json.dumps(GOOD))
+    node = doc
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    return json.dumps(doc).encode()
 
 
-@pytest.mark.parametrize("name,value", list(variants()))
-def test_fast_decode_accepts_exactly_what_the_model_accepts(name, value):
-    try:
-        model = FilebeatEvent.model_validate_json(value)
-    except Exception:
-        model = None
-    try:
-        fast = decode_filebeat(value)
-    except BadRecord as bad:
-        assert model is None, f"{name}: fast path rejected a valid record ({bad})"
-        assert bad.reason and bad.detail
-        return
-    assert model is not None, f"{name}: fast path accepted an invalid record"
-    assert fast == (model.message, model.host.name, model.log.file.path, model.log.offset,
-                    model.timestamp.timestamp())
+def without(field) -> bytes:
+    doc = dict(GOOD)
+    del doc[field]
+    return json.dumps(doc).encode()
 
 
-def test_rejections_name_their_reason():
-    reasons = {}
-    for name, value in variants():
-        try:
-            decode_filebeat(value)
-        except BadRecord as bad:
-            reasons[name] = bad.reason
-    assert reasons["not json"] == "not_json"
-    assert reasons["latin-1"] == "not_utf8"
-    assert reasons["no message"] == "missing_message"
-    assert reasons["array"] == "not_json_object"
-    assert reasons["log.offset=-1"] == "bad_envelope"
+@pytest.mark.parametrize("value,reason", [
+    (b"{nope", "not_json"),
+    (json.dumps(GOOD).encode()[:40], "truncated_json"),
+    (json.dumps(GOOD).encode().replace(b"dn1", b"dn\xe9"), "not_utf8"),
+    (b"[1, 2]", "not_json_object"),
+    (b"null", "not_json_object"),
+    (b'"a string"', "not_json_object"),
+    (b'{"a":' + b"[" * 50_000 + b"]" * 50_000 + b"}", "too_deep"),
+    (without("message"), "missing_message"),
+    (changed(("message",), 5), "bad_message"),
+    (without("host"), "bad_host"),
+    (changed(("host", "name"), None), "bad_host"),
+    (changed(("log", "offset"), -1), "bad_offset"),
+    (changed(("log", "offset"), "12"), "bad_offset"),
+    (changed(("log", "offset"), 1.5), "bad_offset"),
+    (changed(("log", "offset"), 2 ** 63), "bad_offset"),
+    (changed(("@timestamp",), "yesterday"), "bad_timestamp"),
+    (changed(("@timestamp",), 1226262918), "bad_timestamp"),
+    (without("@timestamp"), "bad_envelope"),
+    (without("log"), "bad_envelope"),
+])
+def test_envelope_rejections_name_their_reason(value, reason):
+    got = classify_envelope(value)
+    assert isinstance(got, tuple), "accepted a bad record"
+    assert got[0] == reason, got
+    assert got[1]
+
+
+def test_a_good_record_decodes_with_its_fields():
+    doc = classify_envelope(json.dumps(GOOD).encode())
+    assert (doc.message, doc.host.name, doc.log.file.path, doc.log.offset) == (GOOD["message"], "dn1", "/var/log/a.log", 42)
+    assert doc.timestamp.timestamp() == pytest.approx(1226262918.123)
 
 
 def test_binary_lines_but_not_stack_traces():
@@ -77,38 +77,89 @@ def test_dead_letter_series_exist_at_zero_before_the_first_bad_record(tmp_path):
     from prometheus_client import REGISTRY
 
     from services.settings import load_settings
-    from services.shell import StageRunner
-    from services.stages import ParseStage
+    from services.shell import StageRunner, StageSpec
 
     settings = load_settings(kafka_bootstrap="127.0.0.1:9", state_dir=tmp_path, group_prefix="zero-test")
     stage = ParseStage(settings)
-    StageRunner(settings, stage.spec())          # no broker needed until it runs
-    for reason in (*ParseStage.dead_letter_reasons, "stage_error"):
+    spec = stage.spec()
+    StageRunner(settings, StageSpec(spec.name, spec.topics, stage))    # stateless: no broker needed to build it
+    for reason in (*ParseStage.dead_letter_reasons, "stage_error", "output_too_large", "output_rejected"):
         assert REGISTRY.get_sample_value("logwarden_deadletter_total", {"stage": "parse", "reason": reason}) is not None
 
 
-def test_parse_state_is_saved_at_most_every_few_seconds_but_always_when_final(tmp_path, monkeypatch):
-    # The parser's state (drain's tree, dedup marks) is not tied to offsets: saving it at every
-    # commit cost the stage time for nothing; at shutdown and on revoke it must be saved.
-    from services import stages
-    from services.checkpoint import load
-    from services.settings import load_settings
-    from services.shell import Record
-    from services.stages import ParseStage
+LINE = "081109 203518 143 INFO dfs.DataNode$DataXceiver: Receiving block blk_1 src: /10.0.0.1:1 dest: /10.0.0.2:2"
 
-    settings = load_settings(kafka_bootstrap="127.0.0.1:9", state_dir=tmp_path, group_prefix="ckpt-test")
+
+def filebeat(offset: int, message: str = LINE, host: str = "dn1", path: str = "/var/log/hdfs.log", **file) -> bytes:
+    return json.dumps({"@timestamp": "2008-11-09T20:35:18.000Z", "message": message, "host": {"name": host},
+                       "log": {"offset": offset, "file": {"path": path, **file}}}).encode()
+
+
+def test_parse_stage_turns_a_batch_into_events_and_rejects(tmp_path):
+    from services.settings import load_settings
+
+    settings = load_settings(kafka_bootstrap="127.0.0.1:9", state_dir=tmp_path, max_line_bytes=200, max_line_tokens=20)
     stage = ParseStage(settings)
-    line = "081109 203518 143 INFO dfs.DataNode$DataXceiver: Receiving block blk_1 src: /10.0.0.1:1 dest: /10.0.0.2:2"
-    doc = json.dumps({"@timestamp": "2008-11-09T20:35:18.000Z", "message": line, "host": {"name": "dn1"},
-                      "log": {"offset": 0, "file": {"path": "/var/log/hdfs.log"}}}).encode()
-    assert stage.handle(Record("logs.dn1", 0, 0, None, doc, 1)), "the line was parsed"
-    stage.checkpoint({("logs.dn1", 0): 1})                   # within PARSE_CHECKPOINT_S of start
-    assert load(stage.state_path) is None
-    stage.checkpoint({("logs.dn1", 0): 1}, final=True)
-    restored = ParseStage(settings)                          # a restart: the line is a repeat now
-    assert load(stage.state_path) is not None
-    assert restored.handle(Record("logs.dn1", 0, 0, None, doc, 1)) == []
-    monkeypatch.setattr(stages, "PARSE_CHECKPOINT_S", 0.0)   # once the interval has passed
-    stage.state_path.unlink()
-    stage.checkpoint({("logs.dn1", 0): 1})
-    assert load(stage.state_path) is not None
+    batch = [Record("logs.dn1", 0, 0, None, filebeat(0), 1000),
+             Record("logs.dn1", 0, 1, None, b"", 1000),
+             Record("logs.dn1", 0, 2, None, filebeat(200, "x" * 300), 1000),
+             Record("logs.dn1", 0, 3, None, filebeat(600, "081109 203518 143 INFO a: " + "t " * 30), 1000),
+             Record("logs.dn1", 0, 4, None, filebeat(900, "\x00\x01binary"), 1000),
+             Record("logs.dn1", 0, 5, None, filebeat(1000, "no header here"), 1000),
+             Record("logs.dn1", 0, 6, None, filebeat(0), 1000)]                 # Filebeat's re-send
+    out = stage.process(batch)
+    events = [o for o in out if isinstance(o, Out)]
+    rejects = [(r.record.offset, r.reason) for r in out if isinstance(r, Reject)]
+    assert rejects == [(1, "empty"), (2, "line_too_long"), (3, "too_many_tokens"), (4, "binary"), (5, "bad_header")]
+    assert len(events) == 1 and events[0].key == "blk_1" and events[0].source.offset == 0
+    assert b'"log.offset":0' in events[0].value
+
+
+def test_dedup_marks_follow_the_partition_to_another_replica(tmp_path):
+    from services.settings import load_settings
+
+    settings = load_settings(kafka_bootstrap="127.0.0.1:9", state_dir=tmp_path)
+    one, two = ParseStage(settings), ParseStage(settings.model_copy(update={"state_dir": tmp_path / "other"}))
+    tp = ("logs.dn1", 0)
+    one.assign(tp, {}, None)
+    assert len(one.process([Record(*tp, 0, None, filebeat(0), 1)])) == 1
+    state = one.changes()[tp]
+    two.assign(tp, {k: v for k, v in state.items() if v is not None}, 1)        # the new owner
+    assert two.process([Record(*tp, 1, None, filebeat(0), 1)]) == []            # a re-send: dropped
+    assert len(two.process([Record(*tp, 2, None, filebeat(len(LINE) + 1), 1)])) == 1
+
+
+def test_file_marks_are_ranges_and_know_a_rotated_file():
+    marks = FileMarks()
+    key = FileMarks.file_key("dn1", "/var/log/a.log", None)
+    lines = [f"line number {i}" for i in range(100)]
+    offsets, at = [], 0
+    for text in lines:
+        offsets.append(at)
+        at += len(text) + 1
+    assert not any(marks.seen(key, o, t) for o, t in zip(offsets, lines))
+    assert all(marks.seen(key, o, t) for o, t in zip(offsets, lines))          # every re-send dropped
+    assert marks.duplicates == 100
+    (record,) = marks.changes().values()
+    assert len(record) < 40                                                   # one range for 100 lines
+    # out of order: a gap stays open until its line comes
+    other = FileMarks.file_key("dn1", "/var/log/b.log", None)
+    assert not marks.seen(other, 0, "first") and not marks.seen(other, 20, "third")
+    assert not marks.seen(other, 6, "second line") and marks.seen(other, 6, "second line")
+    # the same path starting again with another first line is another file
+    assert not marks.seen(key, 0, "a new file after rotation")
+    assert not marks.seen(key, len("a new file after rotation") + 1, "its second line")
+    # a file identity (fingerprint) tells files apart without looking at lines
+    assert not marks.seen(FileMarks.file_key("dn1", "/var/log/a.log", "fp2"), offsets[5], lines[5])
+
+
+def test_a_dead_letter_keeps_the_head_size_and_hash_and_always_fits():
+    big = b"x" * 3_000_000
+    letter = DeadLetter.of(stage="parse", reason="record_too_large", detail="d" * 2000, topic="logs.dn1",
+                           partition=0, offset=7, value=big, key=b"k" * 5000, time=1.0)
+    assert letter.size == 3_000_000 and letter.truncated and len(letter.head()) == 16 * 1024
+    assert letter.sha256 == __import__("hashlib").sha256(big).hexdigest()
+    from services.records import encode
+
+    assert len(encode(letter)) < 40_000 and len(letter.detail) == 500
+    assert decode(encode(letter), DeadLetter) == letter

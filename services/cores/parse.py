@@ -26,7 +26,6 @@ import json
 import re
 import re._constants as _sre  # the regex parse tree; used only to check digit-blindness
 import re._parser as _sre_parse
-import zlib
 from bisect import bisect_right
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
@@ -1016,65 +1015,3 @@ def _tree_from_json(data: dict) -> Node:
 
 
 # ------------------------------------------------------------------------------------------
-class Deduper:
-    """Drops a line Filebeat delivered again: the same (host, log.file.path, log.offset).
-
-    Bounded memory: two generations of at most ``capacity // 2`` lines each; when the young one
-    is full it replaces the old one. So the newest ``capacity // 2`` lines are always remembered
-    (Filebeat re-sends what it had not seen acknowledged: the last batches, not hours), older
-    ones may be forgotten, and a very late duplicate then passes (the window stage still sees its
-    deterministic event_id). Per line it keeps the offset and a CRC32 of the text, no strings.
-
-    File rotation: a new file at the same path starts again at offset 0, so (host, path, offset)
-    repeats for a different line. Usually the old file's first offsets were forgotten long ago
-    (a file is rotated after many more lines than the memory holds). For small files, pass
-    ``message``: a repeat with different text is a new line; it passes and replaces the
-    remembered one. Without ``message`` such a line would be taken for a duplicate.
-    """
-
-    def __init__(self, capacity: int = 65_536):
-        if capacity < 2:
-            raise ValueError("Deduper capacity must be at least 2")
-        self.capacity = capacity
-        self.duplicates = 0
-        self._young: dict[tuple[str, str], dict[int, int]] = {}
-        self._old: dict[tuple[str, str], dict[int, int]] = {}
-        self._young_size = 0
-
-    def seen(self, host: str, path: str, offset: int, message: str | None = None) -> bool:
-        """True (and counted) when this line was seen before; else remembers it and is False."""
-        file_key = (host, path)
-        crc = -1 if message is None else zlib.crc32(message.encode("utf-8", "surrogatepass"))
-        young = self._young.get(file_key)
-        previous = young.get(offset) if young is not None else None
-        if previous is None:
-            old = self._old.get(file_key)
-            previous = old.get(offset) if old is not None else None
-        if previous is not None and (crc == -1 or previous == -1 or previous == crc):
-            self.duplicates += 1
-            return True
-        if self._young_size >= self.capacity // 2:
-            self._old, self._young, self._young_size = self._young, {}, 0
-        young = self._young.setdefault(file_key, {})
-        if offset not in young:
-            self._young_size += 1
-        young[offset] = crc
-        return False
-
-    def snapshot(self) -> bytes:
-        def generation(files):
-            return [[host, path, sorted(offsets.items())] for (host, path), offsets in files.items()]
-        return json.dumps({"capacity": self.capacity, "young": generation(self._young),
-                           "old": generation(self._old)}, separators=(",", ":")).encode("utf-8")
-
-    def restore(self, data: bytes) -> None:
-        try:
-            state = json.loads(data)
-
-            def generation(rows):
-                return {(str(h), str(p)): {int(o): int(c) for o, c in offsets} for h, p, offsets in rows}
-            young, old = generation(state["young"]), generation(state["old"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise ParseStateError(f"unreadable deduper snapshot ({type(err).__name__}: {err})") from None
-        self._young, self._old = young, old
-        self._young_size = sum(len(o) for o in young.values())
