@@ -114,10 +114,28 @@ def test_without_required_header_the_fallback_time_and_whole_line_are_used(confi
 def test_masking_replaces_blocks_ips_paths_hex_uuids_numbers_and_keeps_words_with_digits(config):
     core = ParseCore(config)
     masked, values = core.mask("blk_-42 from /10.1.2.3:50010 wrote /mnt/hadoop/job_1/job.jar at 0x7fed806e "
-                               "id 0b2c6a4e-1f2a-4c8e-9d3b-5e6f7a8b9c0d took 0.25 s on dn228")
-    assert masked == "<BLK> from /<IP> wrote <PATH> at <HEX> id <UUID> took <NUM> s on dn228"
+                               "id 0b2c6a4e-1f2a-4c8e-9d3b-5e6f7a8b9c0d took 0.25 s on dn228, 3 of 17")
+    assert masked == "<BLK> from /<IP> wrote <PATH> at <HEX> id <UUID> took <DUR> on dn228, <NUM> of <NUM>"
     assert values == ["blk_-42", "10.1.2.3:50010", "/mnt/hadoop/job_1/job.jar", "0x7fed806e",
-                      "0b2c6a4e-1f2a-4c8e-9d3b-5e6f7a8b9c0d", "0.25"]
+                      "0b2c6a4e-1f2a-4c8e-9d3b-5e6f7a8b9c0d", "0.25 s", "3", "17"]
+
+
+@pytest.mark.parametrize("content, masked", [
+    ("connection from 63.197.98.106 (adsl-63-197-98-106.dsl.mtry01.pacbell.net) at Mon Jul  4 12:52:44 2005",
+     "connection from <IP> (<HOST>) at <DATE>"),
+    ("tcpconn3.tencent.com:443 close, 1190 bytes (1.16 KB) sent, 815 bytes received, lifetime 00:02",
+     "<HOST> close, <SIZE> sent, <SIZE> received, lifetime <TIME>"),
+    ("attempt_1445144423722_0020_m_000000_0 TaskAttempt Transitioned from NEW to UNASSIGNED",
+     "<ID> TaskAttempt Transitioned from NEW to UNASSIGNED"),
+    ("Block broadcast_9_piece0 stored as bytes in memory (estimated size 5.2 KB, free 14.0 MB)",
+     "Block <ID> stored as bytes in memory (estimated size <SIZE>, free <SIZE>)"),
+    ("Invalid user admin from 5.188.10.180", "Invalid user <USER> from <IP>"),
+    ("GET /v2/54fadb412c4e40cdbaed9335e4c35a9e/servers/detail?all_tenants=True HTTP/1.1 took 12ms, seq 0000000d",
+     "GET <PATH> HTTP/<NUM> took <DUR>, seq <HEX>"),
+    ("written to hdfs://msra-sa-41:9000/tmp/x at 2017-05-16T05:54:58.530", "written to <URL> at <DATE>"),
+])
+def test_masking_takes_out_the_values_programs_fill_in(config, content, masked):
+    assert ParseCore(config).mask(content)[0] == masked
 
 
 def test_one_combined_masking_pass_equals_drain3_applying_the_same_rules_one_by_one(config, hdfs_lines):
@@ -186,27 +204,45 @@ def test_most_specific_catalog_template_wins(config):
     assert core.match_content("Exception while reading").template_id == "E1"
 
 
-def test_mined_ids_come_from_the_template_text_and_follow_generalisation(config):
+def test_a_mined_template_keeps_its_first_id_as_drain_generalises_it(config):
     core = ParseCore(config)
-    first = parse(core, "2015-10-18 18:01:47,978 INFO [main] a.B: Starting task alpha now", 0)[0]
-    second = parse(core, "2015-10-18 18:01:48,000 INFO [main] a.B: Starting task beta now", 1)[0]
-    assert first.template == "Starting task alpha now" and first.template_id.startswith("T")
-    assert second.template == "Starting task <*> now" and second.params == ["beta"]
-    again = parse(core, "2015-10-18 18:01:49,000 INFO [main] a.B: Starting task alpha now", 2)[0]
-    assert (again.template_id, again.params) == (second.template_id, ["alpha"])
-    other = ParseCore(config)
-    for i, name in enumerate(("gamma", "delta")):
-        last = parse(other, f"2015-10-18 18:02:0{i},000 INFO [main] a.B: Starting task {name} now", i)[0]
-    assert last.template_id == second.template_id       # another replica, other lines, same text: same id
+    first = parse(core, "2015-10-18 18:01:47,978 INFO [main] a.B: Starting task alpha1 now", 0)[0]
+    second = parse(core, "2015-10-18 18:01:48,000 INFO [main] a.B: Starting task beta2 now", 1)[0]
+    assert first.template == "Starting task alpha1 now"
+    assert first.template_id == "T" + stable_id("Starting task alpha1 now", size=12)
+    # drain merged the second line into the first's template: the id already emitted stays
+    assert second.template == "Starting task <*> now" and second.params == ["beta2"]
+    assert second.template_id == first.template_id
+    again = parse(core, "2015-10-18 18:01:49,000 INFO [main] a.B: Starting task alpha1 now", 2)[0]
+    assert (again.template_id, again.params) == (first.template_id, ["alpha1"])
+    assert core.templates() == {first.template_id: "Starting task <*> now"}
+    other = ParseCore(config)          # another replica reading the same first line: the same id
+    assert parse(other, "2015-10-18 18:03:00,000 INFO [main] a.B: Starting task alpha1 now")[0].template_id == first.template_id
     assert core.stats()["new_templates"] == 1 and core.stats()["mined"] == 3
+
+
+def test_plain_words_are_constants_two_states_are_two_templates(config):
+    core = ParseCore(config)
+    line = "2015-10-18 18:01:47,978 INFO [AsyncDispatcher] a.TaskImpl: task_1445144423722_0020_m_00000{} Task Transitioned from {} to {}"
+    ids = [parse(core, line.format(i, a, b), i)[0].template_id
+           for i, (a, b) in enumerate([("NEW", "SCHEDULED"), ("SCHEDULED", "RUNNING"), ("NEW", "SCHEDULED"),
+                                       ("SCHEDULED", "RUNNING")])]
+    assert ids[0] == ids[2] and ids[1] == ids[3] and ids[0] != ids[1]
+    # at drain3's own threshold, the rule still keeps them apart; without it they become one
+    # template "... from <*> to <*>"
+    for constants, templates in ((config.drain.constant_tokens, 2), (None, 1)):
+        drain = config.drain.model_copy(update={"sim_th": 0.4, "constant_tokens": constants})
+        loose = ParseCore(config.model_copy(update={"drain": drain}))
+        assert len({parse(loose, line.format(i, a, b), i)[0].template_id
+                    for i, (a, b) in enumerate([("NEW", "SCHEDULED"), ("SCHEDULED", "RUNNING")])}) == templates
 
 
 def test_params_of_mined_templates_are_masked_values_and_wildcards_in_order(config):
     core = ParseCore(config)
-    core.match_content("user alice logged in from 10.0.0.1:22 after 3 tries")
-    match = core.match_content("user bob logged in from 10.0.0.2:22 after 5 tries")
-    assert match.template == "user <*> logged in from <IP> after <NUM> tries"
-    assert match.params == ["bob", "10.0.0.2:22", "5"]
+    core.match_content("worker w1 logged in from 10.0.0.1:22 after 3 tries")
+    match = core.match_content("worker w2b logged in from 10.0.0.2:22 after 5 tries")
+    assert match.template == "worker <*> logged in from <IP> after <NUM> tries"
+    assert match.params == ["w2b", "10.0.0.2:22", "5"]
 
 
 def test_frozen_vocabulary_maps_new_lines_to_unknown_and_counts_them(config, hdfs_catalog):
@@ -222,10 +258,10 @@ def test_frozen_vocabulary_maps_new_lines_to_unknown_and_counts_them(config, hdf
 def test_a_frozen_core_knows_the_templates_mined_before_its_snapshot(config):
     trainer = ParseCore(config)
     mined = [parse(trainer, f"2015-10-18 18:01:4{i},000 INFO [main] a.B: Starting task {n} now", i)[0]
-             for i, n in enumerate(("alpha", "beta", "gamma"))]
+             for i, n in enumerate(("alpha1", "beta2", "gamma3"))]
     frozen = ParseCore(config, frozen=True)
     frozen.restore(trainer.snapshot())
-    known = parse(frozen, "2015-10-18 18:05:00,000 INFO [main] a.B: Starting task omega now")[0]
+    known = parse(frozen, "2015-10-18 18:05:00,000 INFO [main] a.B: Starting task omega4 now")[0]
     assert known.template_id == mined[-1].template_id
     assert parse(frozen, "2015-10-18 18:05:01,000 INFO [main] a.B: Stopping everything")[0].template_id == UNKNOWN
     assert frozen.stats()["known"] == 1 and frozen.stats()["unknown"] == 1 and frozen.stats()["mined_templates"] == 1
