@@ -53,16 +53,11 @@ def _training_data(args) -> tuple[list[Sequence], list[int] | None, list[dict], 
     if args.logs:
         if args.normal or args.abnormal:
             raise UsageError("give either --normal/--abnormal session files or --logs, not both")
-        if not args.labels:
-            raise UsageError("--logs needs --labels CSV (BlockId,Label)")
-        from models.data import sessions_from_logs
-
-        sequences, labels, sources = sessions_from_logs(args.logs, args.labels, args.templates)
-        return sequences, labels, sources, templates
-    if args.labels:
-        raise UsageError("--labels goes with --logs")
+        sequences, labels, sources = _sessions_of_logs(args)
+        return sequences, labels if args.labels else None, sources, templates
+    _no_log_options(args)
     if not args.normal:
-        raise UsageError("give --normal FILE (one session per line) or --logs FILE... --labels CSV")
+        raise UsageError("give --normal FILE (one session per line) or --logs FILE... [--labels CSV]")
     normal = read_sessions(args.normal)
     sequences = to_sequences(normal, templates)
     sources = [_source(args.normal, len(normal), "normal")]
@@ -73,6 +68,19 @@ def _training_data(args) -> tuple[list[Sequence], list[int] | None, list[dict], 
         sources.append(_source(args.abnormal, len(abnormal), "abnormal"))
         labels = [0] * len(normal) + [1] * len(abnormal)
     return sequences, labels, sources, templates
+
+
+def _sessions_of_logs(args) -> tuple[list[Sequence], list[int], list[dict]]:
+    """Sessions of raw log files (--logs), keyed by --session-key, labelled by --labels."""
+    from models.data import sessions_from_logs
+
+    return sessions_from_logs(args.logs, args.labels, args.templates, session_key=getattr(args, "session_key", None))
+
+
+def _no_log_options(args) -> None:
+    for option, value in (("--labels", args.labels), ("--session-key", getattr(args, "session_key", None))):
+        if value:
+            raise UsageError(f"{option} goes with --logs")
 
 
 def _output_dir(path: str) -> Path:
@@ -161,17 +169,12 @@ def evaluate(args) -> int:
             log.warning("could not record the evaluation in %s: %s", model, err)
         print(f"{args.detector}: evaluation -> {json_out}")
         return 0
-    if not (args.normal and args.abnormal):
-        raise UsageError(f"evaluate --detector {args.detector} needs --normal FILE and --abnormal FILE")
-    templates = read_templates(args.templates) if args.templates else None
-    normal, abnormal = read_sessions(args.normal), read_sessions(args.abnormal)
+    sequences, truth, record = _evaluation_data(args)
     detector = cls.load(model, device=_device(args.device))
     if args.g is not None:
         if not hasattr(detector, "g"):
             raise UsageError(f"--top-g does not apply to {args.detector}")
         detector.g = args.g
-    sequences = to_sequences(normal, templates) + to_sequences(abnormal, templates)
-    truth = [0] * len(normal) + [1] * len(abnormal)
     predicted = [v.anomalous for v in score_in_chunks(detector, sequences)]
     h = manifest.get("h", getattr(detector, "h", None))
     result = {
@@ -181,8 +184,7 @@ def evaluate(args) -> int:
         "h": h,
     }
     json_out.write_text(json.dumps(result, indent=2) + "\n")
-    record = {"normal": _source(args.normal, len(normal), "normal"),
-              "abnormal": _source(args.abnormal, len(abnormal), "abnormal"), **result}
+    record = {**record, **result}
     try:
         artifacts.update_manifest(model, evaluations=manifest.get("evaluations", []) + [record])
     except OSError as err:       # a read-only model directory still gets evaluated
@@ -191,6 +193,30 @@ def evaluate(args) -> int:
     print(f"{args.detector} g={result['g']} h={h}: precision {a['precision']:.4f} recall {a['recall']:.4f} "
           f"f1 {a['f1']:.4f} on {len(sequences)} sessions -> {json_out}")
     return 0
+
+
+def _evaluation_data(args) -> tuple[list[Sequence], list[int], dict]:
+    """(sequences, truth, what the manifest records about them) from --normal/--abnormal
+    session files or from --logs with --labels."""
+    if args.logs:
+        if args.normal or args.abnormal:
+            raise UsageError("give either --normal/--abnormal session files or --logs, not both")
+        if not args.labels:
+            raise UsageError("evaluate --logs needs --labels CSV (SessionId,Label)")
+        sequences, truth, sources = _sessions_of_logs(args)
+        if not any(truth) or all(truth):
+            raise UsageError(f"{args.labels}: the labelled sessions of --logs need both normal and anomalous ones")
+        return sequences, truth, {"logs": sources}
+    _no_log_options(args)
+    if not (args.normal and args.abnormal):
+        raise UsageError(f"evaluate --detector {args.detector} needs --normal FILE and --abnormal FILE "
+                         "(or --logs FILE... --labels CSV)")
+    templates = read_templates(args.templates) if args.templates else None
+    normal, abnormal = read_sessions(args.normal), read_sessions(args.abnormal)
+    sequences = to_sequences(normal, templates) + to_sequences(abnormal, templates)
+    truth = [0] * len(normal) + [1] * len(abnormal)
+    return sequences, truth, {"normal": _source(args.normal, len(normal), "normal"),
+                              "abnormal": _source(args.abnormal, len(abnormal), "abnormal")}
 
 
 # --------------------------------------------------------------------------------------------

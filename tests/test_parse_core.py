@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import json
 import random
 import re
 from datetime import datetime, timedelta, timezone
@@ -279,6 +280,67 @@ def test_a_line_naming_several_blocks_gives_one_event_per_block(config, hdfs_cat
     assert len({e.event_id for e in events}) == 1 and {e.template_id for e in events} == {"E30"}
 
 
+@pytest.fixture(scope="module")
+def hadoop_lines(datasets) -> list[str]:
+    return (datasets / "loghub_2k" / "Hadoop" / "Hadoop_2k.log").read_text(encoding="utf-8").splitlines()
+
+
+def test_yarn_and_mapreduce_ids_are_session_keys(config, hadoop_lines):
+    core = ParseCore(config)
+    keys = {n: parse(core, hadoop_lines[n - 1], n)[0].keys for n in (1, 117, 128, 132)}
+    assert keys[1] == ["appattempt_1445144423722_0020_000001"]
+    assert keys[117] == ["container_1445144423722_0020_01_000002", "attempt_1445144423722_0020_m_000000_0"]
+    assert keys[128] == keys[132] == keys[117]
+    events = parse(core, hadoop_lines[116], 117)          # one event per session the line belongs to
+    assert [e.key for e in events] == keys[117] and len({e.event_id for e in events}) == 1
+    every = collections.Counter(k for i, line in enumerate(hadoop_lines) for k in parse(core, line, i)[0].keys)
+    assert every["application_1445144423722_0020"] > 0 and every["job_1445144423722_0020"] > 0
+    assert every["task_1445144423722_0020_m_000000"] > 0 and every["attempt_1445144423722_0020_r_000000_0"] > 0
+    # "job_1445144423722_0020Job Transitioned from NEW to INITED" still names the job
+    assert parse(core, "2015-10-18 18:01:52,000 INFO [main] a.JobImpl: job_1445144423722_0020Job Transitioned "
+                       "from NEW to INITED")[0].keys == ["job_1445144423722_0020"]
+    # and an id inside a file name is no session: HDFS's .../job_200811092030_0001/job.jar
+    assert parse(core, "081109 203518 35 INFO dfs.FSNamesystem: BLOCK* NameSystem.allocateBlock: "
+                       "/mnt/hadoop/mapred/system/job_200811092030_0001/job.jar. blk_-1608999687919862906")[0].keys \
+        == ["blk_-1608999687919862906"]
+
+
+def test_container_ids_with_and_without_an_epoch(config):
+    core = ParseCore(config)
+    for container in ("container_1445144423722_0020_01_000002", "container_e17_1445144423722_0020_01_000002"):
+        line = f"2017-06-09 20:10:40,001 INFO [main] a.NM: Container {container} transitioned from LOCALIZED to RUNNING"
+        assert parse(core, line)[0].keys == [container]
+
+
+def test_a_container_log_line_naming_no_id_is_keyed_by_its_files_path(config, hadoop_lines):
+    core = ParseCore(config)
+    path = ("/var/log/hadoop-yarn/containers/application_1445144423722_0020/"
+            "container_e17_1445144423722_0020_01_000001/syslog")
+    at = Source(host="nm3", topic="logs.nm3", partition=0, offset=5, file_path=path, file_offset=700)
+    events = core.parse(hadoop_lines[3], "nm3", at, 0.0)       # "Using mapred newApiCommitter."
+    assert [e.key for e in events] == ["application_1445144423722_0020", "container_e17_1445144423722_0020_01_000001"]
+    # a line that names ids of its own belongs to those sessions and to its file's
+    (first, *_) = core.parse(hadoop_lines[116], "nm3", at, 0.0)
+    assert first.keys == ["container_1445144423722_0020_01_000002", "attempt_1445144423722_0020_m_000000_0",
+                          "application_1445144423722_0020", "container_e17_1445144423722_0020_01_000001"]
+    # the same container named in the line and by the path is one session, not two
+    (line_and_path,) = {tuple(e.keys) for e in core.parse(
+        "2015-10-18 18:01:57,000 INFO [main] a.B: Launching container_e17_1445144423722_0020_01_000001", "nm3", at, 0.0)}
+    assert line_and_path == ("container_e17_1445144423722_0020_01_000001", "application_1445144423722_0020")
+    # files outside YARN's layout add nothing
+    assert parse(core, hadoop_lines[3])[0].keys == []
+
+
+def test_key_extractors_may_share_a_name_and_scope_is_checked(tmp_path, config):
+    names = [k.name for k in config.session_keys]
+    assert names.count("yarn_container") == 2 and {k.scope for k in config.session_keys} == {"content", "path"}
+    path = tmp_path / "parse.yaml"
+    path.write_text("headers:\n  - name: x\n    pattern: '(?P<ts>\\d+) (?P<content>.*)'\n    time_format: epoch\n"
+                    "session_keys:\n  - name: k\n    pattern: 'k\\d+'\n    scope: filename\n")
+    with pytest.raises(ParseConfigError, match=r"session_keys\[0\]\.scope"):
+        ParseConfig.load(path)
+
+
 def test_a_line_without_a_session_key_is_keyed_by_its_host(config, datasets):
     core = ParseCore(config)
     lines = (datasets / "bgl" / "BGL_first10k.log").read_text().splitlines()[:200]
@@ -327,6 +389,38 @@ def test_snapshot_restore_keeps_every_template_id(config, hdfs_lines):
         assert parse(restored, line, i)[0].template_id == parse(original, line, i)[0].template_id
     assert restored.snapshot() == original.snapshot()
     assert restored.templates() == original.templates() and len(original.templates()) > 5
+
+
+def test_a_generalised_template_keeps_its_first_id_across_a_restart(config):
+    line = "2015-10-18 18:01:4{},000 INFO [main] a.B: Starting task {} now"
+    core = ParseCore(config)
+    first = parse(core, line.format(0, "alpha1"))[0].template_id
+    assert parse(core, line.format(1, "beta2"))[0].template == "Starting task <*> now"
+    data = core.snapshot()
+    restarted = ParseCore(config)
+    restarted.restore(data)
+    assert parse(restarted, line.format(2, "gamma3"))[0].template_id == first
+    assert restarted.templates() == {first: "Starting task <*> now"} and restarted.snapshot() == data
+    # a snapshot written before ids were kept per template: the id of the text it has now, which
+    # is the id such a core emitted last
+    state = json.loads(data)
+    del state["drain"]["template_ids"]
+    old = ParseCore(config)
+    old.restore(json.dumps(state).encode())
+    assert parse(old, line.format(3, "delta4"))[0].template_id == "T" + stable_id("Starting task <*> now", size=12)
+
+
+def test_a_snapshot_without_the_newer_drain_options_restores_with_their_defaults(config):
+    plain = config.model_copy(update={"drain": config.drain.model_copy(update={"constant_tokens": None,
+                                                                                "wildcards_count": False})})
+    core = ParseCore(plain)
+    parse(core, "2015-10-18 18:01:47,978 INFO [main] a.B: hello 1")
+    state = json.loads(core.snapshot())
+    for option in ("constant_tokens", "wildcards_count"):
+        del state["config"]["drain"][option]
+    restored = ParseCore(plain)
+    restored.restore(json.dumps(state).encode())
+    assert restored.templates() == core.templates()
 
 
 def test_snapshot_is_json_and_refuses_other_masking(config):
