@@ -268,6 +268,23 @@ def test_a_frozen_core_knows_the_templates_mined_before_its_snapshot(config):
     assert frozen.stats()["known"] == 1 and frozen.stats()["unknown"] == 1 and frozen.stats()["mined_templates"] == 1
 
 
+def test_emitted_ids_group_the_hadoop_familys_lines_as_loghub_does(datasets, config):
+    """Issue 19's target for the ids detectors see (BENCHMARKS.md has every system)."""
+    from bench.parse_bench import grouping_accuracy, loghub_sets, ours_groups
+
+    scores = {system: grouping_accuracy(truth, ours_groups(contents, ParseCore(config))[1])
+              for system, contents, truth, _, _ in loghub_sets(datasets) if system in ("Hadoop", "Spark", "Zookeeper")}
+    assert len(scores) == 3 and min(scores.values()) >= 0.98, scores
+
+
+def test_grouping_accuracy_counts_a_line_only_when_its_group_is_exactly_its_true_one():
+    from bench.parse_bench import grouping_accuracy
+
+    assert grouping_accuracy(list("aabbc"), [1, 1, 2, 2, 3]) == 1.0
+    assert grouping_accuracy(list("aabbc"), [1, 1, 2, 2, 2]) == 0.4      # b and c merged: 3 lines wrong
+    assert grouping_accuracy(list("aabbc"), [1, 9, 2, 2, 3]) == 0.6      # a split: both its lines wrong
+
+
 # ------------------------------------------------------------------------------------------
 # keys
 def test_a_line_naming_several_blocks_gives_one_event_per_block(config, hdfs_catalog):
