@@ -189,10 +189,37 @@ def sequence_ceiling(normal: list[tuple[str, ...]], abnormal: list[tuple[str, ..
 
 # --------------------------------------------------------------------------------------------
 # Raw logs: the stream's own parse and window cores
+# A model trained on raw logs keeps the parse core's state beside its weights: mined template
+# ids depend on the lines a core has seen, so evaluating it on other logs must start from the
+# templates (and ids) it was trained with.
+PARSE_STATE_FILE = "parse_state.json"
+
+
+def log_parser(templates_csv: str | Path | None = None, session_key: str | list[str] | None = None,
+               state: bytes | None = None):
+    """The parse core the stream's settings give (LOGWARDEN_PARSE_CONFIG, the template catalog —
+    ``templates_csv`` or LOGWARDEN_TEMPLATE_CATALOG —, LOGWARDEN_FREEZE_TEMPLATES), with only the
+    session keys named ``session_key``; started from a snapshot ``state`` when given."""
+    from services.cores.parse import ParseConfig, ParseCore, ParseStateError, load_catalog
+    from services.settings import SettingsError, load_settings
+
+    settings = load_settings()
+    try:
+        config = _with_session_keys(ParseConfig.load(settings.parse_config), session_key)
+        if state is not None:
+            return ParseCore.from_snapshot(state, config, frozen=settings.freeze_templates)
+        catalog_path = templates_csv or settings.template_catalog
+        return ParseCore(config, catalog=load_catalog(catalog_path) if catalog_path else None,
+                         frozen=settings.freeze_templates)
+    except (SettingsError, ParseStateError) as err:
+        raise UsageError(str(err)) from None
+
+
 def sessions_from_logs(logs: list[str | Path], labels_csv: str | Path | None = None,
                        templates_csv: str | Path | None = None,
                        session_gap_s: float | None = None,
-                       session_key: str | list[str] | None = None) -> tuple[list[Sequence], list[int], list[dict]]:
+                       session_key: str | list[str] | None = None,
+                       parser=None) -> tuple[list[Sequence], list[int], list[dict]]:
     """Closed sessions from raw log files of any configured format, built exactly as the stream
     builds them: each file is one host's log (host = file name without suffix), lines go through
     the parse core (same settings: LOGWARDEN_PARSE_CONFIG, the template catalog — ``templates_csv``
@@ -205,24 +232,21 @@ def sessions_from_logs(logs: list[str | Path], labels_csv: str | Path | None = N
     ``session_key``: the name(s) of the parse config's session-key extractors that make the
     sessions (default: every extractor, as the stream does); lines naming none of them make no
     session. ``labels_csv`` (``SessionId,Label``): sessions without a label are left out
-    (counted); without it every session is taken as normal (label 0)."""
+    (counted); without it every session is taken as normal (label 0). ``parser``: a parse core
+    to use instead of a fresh ``log_parser(templates_csv, session_key)`` (e.g. one restored
+    from a model's ``PARSE_STATE_FILE``); its state afterwards holds every template mined."""
     from models.artifacts import sha256_file
     from services.cores.detect import to_sequence
-    from services.cores.parse import ParseConfig, ParseCore, ParseError, load_catalog
+    from services.cores.parse import ParseError
     from services.records import Source
-    from services.settings import SettingsError, load_settings
+    from services.settings import load_settings
     from services.cores.window import WindowCore
 
     settings = load_settings()
     labels = read_session_labels(labels_csv) if labels_csv is not None else None
     paths = [_existing_file(p, "log file") for p in logs]
-    try:
-        catalog_path = templates_csv or settings.template_catalog
-        config = _with_session_keys(ParseConfig.load(settings.parse_config), session_key)
-        parser = ParseCore(config, catalog=load_catalog(catalog_path) if catalog_path else None,
-                           frozen=settings.freeze_templates)
-    except SettingsError as err:
-        raise UsageError(str(err)) from None
+    if parser is None:
+        parser = log_parser(templates_csv, session_key)
     events, sources = [], []
     for order, path in enumerate(paths):
         host, offset, lines, unparsed = path.stem, 0, 0, 0
@@ -257,7 +281,7 @@ def sessions_from_logs(logs: list[str | Path], labels_csv: str | Path | None = N
             continue
         sequences.append(to_sequence(window))
         session_labels.append(labels[window.key] if labels is not None else 0)
-    keys = ", ".join(sorted({k.name for k in config.session_keys})) or "none configured"
+    keys = ", ".join(sorted({k.name for k in parser.config.session_keys})) or "none configured"
     if not sequences and labels is not None:
         raise UsageError(f"no session of {', '.join(map(str, paths))} has a label in {labels_csv} "
                          f"(session keys: {keys})")

@@ -132,3 +132,29 @@ def test_bad_log_options_are_one_line_errors(hadoop_log, attempt_labels, tmp_pat
     evaluate = ["evaluate", "--detector", "deeplog", "--model", str(tmp_path / "m"), "--json", str(tmp_path / "x.json")]
     assert main(train + ["--logs", str(hadoop_log), "--session-key", "mapreduce_attempt"]) == 0
     one_line_error(capsys, evaluate + ["--logs", str(hadoop_log)], "evaluate --logs needs --labels")
+
+
+def test_a_model_trained_on_logs_is_evaluated_with_the_template_ids_it_learnt(tmp_path):
+    """Mined ids depend on the lines a parse core saw first: the model keeps its core's state,
+    and evaluate --logs parses with it, so a template seen in training keeps its id."""
+    line = "2015-10-18 18:0{m}:00,000 INFO [main] a.TaskImpl: attempt_1445144423722_0020_m_00000{n}_0 Starting task {name} now\n"
+    train_log, test_log = tmp_path / "train.log", tmp_path / "test.log"
+    train_log.write_text("".join(line.format(m=n, n=n, name=name) for n, name in enumerate(("alpha1", "beta2", "delta4"))))
+    test_log.write_text(line.format(m=5, n=5, name="gamma3") + line.format(m=6, n=6, name="omega9"))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("SessionId,Label\nattempt_1445144423722_0020_m_000005_0,Normal\n"
+                      "attempt_1445144423722_0020_m_000006_0,Anomaly\n")
+    out = tmp_path / "model"
+    assert main(["train", "--detector", "deeplog", "--logs", str(train_log), "--out", str(out), *FAST]) == 0
+    manifest = artifacts.read_manifest(out)
+    assert manifest["parse_state"]["templates"] == 1 and (out / "parse_state.json").exists()
+    (learnt,) = [v["id"] for v in manifest["vocabulary"]]
+    report = tmp_path / "eval.json"
+    assert main(["evaluate", "--detector", "deeplog", "--model", str(out), "--logs", str(test_log),
+                 "--labels", str(labels), "--json", str(report), "--device", "cpu"]) == 0
+    from models.data import PARSE_STATE_FILE, log_parser
+
+    restored = log_parser(state=(out / PARSE_STATE_FILE).read_bytes())
+    assert sessions_from_logs([test_log], parser=restored)[0][0].keys == [learnt]
+    # a fresh core names the same template after the first line it sees: another id
+    assert sessions_from_logs([test_log])[0][0].keys != [learnt]
