@@ -13,6 +13,9 @@ group equals the set in its true group): ours with the packaged default config v
 its default settings (no masking, sim_th 0.4, depth 4) on each loghub_2k system's Content
 column, against loghub's EventIds and against loghub-2.0's corrected ones; on HDFS, ours
 (default config, no catalog) vs drain3 with our masking, against the loghub event of each line.
+Ours is given both as the template ids ParseCore emits at parse time (what detectors see) and
+as drain's final clusters, beside Drain's published figures (``DRAIN_PUBLISHED``), with an
+ablation of the packaged config's choices (``ablations``).
 """
 from __future__ import annotations
 
@@ -184,13 +187,61 @@ def _content_and_ids(path: Path) -> tuple[list[str], list[str]]:
     return [r["Content"] for r in rows], [r["EventId"] for r in rows]
 
 
-def measure_accuracy(data: Path, config: ParseConfig, hdfs_lines: list[str], catalog: dict[str, str]) -> dict:
+# Drain's grouping accuracy on loghub 2k as its authors published it: Zhu et al., "Tools and
+# Benchmarks for Automated Log Parsing", ICSE-SEIP 2019 (arXiv:1811.03509), Table "accuracy of
+# log parsers"; the same figures are in logpai/logparser's logparser/Drain/README.md (column
+# "Accuracy"). Obtained with per-system masking regexes, similarity threshold and tree depth
+# (logparser/Drain/benchmark.py's benchmark_settings); their HDFS row is loghub's HDFS_2k sample.
+DRAIN_PUBLISHED = {"Android": 0.911, "Apache": 1.0, "HPC": 0.887, "Hadoop": 0.9475, "HealthApp": 0.78,
+                   "Linux": 0.69, "Mac": 0.7865, "OpenSSH": 0.7875, "OpenStack": 0.7325, "Proxifier": 0.5265,
+                   "Spark": 0.92, "Thunderbird": 0.955, "Windows": 0.997, "Zookeeper": 0.9665, "HDFS": 0.9975}
+DRAIN_SOURCE = ("Zhu et al., ICSE-SEIP 2019 (arXiv:1811.03509), as listed in logpai/logparser "
+                "logparser/Drain/README.md; per-system regexes, threshold and depth")
+HADOOP_FAMILY = ("HDFS_20000", "Hadoop", "Spark", "Zookeeper")
+TARGET_MEAN, TARGET_HADOOP = 0.90, 0.98
+HALF = 1000            # lines 1-1000 / 1001-2000 of each 2k sample, grouped in one run
+# The masking rules of the default config before issue 19 (for the ablation)
+PREVIOUS_MASKING = ("block", "uuid", "ip", "path", "hex", "number")
+
+
+def _variant(config: ParseConfig, masking: tuple[str, ...] | None = None, **drain) -> ParseConfig:
+    update = {"drain": config.drain.model_copy(update=drain)}
+    if masking is not None:
+        update["masking"] = [r for r in config.masking if r.name in masking]
+    return config.model_copy(update=update)
+
+
+def ablations(config: ParseConfig) -> dict[str, ParseConfig]:
+    """The packaged config and what each of its choices is worth (one change each)."""
+    return {
+        "packaged default": config,
+        "no constant tokens": _variant(config, constant_tokens=None),
+        "wildcards not counted (drain3)": _variant(config, wildcards_count=False),
+        "sim_th 0.4, depth 4 (drain3's)": _variant(config, sim_th=0.4, depth=4),
+        "sim_th 0.65": _variant(config, sim_th=0.65),
+        "sim_th 0.85": _variant(config, sim_th=0.85),
+        "depth 4": _variant(config, depth=4),
+        "previous masking rules only": _variant(config, masking=PREVIOUS_MASKING),
+        "previous default (masking, drain3's similarity, 0.4, depth 4)": _variant(
+            config, masking=PREVIOUS_MASKING, constant_tokens=None, wildcards_count=False, sim_th=0.4, depth=4),
+    }
+
+
+def measure_accuracy(data: Path, config: ParseConfig, hdfs_lines: list[str],
+                     catalog: dict[str, str]) -> tuple[dict, dict]:
+    """Per loghub 2k system: grouping by the emitted template id (all lines, and lines 1-1000 /
+    1001-2000 of the same run), against loghub's and loghub-2.0's corrected truth; drain's own
+    final clusters (``ours``); drain3 with its defaults; Drain's published figure. And the
+    ablation: mean emitted accuracy of the packaged config with one choice changed at a time."""
     table: dict[str, dict[str, float]] = {}
-    for system, contents, truth, corrected_contents, corrected_truth in loghub_sets(data):
+    sets = list(loghub_sets(data))
+    for system, contents, truth, corrected_contents, corrected_truth in sets:
         row = {}
         ours, emitted = ours_groups(contents, ParseCore(config))
         row["ours"] = grouping_accuracy(truth, ours)
         row["ours_emitted"] = grouping_accuracy(truth, emitted)
+        row["ours_emitted_lines_1_1000"] = grouping_accuracy(truth[:HALF], emitted[:HALF])
+        row["ours_emitted_lines_1001_2000"] = grouping_accuracy(truth[HALF:], emitted[HALF:])
         row["drain3"] = grouping_accuracy(truth, drain3_groups(contents, drain3_miner()))
         if corrected_truth is not None:
             if corrected_contents != contents:
@@ -199,6 +250,8 @@ def measure_accuracy(data: Path, config: ParseConfig, hdfs_lines: list[str], cat
             row["ours_emitted_corrected"] = grouping_accuracy(corrected_truth, emitted)
             row["drain3_corrected"] = grouping_accuracy(
                 corrected_truth, drain3_groups(corrected_contents, drain3_miner()))
+        if system in DRAIN_PUBLISHED:
+            row["drain_published"] = DRAIN_PUBLISHED[system]
         table[system] = {k: round(v, 4) for k, v in row.items()}
 
     truth = hdfs_truth(data, hdfs_lines)
@@ -213,9 +266,21 @@ def measure_accuracy(data: Path, config: ParseConfig, hdfs_lines: list[str], cat
         "ours_catalog": round(grouping_accuracy(truth, with_catalog), 4),
         "drain3_same_masking": round(grouping_accuracy(truth, drain3_groups(contents, drain3_miner(config))), 4),
         "drain3": round(grouping_accuracy(truth, drain3_groups(contents, drain3_miner())), 4),
+        "drain_published": DRAIN_PUBLISHED["HDFS"],
         "lines": len(contents),
     }
-    return table
+
+    hdfs_contents, hdfs_truth_ids = contents, truth
+    ablation = {}
+    for name, variant in ablations(config).items():
+        scores = {system: grouping_accuracy(truth, ours_groups(contents, ParseCore(variant))[1])
+                  for system, contents, truth, _, _ in sets}
+        scores["HDFS_20000"] = grouping_accuracy(hdfs_truth_ids, ours_groups(hdfs_contents, ParseCore(variant))[1])
+        ablation[name] = {
+            "mean_emitted": round(statistics.mean(v for k, v in scores.items() if k != "HDFS_20000"), 4),
+            "min_hadoop_family": round(min(scores[s] for s in HADOOP_FAMILY), 4),
+            **{k: round(v, 4) for k, v in scores.items()}}
+    return table, ablation
 
 
 def machine() -> dict:
@@ -239,7 +304,7 @@ def run(data: Path, repeats: int = 5) -> dict:
     result = {"parse.command": COMMAND, "parse.machine": machine(),
               "parse.date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     result.update(measure_speed(lines, config, catalog, repeats))
-    result["parse.grouping_accuracy"] = measure_accuracy(data, config, lines, catalog)
+    result["parse.grouping_accuracy"], result["parse.grouping_ablation"] = measure_accuracy(data, config, lines, catalog)
     result["parse.machine"]["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
     return result
 
@@ -258,29 +323,51 @@ def markdown(result: dict) -> str:
         f"{result['parse.ratio_vs_drain3_no_catalog']:.2f}x |",
         f"| drain3 add_log_message, same masking | {result['parse.drain3_lines_per_s']:,} | 1.00x |",
         "",
-        "Grouping accuracy (ours: packaged default config, no catalog; drain3: its defaults; "
-        "*emitted*: grouping by the template id ParseCore emits at parse time):",
+        "Grouping accuracy on loghub's 2k samples (a line counts when the lines sharing its id are exactly "
+        "its true template's lines). *emitted*: by the template id ParseCore emits at parse time (what the "
+        "detectors see), packaged default config, no catalog; lines 1-1000 and 1001-2000 are the two halves "
+        "of the same run; *corrected*: against loghub-2.0's corrected truth (12 of the systems); *final "
+        "clusters*: drain's cluster of each line; drain3: its defaults; Drain published: "
+        f"{DRAIN_SOURCE}.",
         "",
-        "| system | ours | drain3 | ours (corrected) | drain3 (corrected) | ours emitted | ours emitted (corrected) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| system | emitted | lines 1-1000 | lines 1001-2000 | emitted (corrected) | final clusters "
+        "| drain3 defaults | Drain published |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     table = result["parse.grouping_accuracy"]
+    columns = ("ours_emitted", "ours_emitted_lines_1_1000", "ours_emitted_lines_1001_2000", "ours_emitted_corrected",
+               "ours", "drain3", "drain_published")
 
     def cell(row, key):
         return f"{row[key]:.3f}" if key in row else "–"
     loghub = [s for s in table if s != "HDFS_20000"]
     for system in loghub:
-        row = table[system]
-        out.append(f"| {system} | {cell(row, 'ours')} | {cell(row, 'drain3')} | {cell(row, 'ours_corrected')} | "
-                   f"{cell(row, 'drain3_corrected')} | {cell(row, 'ours_emitted')} | {cell(row, 'ours_emitted_corrected')} |")
-    means = {k: statistics.mean(table[s][k] for s in loghub if k in table[s])
-             for k in ("ours", "drain3", "ours_corrected", "drain3_corrected", "ours_emitted", "ours_emitted_corrected")}
-    out.append("| **mean** | " + " | ".join(f"**{means[k]:.3f}**" for k in
-               ("ours", "drain3", "ours_corrected", "drain3_corrected", "ours_emitted", "ours_emitted_corrected")) + " |")
+        out.append(f"| {system} | " + " | ".join(cell(table[system], k) for k in columns) + " |")
+    means = {k: statistics.mean(table[s][k] for s in loghub if k in table[s]) for k in columns}
+    out.append("| **mean** | " + " | ".join(f"**{means[k]:.3f}**" for k in columns) + " |")
     h = table["HDFS_20000"]
-    out += ["", f"HDFS_20000 ({h['lines']:,} lines, truth: loghub event of each line): ours {h['ours']:.3f} "
-            f"(emitted {h['ours_emitted']:.3f}), with the loghub catalog {h['ours_catalog']:.3f}; drain3 with our "
-            f"masking {h['drain3_same_masking']:.3f}, drain3 defaults {h['drain3']:.3f}."]
+    out += ["", f"HDFS_20000 ({h['lines']:,} lines, truth: loghub event of each line from its block's event "
+            f"sequence): emitted {h['ours_emitted']:.4f}, final clusters {h['ours']:.4f}, with the loghub catalog "
+            f"{h['ours_catalog']:.4f}; drain3 with our masking {h['drain3_same_masking']:.4f}, drain3 defaults "
+            f"{h['drain3']:.4f}; Drain published (HDFS_2k) {h.get('drain_published', float('nan')):.4f}."]
+    family = {s: (table[s]["ours_emitted"]) for s in HADOOP_FAMILY}
+    mean_met = "met" if means["ours_emitted"] >= TARGET_MEAN else "**not met**"
+    family_met = "met" if min(family.values()) >= TARGET_HADOOP else "**not met**"
+    out += ["", f"Targets (issue 19): emitted mean >= {TARGET_MEAN:.2f}: {means['ours_emitted']:.3f}, {mean_met}; "
+            f"Hadoop family >= {TARGET_HADOOP:.2f} each: " + ", ".join(f"{s} {v:.3f}" for s, v in family.items())
+            + f", {family_met}."]
+    out += ["", "What is general and what was tuned: one configuration serves every system "
+            "(services/cores/parse_config.yaml); no rule names a system or a loghub template. Its choices "
+            "(plain words as constant tokens, wildcards counted as shared, sim_th 0.75, depth 3, the masking "
+            "rules for dates, hosts, sizes, durations, word_digit ids, user names) were made by looking at "
+            "the grouping errors on lines 1-1000 of these samples and at the mean over all 14, so they are "
+            "fitted to loghub 2k as a whole; lines 1001-2000 are the less optimistic figure. Drain's published "
+            "figures used a regex list, threshold and depth chosen per system. What each choice is worth "
+            "(the packaged config with one thing changed; emitted grouping accuracy):", "",
+            "| variant | mean (14 systems) | HDFS_20000 | Hadoop | Spark | Zookeeper |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, row in result.get("parse.grouping_ablation", {}).items():
+        out.append(f"| {name} | {row['mean_emitted']:.3f} | " + " | ".join(f"{row[s]:.3f}" for s in HADOOP_FAMILY) + " |")
     return "\n".join(out)
 
 

@@ -48,21 +48,18 @@ def _source(path: str | Path, sessions: int, role: str) -> dict[str, Any]:
     return {"path": str(path.resolve()), "sha256": artifacts.sha256_file(path), "sessions": sessions, "role": role}
 
 
-def _training_data(args) -> tuple[list[Sequence], list[int] | None, list[dict], dict[str, str] | None]:
+def _training_data(args) -> tuple[list[Sequence], list[int] | None, list[dict], dict[str, str] | None, Any]:
+    """(sequences, labels, training sources, template texts, the parse core of --logs or None)."""
     templates = read_templates(args.templates) if args.templates else None
     if args.logs:
         if args.normal or args.abnormal:
             raise UsageError("give either --normal/--abnormal session files or --logs, not both")
-        if not args.labels:
-            raise UsageError("--logs needs --labels CSV (BlockId,Label)")
-        from models.data import sessions_from_logs
-
-        sequences, labels, sources = sessions_from_logs(args.logs, args.labels, args.templates)
-        return sequences, labels, sources, templates
-    if args.labels:
-        raise UsageError("--labels goes with --logs")
+        parser = _log_parser(args)
+        sequences, labels, sources = _sessions_of_logs(args, parser)
+        return sequences, labels if args.labels else None, sources, templates, parser
+    _no_log_options(args)
     if not args.normal:
-        raise UsageError("give --normal FILE (one session per line) or --logs FILE... --labels CSV")
+        raise UsageError("give --normal FILE (one session per line) or --logs FILE... [--labels CSV]")
     normal = read_sessions(args.normal)
     sequences = to_sequences(normal, templates)
     sources = [_source(args.normal, len(normal), "normal")]
@@ -72,7 +69,30 @@ def _training_data(args) -> tuple[list[Sequence], list[int] | None, list[dict], 
         sequences += to_sequences(abnormal, templates)
         sources.append(_source(args.abnormal, len(abnormal), "abnormal"))
         labels = [0] * len(normal) + [1] * len(abnormal)
-    return sequences, labels, sources, templates
+    return sequences, labels, sources, templates, None
+
+
+def _sessions_of_logs(args, parser) -> tuple[list[Sequence], list[int], list[dict]]:
+    """Sessions of raw log files (--logs), keyed by --session-key, labelled by --labels."""
+    from models.data import sessions_from_logs
+
+    return sessions_from_logs(args.logs, args.labels, args.templates, parser=parser)
+
+
+def _log_parser(args, model: Path | None = None):
+    """The parse core for --logs: a model's saved parse state when it has one (so the template
+    ids it was trained on are the ids it is evaluated with), else a fresh one."""
+    from models.data import PARSE_STATE_FILE, log_parser
+
+    state = model / PARSE_STATE_FILE if model is not None else None
+    return log_parser(args.templates, getattr(args, "session_key", None),
+                      state.read_bytes() if state is not None and state.exists() else None)
+
+
+def _no_log_options(args) -> None:
+    for option, value in (("--labels", args.labels), ("--session-key", getattr(args, "session_key", None))):
+        if value:
+            raise UsageError(f"{option} goes with --logs")
 
 
 def _output_dir(path: str) -> Path:
@@ -97,7 +117,7 @@ def train(args) -> int:
         _save_model(detector, out, sources)
         print(f"trained {args.detector} in {stats.get('seconds', '?')} s -> {out}")
         return 0
-    sequences, labels, sources, templates = _training_data(args)
+    sequences, labels, sources, templates, parser = _training_data(args)
     options = {"h": args.h, "g": args.g, "epochs": args.epochs, "seed": args.seed,
                "device": _device(args.device), "progress": not args.no_progress, "templates": templates}
     detector = cls()
@@ -105,17 +125,24 @@ def train(args) -> int:
         stats = detector.fit(sequences, labels, **{k: v for k, v in options.items() if v is not None})
     except ValueError as err:
         raise UsageError(str(err)) from None
-    _save_model(detector, out, sources)
+    _save_model(detector, out, sources, parser)
     print(f"trained {args.detector} on {len(sequences)} sessions in {stats.get('seconds', '?')} s -> {out}")
     return 0
 
 
-def _save_model(detector, out: Path, sources: list[dict]) -> None:
+def _save_model(detector, out: Path, sources: list[dict], parser=None) -> None:
+    from models.data import PARSE_STATE_FILE
+
     if out.exists():      # retraining into the same directory: nothing of the old model survives
-        for name in (artifacts.MANIFEST, "weights.safetensors"):
+        for name in (artifacts.MANIFEST, "weights.safetensors", PARSE_STATE_FILE):
             (out / name).unlink(missing_ok=True)
     detector.save(out)
-    artifacts.update_manifest(out, training_data=sources)
+    fields = {"training_data": sources}
+    if parser is not None:     # trained on raw logs: the templates (and ids) it learnt come with it
+        (out / PARSE_STATE_FILE).write_bytes(parser.snapshot())
+        fields["parse_state"] = {"file": PARSE_STATE_FILE, "sha256": artifacts.sha256_file(out / PARSE_STATE_FILE),
+                                 "templates": len(parser.templates())}
+    artifacts.update_manifest(out, **fields)
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,17 +188,12 @@ def evaluate(args) -> int:
             log.warning("could not record the evaluation in %s: %s", model, err)
         print(f"{args.detector}: evaluation -> {json_out}")
         return 0
-    if not (args.normal and args.abnormal):
-        raise UsageError(f"evaluate --detector {args.detector} needs --normal FILE and --abnormal FILE")
-    templates = read_templates(args.templates) if args.templates else None
-    normal, abnormal = read_sessions(args.normal), read_sessions(args.abnormal)
+    sequences, truth, record = _evaluation_data(args, model)
     detector = cls.load(model, device=_device(args.device))
     if args.g is not None:
         if not hasattr(detector, "g"):
             raise UsageError(f"--top-g does not apply to {args.detector}")
         detector.g = args.g
-    sequences = to_sequences(normal, templates) + to_sequences(abnormal, templates)
-    truth = [0] * len(normal) + [1] * len(abnormal)
     predicted = [v.anomalous for v in score_in_chunks(detector, sequences)]
     h = manifest.get("h", getattr(detector, "h", None))
     result = {
@@ -181,8 +203,7 @@ def evaluate(args) -> int:
         "h": h,
     }
     json_out.write_text(json.dumps(result, indent=2) + "\n")
-    record = {"normal": _source(args.normal, len(normal), "normal"),
-              "abnormal": _source(args.abnormal, len(abnormal), "abnormal"), **result}
+    record = {**record, **result}
     try:
         artifacts.update_manifest(model, evaluations=manifest.get("evaluations", []) + [record])
     except OSError as err:       # a read-only model directory still gets evaluated
@@ -191,6 +212,30 @@ def evaluate(args) -> int:
     print(f"{args.detector} g={result['g']} h={h}: precision {a['precision']:.4f} recall {a['recall']:.4f} "
           f"f1 {a['f1']:.4f} on {len(sequences)} sessions -> {json_out}")
     return 0
+
+
+def _evaluation_data(args, model: Path) -> tuple[list[Sequence], list[int], dict]:
+    """(sequences, truth, what the manifest records about them) from --normal/--abnormal
+    session files or from --logs with --labels (parsed from ``model``'s saved parse state)."""
+    if args.logs:
+        if args.normal or args.abnormal:
+            raise UsageError("give either --normal/--abnormal session files or --logs, not both")
+        if not args.labels:
+            raise UsageError("evaluate --logs needs --labels CSV (SessionId,Label)")
+        sequences, truth, sources = _sessions_of_logs(args, _log_parser(args, model))
+        if not any(truth) or all(truth):
+            raise UsageError(f"{args.labels}: the labelled sessions of --logs need both normal and anomalous ones")
+        return sequences, truth, {"logs": sources}
+    _no_log_options(args)
+    if not (args.normal and args.abnormal):
+        raise UsageError(f"evaluate --detector {args.detector} needs --normal FILE and --abnormal FILE "
+                         "(or --logs FILE... --labels CSV)")
+    templates = read_templates(args.templates) if args.templates else None
+    normal, abnormal = read_sessions(args.normal), read_sessions(args.abnormal)
+    sequences = to_sequences(normal, templates) + to_sequences(abnormal, templates)
+    truth = [0] * len(normal) + [1] * len(abnormal)
+    return sequences, truth, {"normal": _source(args.normal, len(normal), "normal"),
+                              "abnormal": _source(args.abnormal, len(abnormal), "abnormal")}
 
 
 # --------------------------------------------------------------------------------------------

@@ -98,6 +98,17 @@ def read_block_labels(path: str | Path) -> dict[str, int]:
     return {row["BlockId"]: _label_value(row["Label"], path, i) for i, row in enumerate(rows, 2)}
 
 
+def read_session_labels(path: str | Path) -> dict[str, int]:
+    """Session key -> 1 (Anomaly) / 0 (Normal) from a ``SessionId,Label`` CSV (HDFS's
+    ``BlockId,Label`` files are read too: a block is the session of an HDFS line)."""
+    path = _existing_file(path, "label CSV")
+    with open(path, newline="", encoding="utf-8") as fh:
+        header = next(csv.reader(fh), [])
+    key = "SessionId" if "SessionId" in header else "BlockId" if "BlockId" in header else "SessionId"
+    rows = _csv_rows(path, (key, "Label"), "label CSV")
+    return {row[key].strip(): _label_value(row["Label"], path, i) for i, row in enumerate(rows, 2)}
+
+
 # --------------------------------------------------------------------------------------------
 # The HDFS 100k-line evaluation set
 @dataclass(frozen=True)
@@ -178,34 +189,64 @@ def sequence_ceiling(normal: list[tuple[str, ...]], abnormal: list[tuple[str, ..
 
 # --------------------------------------------------------------------------------------------
 # Raw logs: the stream's own parse and window cores
-def sessions_from_logs(logs: list[str | Path], labels_csv: str | Path,
-                       templates_csv: str | Path | None = None,
-                       session_gap_s: float | None = None) -> tuple[list[Sequence], list[int], list[dict]]:
-    """Labelled closed sessions from raw log files, built exactly as the stream builds them:
-    each file is one host's log (host = file name without suffix), lines go through the parse
-    core (same settings: LOGWARDEN_PARSE_CONFIG, the template catalog — ``templates_csv`` or
-    LOGWARDEN_TEMPLATE_CATALOG — and LOGWARDEN_FREEZE_TEMPLATES), events of all files go through
-    the session book in the stream's event-time order (services.cores.sessions.EVENT_ORDER;
-    session gap and length from the settings), and each closed session becomes a Sequence with
-    the sessions stage's own ``closed_sequence``. Sessions whose key has no label are left out
-    (counted)."""
-    from models.artifacts import sha256_file
-    from services.cores.detect import closed_sequence
-    from services.cores.parse import ParseConfig, ParseCore, ParseError, load_catalog
-    from services.cores.sessions import SessionConfig, sessions_in_order
-    from services.records import Source
+# A model trained on raw logs keeps the parse core's state beside its weights: mined template
+# ids depend on the lines a core has seen, so evaluating it on other logs must start from the
+# templates (and ids) it was trained with.
+PARSE_STATE_FILE = "parse_state.json"
+
+
+def log_parser(templates_csv: str | Path | None = None, session_key: str | list[str] | None = None,
+               state: bytes | None = None):
+    """The parse core the stream's settings give (LOGWARDEN_PARSE_CONFIG, the template catalog —
+    ``templates_csv`` or LOGWARDEN_TEMPLATE_CATALOG —, LOGWARDEN_FREEZE_TEMPLATES), with only the
+    session keys named ``session_key``; started from a snapshot ``state`` when given."""
+    from services.cores.parse import ParseConfig, ParseCore, ParseStateError, load_catalog
     from services.settings import SettingsError, load_settings
 
     settings = load_settings()
-    labels = read_block_labels(labels_csv)
-    paths = [_existing_file(p, "log file") for p in logs]
     try:
+        config = _with_session_keys(ParseConfig.load(settings.parse_config), session_key)
+        if state is not None:
+            return ParseCore.from_snapshot(state, config, frozen=settings.freeze_templates)
         catalog_path = templates_csv or settings.template_catalog
-        parser = ParseCore(ParseConfig.load(settings.parse_config),
-                           catalog=load_catalog(catalog_path) if catalog_path else None,
-                           frozen=settings.freeze_templates)
-    except SettingsError as err:
+        return ParseCore(config, catalog=load_catalog(catalog_path) if catalog_path else None,
+                         frozen=settings.freeze_templates)
+    except (SettingsError, ParseStateError) as err:
         raise UsageError(str(err)) from None
+
+
+def sessions_from_logs(logs: list[str | Path], labels_csv: str | Path | None = None,
+                       templates_csv: str | Path | None = None,
+                       session_gap_s: float | None = None,
+                       session_key: str | list[str] | None = None,
+                       parser=None) -> tuple[list[Sequence], list[int], list[dict]]:
+    """Closed sessions from raw log files of any configured format, built exactly as the stream
+    builds them: each file is one host's log (host = file name without suffix), lines go through
+    the parse core (same settings: LOGWARDEN_PARSE_CONFIG, the template catalog — ``templates_csv``
+    or LOGWARDEN_TEMPLATE_CATALOG — and LOGWARDEN_FREEZE_TEMPLATES; the core sees each file's
+    path, so path-scoped session keys work), events of all files go through the session book in
+    the stream's event-time order (services.cores.sessions.EVENT_ORDER; session gap and length
+    from the settings), and each closed session becomes a Sequence with the sessions stage's own
+    ``closed_sequence``.
+
+    ``session_key``: the name(s) of the parse config's session-key extractors that make the
+    sessions (default: every extractor, as the stream does); lines naming none of them make no
+    session. ``labels_csv`` (``SessionId,Label``): sessions without a label are left out
+    (counted); without it every session is taken as normal (label 0). ``parser``: a parse core
+    to use instead of a fresh ``log_parser(templates_csv, session_key)`` (e.g. one restored
+    from a model's ``PARSE_STATE_FILE``); its state afterwards holds every template mined."""
+    from models.artifacts import sha256_file
+    from services.cores.detect import closed_sequence
+    from services.cores.parse import ParseError
+    from services.cores.sessions import SessionConfig, sessions_in_order
+    from services.records import Source
+    from services.settings import load_settings
+
+    settings = load_settings()
+    labels = read_session_labels(labels_csv) if labels_csv is not None else None
+    paths = [_existing_file(p, "log file") for p in logs]
+    if parser is None:
+        parser = log_parser(templates_csv, session_key)
     events, sources = [], []
     for path in paths:
         host, offset, lines, unparsed = path.stem, 0, 0, 0
@@ -230,14 +271,32 @@ def sessions_from_logs(logs: list[str | Path], labels_csv: str | Path,
     closed = [c for c in sessions_in_order(events, config) if not c.session.time_window]
     sequences, session_labels, unlabelled = [], [], 0
     for c in closed:
-        if c.session.key not in labels:
+        if labels is not None and c.session.key not in labels:
             unlabelled += 1
             continue
         sequences.append(closed_sequence(c))
-        session_labels.append(labels[c.session.key])
+        session_labels.append(labels[c.session.key] if labels is not None else 0)
+    keys = ", ".join(sorted({k.name for k in parser.config.session_keys})) or "none configured"
+    if not sequences and labels is not None:
+        raise UsageError(f"no session of {', '.join(map(str, paths))} has a label in {labels_csv} "
+                         f"(session keys: {keys})")
     if not sequences:
-        raise UsageError(f"no session of {', '.join(map(str, paths))} has a label in {labels_csv}")
-    sources.append({"path": str(Path(labels_csv).resolve()), "sha256": sha256_file(labels_csv),
-                    "sessions": len(sequences), "abnormal": sum(session_labels),
-                    "unlabelled_sessions": unlabelled, "role": "labels"})
+        raise UsageError(f"no line of {', '.join(map(str, paths))} names a session key ({keys})")
+    if labels is not None:
+        sources.append({"path": str(Path(labels_csv).resolve()), "sha256": sha256_file(labels_csv),
+                        "sessions": len(sequences), "abnormal": sum(session_labels),
+                        "unlabelled_sessions": unlabelled, "role": "labels"})
     return sequences, session_labels, sources
+
+
+def _with_session_keys(config, names: str | list[str] | None):
+    """``config`` with only the session-key extractors called ``names`` (None: all of them)."""
+    if names is None:
+        return config
+    wanted = [names] if isinstance(names, str) else list(names)
+    known = list(dict.fromkeys(k.name for k in config.session_keys))
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise UsageError(f"--session-key {', '.join(unknown)}: the parse config has no such session key "
+                         f"(it has {', '.join(known) or 'none'})")
+    return config.model_copy(update={"session_keys": [k for k in config.session_keys if k.name in wanted]})

@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--templates", metavar="CSV", help="EventId,EventTemplate (key k <-> E<k>)")
     s.add_argument("--logs", nargs="+", metavar="FILE", help="train from raw log files instead")
     s.add_argument("--labels", metavar="FILE",
-                   help="CSV SessionId,Label for --logs; FAULTS.json for hades")
+                   help="CSV SessionId,Label for --logs (without it every session is normal); FAULTS.json for hades")
+    s.add_argument("--session-key", action="append", metavar="NAME",
+                   help="with --logs: the parse config's session key that makes sessions (repeatable; default all)")
     s.add_argument("--traces", nargs="+", metavar="FILE_OR_DIR", help="trace CSVs (tracelstm)")
     s.add_argument("--data", metavar="DIR", help="a data directory with metric/, trace/, log/ (anofusion, hades)")
     s.add_argument("--exclude-faults", metavar="FAULTS.json", help="leave the time around these faults out of training")
@@ -102,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--abnormal", metavar="FILE", help="abnormal sessions (log detectors)")
     s.add_argument("--logs", nargs="+", metavar="FILE", help="raw log files instead of session files")
     s.add_argument("--labels", metavar="CSV", help="SessionId,Label for --logs")
+    s.add_argument("--session-key", action="append", metavar="NAME",
+                   help="with --logs: the parse config's session key that makes sessions (repeatable; default all)")
     s.add_argument("--templates", metavar="CSV")
     s.add_argument("--traces", nargs="+", metavar="FILE_OR_DIR", help="trace CSVs (tracelstm)")
     s.add_argument("--data", metavar="DIR", help="a data directory with metric/, trace/, log/ (anofusion, hades)")

@@ -148,7 +148,7 @@ def test_bad_inputs_are_one_line_errors(files, tmp_path, capsys):
     one_line_error(capsys, base + ["--normal", str(bad)], f"{bad}:2: 'five' is not an integer key")
     one_line_error(capsys, base + ["--normal", str(empty)], "no sessions (empty file)")
     one_line_error(capsys, base, "give --normal FILE")
-    one_line_error(capsys, base + ["--logs", str(bad)], "--logs needs --labels")
+    one_line_error(capsys, base + ["--logs", str(bad), "--normal", str(bad)], "not both")
     one_line_error(capsys, ["evaluate", "--detector", "deeplog", "--model", str(tmp_path / "nothing"),
                             "--normal", str(files["test_normal"]), "--abnormal", str(files["abnormal"]),
                             "--json", str(tmp_path / "x.json")], "no model in")

@@ -3,8 +3,9 @@
     line --header--> timestamp, level, component, content
          --mask----> content with block ids, IPs, paths, numbers... replaced by placeholders
          --template-> a catalog template (loghub ids such as E5), else a drain3-mined one ("T" + hash
-                      of its text), else (frozen vocabulary) "unknown"
-         --keys----> one ParsedEvent per session key (every blk_... in the line; none: the host)
+                      of its first text, kept as drain generalises it), else (frozen) "unknown"
+         --keys----> one ParsedEvent per session key (every blk_..., application_..., container_...
+                      in the line or its file's path; none: the host)
 
 Everything a user may want to change (header formats, masking rules, session-key extractors,
 drain options) lives in a YAML file, ``parse_config.yaml`` next to this module by default.
@@ -138,12 +139,16 @@ class MaskRule(BaseModel):
 
 
 class KeyExtractor(BaseModel):
-    """Session keys: every match of ``pattern`` in the content (or the whole line)."""
+    """Session keys: every match of ``pattern`` in the content, the whole line, or the path of
+    the file the line was read from (Filebeat's ``log.file.path``: YARN writes each container's
+    log under .../application_<id>/container_<id>/, and most of its lines name neither).
+    Several extractors may share a name (e.g. one in the content, one in the path): they find
+    the same kind of session, and ``logwarden train --session-key NAME`` picks them together."""
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
     pattern: str
-    scope: str = Field("content", pattern="^(content|line)$")
+    scope: str = Field("content", pattern="^(content|line|path)$")
 
     @field_validator("pattern")
     @classmethod
@@ -161,6 +166,19 @@ class DrainOptions(BaseModel):
     max_children: int = Field(100, ge=2)
     extra_delimiters: list[str] = Field(default_factory=list)
     parametrize_numeric_tokens: bool = True
+    constant_tokens: str | None = Field(
+        None, description="a regex; two tokens that both fully match it and differ never share a template "
+                          "(e.g. plain words: 'Transitioned from NEW' and 'from RUNNING' are two events)")
+    wildcards_count: bool = Field(
+        False, description="a template's wildcards count as tokens a line shares with it (drain3: they do not, "
+                           "so a template that has generalised some tokens takes no line that differs elsewhere)")
+
+    @field_validator("constant_tokens")
+    @classmethod
+    def _constants(cls, value: str | None) -> str | None:
+        if value is not None and _compiles(value).fullmatch(""):
+            raise ValueError("matches the empty token")
+        return value
 
 
 class ParseConfig(BaseModel):
@@ -346,6 +364,57 @@ class _CatalogTemplate:
         words = [w for literal in literals for w in literal.split()]
         self.specificity = (sum(map(len, words)), len(words))
         self.anchor = max(words, key=len) if words else ""
+
+
+# ------------------------------------------------------------------------------------------
+# Template mining
+class _Drain(Drain):
+    """drain3's Drain where tokens matching ``constant_tokens`` are never generalised: a line
+    that differs from a template in a token where both are constants does not join it.
+
+    Why: drain joins a line to the most similar template of its length and turns the differing
+    tokens into wildcards, so "Transitioned from NEW to UNASSIGNED" and "... from UNASSIGNED to
+    ASSIGNED" become one template "from <*> to <*>", though a program wrote them as two events
+    (the states are constants in its code). Values a program fills in (numbers, ids, paths,
+    addresses) are masked first or contain digits; what is left as a plain word is most often
+    part of the message itself."""
+
+    def __init__(self, *args, constant_tokens: str | None = None, wildcards_count: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._constant = re.compile(constant_tokens).fullmatch if constant_tokens else None
+        self._constant_seen: dict[str, bool] = {}
+        self._wildcards_count = wildcards_count
+
+    def _is_constant(self, token: str) -> bool:
+        if self._constant is None:
+            return False
+        known = self._constant_seen.get(token)
+        if known is None:
+            if len(self._constant_seen) >= 65_536:
+                self._constant_seen.clear()
+            known = self._constant_seen[token] = self._constant(token) is not None
+        return known
+
+    def get_seq_distance(self, seq1, seq2, include_params: bool):
+        """(similarity, wildcard count) of template ``seq1`` and line ``seq2``; as drain3's,
+        except that differing constants make it -1 (below any threshold) and that wildcards
+        count as shared tokens with ``wildcards_count``."""
+        include_params = include_params or self._wildcards_count
+        if self._constant is None:
+            return super().get_seq_distance(seq1, seq2, include_params)
+        if not seq1:
+            return 1.0, 0
+        wildcard, similar, params = self.param_str, 0, 0
+        for template_token, token in zip(seq1, seq2):
+            if template_token == wildcard:
+                params += 1
+            elif template_token == token:
+                similar += 1
+            elif self._is_constant(template_token) and self._is_constant(token):
+                return -1.0, params
+        if include_params:
+            similar += params
+        return similar / len(seq1), params
 
 
 # ------------------------------------------------------------------------------------------
@@ -608,6 +677,8 @@ class ParseCore:
         self._placeholders = [rule.placeholder for rule in self.config.masking]
         self._keys_content = [re.compile(k.pattern) for k in self.config.session_keys if k.scope == "content"]
         self._keys_line = [re.compile(k.pattern) for k in self.config.session_keys if k.scope == "line"]
+        self._keys_path = [re.compile(k.pattern) for k in self.config.session_keys if k.scope == "path"]
+        self._path_keys: dict[str, list[str]] = {}       # file path -> its keys (few paths, many lines)
         delimiters = self.config.drain.extra_delimiters
         self._token_regex = re.compile(
             r"(?:(?!" + "|".join(map(re.escape, delimiters)) + r")\S)+" if delimiters else r"\S+")
@@ -616,7 +687,9 @@ class ParseCore:
         self.shape_cache_enabled = all(digit_blind(p) for p in patterns)
         self._shapes = _TwoGenerationCache(self.config.cache_size)
         self._masked = _TwoGenerationCache(self.config.cache_size)
-        self._template_ids: dict[str, str] = {}
+        # drain cluster id -> the template id its lines are emitted with: fixed when the cluster
+        # is made, so a template that drain generalises later keeps the id already emitted
+        self._cluster_template_ids: dict[int, str] = {}
         self._frozen = frozen
         self._drain = self._new_drain()
         self._set_catalog(catalog or {})
@@ -672,6 +745,8 @@ class ParseCore:
         keys = shape.keys(line)
         if self._keys_line:
             keys += [m.group() for r in self._keys_line for m in r.finditer(line)]
+        if self._keys_path:
+            keys += self._keys_of_path(source.file_path)
         if len(keys) > 1:
             keys = list(dict.fromkeys(keys))
         params = shape.params(line)
@@ -706,8 +781,7 @@ class ParseCore:
         """Every template this core knows now: {id: text} (catalog first, then mined)."""
         known = self.catalog
         for cluster in self._drain.id_to_cluster.values():
-            text = cluster.get_template()
-            known[self._mined_id(text)] = text
+            known[self._mined_id(cluster)] = cluster.get_template()
         return known
 
     def stats(self) -> dict[str, int]:
@@ -747,6 +821,10 @@ class ParseCore:
                 # play no part in matching; the state is what decides template ids
                 "clusters": [[c.cluster_id, list(c.log_template_tokens)]
                              for c in sorted(drain.id_to_cluster.values(), key=lambda c: c.cluster_id)],
+                # the id each cluster's lines were emitted with (not derivable from its text
+                # once drain generalised it)
+                "template_ids": [[c.cluster_id, self._mined_id(c)]
+                                 for c in sorted(drain.id_to_cluster.values(), key=lambda c: c.cluster_id)],
                 "tree": _tree_to_json(drain.root_node),
             },
         }
@@ -759,7 +837,7 @@ class ParseCore:
             state = json.loads(data)
             if state.get("format") != SNAPSHOT_FORMAT:
                 raise ParseStateError(f"not a parse-core snapshot (format {state.get('format')!r})")
-            if state["config"] != self._state_config():
+            if _normalised_state_config(state["config"]) != self._state_config():
                 raise ParseStateError("snapshot was mined with other masking rules or drain options "
                                       "than this parse config; use ParseCore.from_snapshot")
             drain = self._new_drain()
@@ -768,12 +846,16 @@ class ParseCore:
                 drain.id_to_cluster[cluster.cluster_id] = cluster
             drain.clusters_counter = int(state["drain"]["clusters_counter"])
             drain.root_node = _tree_from_json(state["drain"]["tree"])
+            # snapshots written before ids were fixed per cluster: the id of the current text,
+            # which is what those cores emitted last
+            template_ids = {int(c): str(t) for c, t in state["drain"].get("template_ids", [])}
             catalog = {str(i): str(t) for i, t in state["catalog"]}
         except ParseStateError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ParseStateError(f"unreadable parse-core snapshot ({type(err).__name__}: {err})") from None
         self._drain = drain
+        self._cluster_template_ids = template_ids
         self._set_catalog(catalog)
 
     @classmethod
@@ -797,9 +879,10 @@ class ParseCore:
 
     def _new_drain(self) -> Drain:
         d = self.config.drain
-        return Drain(sim_th=d.sim_th, depth=d.depth, max_children=d.max_children,
-                     extra_delimiters=tuple(d.extra_delimiters), param_str=WILDCARD,
-                     parametrize_numeric_tokens=d.parametrize_numeric_tokens)
+        return _Drain(sim_th=d.sim_th, depth=d.depth, max_children=d.max_children,
+                      extra_delimiters=tuple(d.extra_delimiters), param_str=WILDCARD,
+                      parametrize_numeric_tokens=d.parametrize_numeric_tokens, constant_tokens=d.constant_tokens,
+                      wildcards_count=d.wildcards_count)
 
     def _set_catalog(self, catalog: dict[str, str]) -> None:
         self._catalog = [_CatalogTemplate(i, text, self._mask) for i, text in catalog.items()]
@@ -825,6 +908,14 @@ class ParseCore:
         if shape is None or (shape.cluster is not None and shape.cluster.log_template_tokens is not shape.tokens):
             shape = self._analyse(line, fallback_ts, signature)
         return shape
+
+    def _keys_of_path(self, path: str) -> list[str]:
+        keys = self._path_keys.get(path)
+        if keys is None:
+            if len(self._path_keys) >= self.config.cache_size:
+                self._path_keys.clear()
+            keys = self._path_keys[path] = [m.group() for r in self._keys_path for m in r.finditer(path)]
+        return keys
 
     @staticmethod
     def _timestamp(line: str, shape: _Shape, fallback_ts: float) -> float:
@@ -944,7 +1035,7 @@ class ParseCore:
                 else:
                     spans.extend(self._placeholder_spans(masked, a, b))
             spans = tuple(spans)
-        return _Template("mined", self._mined_id(text), text, spans, cluster=cluster, group=cluster.cluster_id)
+        return _Template("mined", self._mined_id(cluster), text, spans, cluster=cluster, group=cluster.cluster_id)
 
     def _placeholder_spans(self, masked: str, start: int = 0, end: int | None = None) -> tuple:
         """Spans of placeholders in masked[start:end] (each becomes one param)."""
@@ -962,13 +1053,14 @@ class ParseCore:
                 last_end = b
         return tuple(spans)
 
-    def _mined_id(self, text: str) -> str:
-        template_id = self._template_ids.get(text)
+    def _mined_id(self, cluster: LogCluster) -> str:
+        """"T" + a hash of the cluster's template text when its first line was mined (so two
+        replicas whose first line of a template masks alike give it one id), kept for the
+        cluster's life: lines of one template get one id however drain generalises it later."""
+        template_id = self._cluster_template_ids.get(cluster.cluster_id)
         if template_id is None:
-            template_id = "T" + stable_id(text, size=12)
-            if len(self._template_ids) >= self.config.cache_size:
-                self._template_ids.clear()
-            self._template_ids[text] = template_id
+            template_id = "T" + stable_id(cluster.get_template(), size=12)
+            self._cluster_template_ids[cluster.cluster_id] = template_id
         return template_id
 
 
@@ -1001,6 +1093,16 @@ def _digits_all_masked(content: str, marks) -> bool:
             return False
         at = rb
     return _ASCII_DIGIT.search(content, at) is None
+
+
+def _normalised_state_config(saved: dict) -> dict:
+    """A snapshot's masking and drain settings with the defaults of options added since it was
+    written, so a snapshot of a core without them still restores into one with their defaults."""
+    try:
+        return {"masking": [MaskRule.model_validate(r).model_dump() for r in saved["masking"]],
+                "drain": DrainOptions.model_validate(saved["drain"]).model_dump()}
+    except (ValidationError, KeyError, TypeError):
+        return saved
 
 
 def _tree_to_json(node: Node) -> dict:
