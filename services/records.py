@@ -3,6 +3,8 @@
     logs.<host>           FilebeatDoc    what Filebeat's Kafka output writes (ECS JSON); only the
                                          fields the stream reads are declared, the rest is skipped
     logwarden.events      ParsedEvent    one per (line, session key); Kafka key = session key
+                          Watermark      how far each source (logs-topic partition) has got, sent
+                                         by parse to every partition; Kafka key WATERMARK_KEY
     logwarden.windows     Window         closed session | time windows (sliding windows on demand);
                                          Kafka key = session key
     logwarden.alerts      Alert          Kafka key = alert id (every record of one alert shares it)
@@ -95,6 +97,20 @@ class ParsedEvent(Struct):
     params: list[str]
     message: str                   # the raw line (no CR/LF)
     source: Source
+
+
+WATERMARK_KEY = b"\x00watermark"     # no session key starts with NUL
+
+
+class Watermark(Struct, omit_defaults=True):
+    """The parse stage's word on one of its sources (a partition of a logs topic, an ordered
+    stream of one host's lines): it has parsed everything up to event time ``ts`` (None: just
+    assigned, nothing yet), or it is ``idle`` (caught up, nothing arriving). Sent to every
+    partition of the events topic, after the events it covers (the sessions stage's event-time
+    watermark is the minimum over the active sources)."""
+    source: str                    # "<topic>:<partition>"
+    ts: float | None = None
+    idle: bool = False
 
 
 # float() accepts a string only if, past ASCII whitespace, it starts with a digit, a sign or a
@@ -308,8 +324,8 @@ def schema(record_type: type) -> dict:
 
 # --------------------------------------------------------------------------------------------
 # published JSON Schemas: schemas/<name>.v<SCHEMA_VERSION>.json, one per record on a topic
-SCHEMAS = {"filebeat": FilebeatDoc, "event": ParsedEvent, "window": Window, "alert": Alert,
-           "deadletter": DeadLetter, "feedback": Feedback}
+SCHEMAS = {"filebeat": FilebeatDoc, "event": ParsedEvent, "watermark": Watermark, "window": Window,
+           "alert": Alert, "deadletter": DeadLetter, "feedback": Feedback}
 
 
 def published_schema(name: str) -> dict:

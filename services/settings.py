@@ -80,7 +80,8 @@ class Settings(BaseSettings):
     idle_close_s: float = Field(5.0, gt=0, description="no input for this long closes every open session")
     allowed_lateness_s: float = Field(
         2.0, ge=0, description="event-time disorder tolerated: an event is judged once every active host's log has passed its time by this much")
-    host_idle_s: float = Field(30.0, gt=0, description="a host silent this long (wall clock) no longer holds the watermark back")
+    host_idle_s: float = Field(30.0, gt=0, description="a source (a host's logs-topic partition) silent this long (wall clock) no longer holds the watermark back")
+    source_idle_s: float = Field(1.0, gt=0, description="parse reports a source idle once it has had no line for this long (its position at the end)")
     watermark_grace_s: float = Field(2.0, ge=0, description="after a partition's first event (or a restore) its watermark waits this long (wall clock) for every host to show up")
     reorder_max_events: int = Field(100_000, ge=1, description="events a partition holds for reordering; past it the oldest are judged early")
     max_open_sessions: int = Field(500_000, ge=1, description="open sessions per input partition; past it the least recently active is closed (evicted)")

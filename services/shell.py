@@ -67,6 +67,7 @@ class Out:
     value: bytes | None
     key: str | bytes | None = None
     source: Record | None = None      # the input record it came from (dead-lettered if it cannot be produced)
+    partition: int | None = None      # None: by key
 
 
 @dataclass(slots=True)
@@ -125,6 +126,7 @@ class StageSpec:
     stateful: bool = False                  # core implements StatefulCore; state in a changelog
     co_partitioned: bool = True             # one input topic: changelog partition p <- input partition p
     dead_letter_reasons: tuple[str, ...] = ()
+    broadcast_topics: list[str] = field(default_factory=list)   # the core writes to every partition of these
     extra: dict = field(default_factory=dict)
 
 
@@ -408,7 +410,7 @@ class StageRunner:
                 self._dead_letter_output(out, "output_too_large",
                                          f"{out.topic}: output of {size} bytes > LOGWARDEN_MAX_MESSAGE_BYTES")
                 continue
-            self._send(produce, out.topic, out.value, out.key, None, None, out)
+            self._send(produce, out.topic, out.value, out.key, out.partition, None, out)
             unacked[out.topic] = unacked.get(out.topic, 0) + 1
             self._produced = True
         self.producer.poll(0)
@@ -552,6 +554,8 @@ class StageRunner:
     def run(self, exit_when_idle: float | None = None) -> None:
         spec = self.spec
         tune_gc()
+        if spec.broadcast_topics:
+            spec.core.output_partitions({t: topic_partition_count(self.settings, t) for t in spec.broadcast_topics})
         metrics.STAGE_INFO.labels(spec.name).set(1)
         self.consumer.subscribe(subscription(spec.topics), on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)

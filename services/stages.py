@@ -32,7 +32,7 @@ import msgspec
 from services import checkpoint, metrics
 from services.cores.dedup import FileMarks
 from services.cores.feedback import FeedbackError
-from services.records import Feedback, FilebeatDoc, ParsedEvent, Source, decoder, encode
+from services.records import WATERMARK_KEY, Feedback, FilebeatDoc, ParsedEvent, Source, Watermark, decoder, encode
 from services.settings import Settings, UsageError, load_settings
 from services.shell import Out, Record, Reject, StageRunner, StageSpec, ensure_topics
 
@@ -121,15 +121,23 @@ class ParseStage:
         self._sample = 0
         self._last_miner_save = time.monotonic()
         self._max_record = settings.max_line_bytes + 16384     # the envelope around the line
+        # Watermarks: per source (a logs-topic partition) the newest event time parsed, sent to
+        # every events partition (services.cores.sessions explains why). The shell tells the
+        # events topic's real partition count (output_partitions) before the first batch.
+        self._events_partitions = settings.topic_partitions
+        self._sources: dict[TP, list] = {}      # tp -> [newest ts | None, last line (wall), sent (wall), pending, idle]
 
     # -- partition state: the dedup marks (services.state) --------------------------------
     def assign(self, tp: TP, entries: dict[bytes, bytes], committed: int | None) -> int | None:
         marks = self.marks[tp] = FileMarks()
         marks.restore(entries)
+        # announced before its first line: the sessions stage holds its watermark for it
+        self._sources[tp] = [None, time.monotonic(), 0.0, True, False]
         return None
 
     def revoke(self, tp: TP) -> None:
         self.marks.pop(tp, None)
+        self._sources.pop(tp, None)
 
     def changes(self) -> dict[TP, dict[bytes, bytes | None]]:
         self._save_miner()
@@ -205,11 +213,43 @@ class ParseStage:
             lines[host] = lines.get(host, 0) + 1
             for ev in parsed:
                 out.append(Out(topic, encode(ev), ev.key, rec))
+            if parsed:
+                state = self._sources.get(tp)
+                if state is None:
+                    state = self._sources[tp] = [None, 0.0, 0.0, True, False]
+                ts = parsed[0].timestamp
+                if state[0] is None or ts > state[0]:
+                    state[0] = ts
+                state[1], state[3], state[4] = time.monotonic(), True, False
+        out += self._watermarks(time.monotonic())
+        return out
+
+    WATERMARK_EVERY_S = 0.02     # a source's progress is sent at most this often
+
+    def output_partitions(self, counts: dict[str, int]) -> None:
+        self._events_partitions = counts.get(self.settings.events_topic) or self._events_partitions
+
+    def _watermarks(self, mono: float) -> list[Out]:
+        """Watermark records of the sources that moved (or fell idle), to every events partition."""
+        out: list[Out] = []
+        idle_after = self.settings.source_idle_s
+        for (topic, partition), state in self._sources.items():
+            ts, last_line, sent, pending, idle = state
+            if pending and mono - sent >= self.WATERMARK_EVERY_S:
+                mark = Watermark(source=f"{topic}:{partition}", ts=ts)
+                state[2], state[3] = mono, False
+            elif not pending and not idle and mono - last_line >= idle_after:
+                mark = Watermark(source=f"{topic}:{partition}", ts=ts, idle=True)
+                state[4] = True
+            else:
+                continue
+            value = encode(mark)
+            out += [Out(self.settings.events_topic, value, WATERMARK_KEY, None, p) for p in range(self._events_partitions)]
         return out
 
     def tick(self, now: float) -> list[Out]:
         self._export_counters()
-        return []
+        return self._watermarks(time.monotonic())
 
     def close(self) -> None:
         self._save_miner(final=True)
@@ -234,7 +274,8 @@ class ParseStage:
             self._unknown_seen = stats["unknown"]
 
     def spec(self) -> StageSpec:
-        return StageSpec(self.name, [self.settings.logs_pattern], self, stateful=True, co_partitioned=False)
+        return StageSpec(self.name, [self.settings.logs_pattern], self, stateful=True, co_partitioned=False,
+                         broadcast_topics=[self.settings.events_topic])
 
 
 # ------------------------------------------------------------------------------------------
@@ -242,7 +283,7 @@ class ParseStage:
 # session's events are this stage's partition state, judged where they are kept.
 class SessionsStage:
     name = "sessions"
-    dead_letter_reasons = ("bad_event",)
+    dead_letter_reasons = ("bad_event", "bad_watermark")
 
     def __init__(self, settings: Settings):
         from services.cores.detect import ModelSet, SessionJudge
@@ -265,6 +306,7 @@ class SessionsStage:
         self.last_input: float | None = None       # wall time of the stage's last event, any partition
         self._last_reload = time.monotonic()
         self._decode = decoder(ParsedEvent).decode
+        self._decode_mark = decoder(Watermark).decode
         self._counts: dict[str, int] = {}
         self._late_seen = self._forced_seen = 0
 
@@ -317,6 +359,15 @@ class SessionsStage:
         decode = self._decode
         by_tp: dict[TP, list[tuple[ParsedEvent, int]]] = {}
         for rec in batch:
+            if rec.key == WATERMARK_KEY:
+                try:
+                    mark = self._decode_mark(rec.value or b"")
+                    self._book((rec.topic, rec.partition)).mark(mark.source, mark.ts, mark.idle, now, rec.offset)
+                except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, SessionInputError) as err:
+                    out.append(Reject(rec, "bad_watermark", str(err)[:300]))
+                    continue
+                by_tp.setdefault((rec.topic, rec.partition), [])
+                continue
             try:
                 event = decode(rec.value or b"")
             except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as err:

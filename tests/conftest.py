@@ -67,3 +67,20 @@ def prometheus(tmp_path):
     yield start
     for prom in started:
         prom.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_deeplog(datasets, tmp_path_factory) -> Path:
+    """A small DeepLog (3 epochs on 1,500 of deeplog_hdfs_train's sessions, HDFS catalog texts),
+    saved once per test session: what end-to-end tests serve. Its verdicts are not the point;
+    that the stream's equal the reference run's is."""
+    from models.data import read_sessions, read_templates, to_sequences
+    from models.deeplog import DeepLog
+
+    hdfs = datasets / "hdfs"
+    templates = read_templates(hdfs / "HDFS_templates.csv")
+    model = DeepLog(hidden=32, embedding=8, epochs=3, device="cpu", seed=2)
+    model.fit(to_sequences(read_sessions(hdfs / "deeplog_hdfs_train")[:1500], templates), templates=templates)
+    out = tmp_path_factory.mktemp("tiny-deeplog")
+    model.save(out)
+    return out

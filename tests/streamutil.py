@@ -12,7 +12,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer
 
-from services.records import Window
+from services.records import Alert, Window, decode
 from services.settings import Settings
 
 BLOCK = re.compile(r"blk_-?\d+")
@@ -49,22 +49,48 @@ def logwarden(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
                             cwd=REPO)
 
 
-def collect_windows(settings: Settings, stop: threading.Event, out: list[Window], kinds=("session",)) -> None:
-    """Consume WINDOWS_TOPIC from the beginning into `out` until `stop` is set."""
+def collect(settings: Settings, topic: str, record_type, stop: threading.Event, out: list) -> None:
+    """Consume ``topic`` from the beginning into `out` (decoded as ``record_type``) until `stop`."""
     consumer = Consumer(settings.kafka_config() | {
-        "group.id": f"{settings.group_prefix}.test-reader", "auto.offset.reset": "earliest",
+        "group.id": f"{settings.group_prefix}.test-reader-{topic}", "auto.offset.reset": "earliest",
         "enable.auto.commit": False})
-    consumer.subscribe([settings.windows_topic])
+    consumer.subscribe([topic])
     try:
         while not stop.is_set():
             for msg in consumer.consume(500, timeout=0.2):
-                if msg.error():
-                    continue
-                w = Window.model_validate_json(msg.value())
-                if w.kind in kinds:
-                    out.append(w)
+                if not msg.error():
+                    out.append(decode(msg.value(), record_type))
     finally:
         consumer.close()
+
+
+class Collector(threading.Thread):
+    """Reads a topic from the beginning in the background; ``items`` grows as records come."""
+
+    def __init__(self, settings: Settings, topic: str, record_type):
+        super().__init__(daemon=True)
+        self.settings, self.topic, self.record_type = settings, topic, record_type
+        self.stop, self.items = threading.Event(), []
+
+    def run(self) -> None:
+        collect(self.settings, self.topic, self.record_type, self.stop, self.items)
+
+    def close(self) -> list:
+        self.stop.set()
+        self.join(30)
+        return self.items
+
+
+def alerts_collector(settings: Settings) -> Collector:
+    c = Collector(settings, settings.alerts_topic, Alert)
+    c.start()
+    return c
+
+
+def windows_collector(settings: Settings) -> Collector:
+    c = Collector(settings, settings.windows_topic, Window)
+    c.start()
+    return c
 
 
 def wait_until(predicate, timeout: float, every: float = 0.25, what: str = "condition") -> None:

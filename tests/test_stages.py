@@ -1,11 +1,12 @@
-"""Stage adapters without Kafka: the Filebeat envelope checks, the parse stage on a batch, and its
-dedup marks (services.cores.dedup) as partition state."""
+"""Stage adapters without Kafka: the Filebeat envelope checks, the parse stage on a batch, its
+watermark records, and its dedup marks (services.cores.dedup) as partition state."""
 import json
+import time
 
 import pytest
 
 from services.cores.dedup import FileMarks
-from services.records import DeadLetter, decode
+from services.records import WATERMARK_KEY, DeadLetter, Watermark, decode
 from services.shell import Out, Record, Reject
 from services.stages import ParseStage, classify_envelope, looks_binary
 
@@ -107,12 +108,33 @@ def test_parse_stage_turns_a_batch_into_events_and_rejects(tmp_path):
              Record("logs.dn1", 0, 4, None, filebeat(900, "\x00\x01binary"), 1000),
              Record("logs.dn1", 0, 5, None, filebeat(1000, "no header here"), 1000),
              Record("logs.dn1", 0, 6, None, filebeat(0), 1000)]                 # Filebeat's re-send
+    stage.output_partitions({settings.events_topic: 4})
     out = stage.process(batch)
-    events = [o for o in out if isinstance(o, Out)]
+    events = [o for o in out if isinstance(o, Out) and o.key != WATERMARK_KEY]
     rejects = [(r.record.offset, r.reason) for r in out if isinstance(r, Reject)]
     assert rejects == [(1, "empty"), (2, "line_too_long"), (3, "too_many_tokens"), (4, "binary"), (5, "bad_header")]
     assert len(events) == 1 and events[0].key == "blk_1" and events[0].source.offset == 0
     assert b'"log.offset":0' in events[0].value
+    # after the events: how far the source has got, to every events partition
+    marks = [o for o in out if isinstance(o, Out) and o.key == WATERMARK_KEY]
+    assert [o.partition for o in marks] == [0, 1, 2, 3] and out.index(marks[0]) > out.index(events[0])
+    assert [decode(o.value, Watermark) for o in marks] == [Watermark(source="logs.dn1:0", ts=1226262918.0)] * 4
+
+
+def test_parse_announces_a_source_when_assigned_and_reports_it_idle(tmp_path, monkeypatch):
+    from services.settings import load_settings
+
+    settings = load_settings(kafka_bootstrap="127.0.0.1:9", state_dir=tmp_path, source_idle_s=0.5)
+    stage = ParseStage(settings)
+    stage.output_partitions({settings.events_topic: 2})
+    stage.assign(("logs.dn9", 3), {}, None)
+    marks = [decode(o.value, Watermark) for o in stage.tick(0.0)]
+    assert marks == [Watermark(source="logs.dn9:3", ts=None)] * 2         # holds the watermark
+    assert stage.tick(0.0) == []
+    time.sleep(0.6)
+    marks = [decode(o.value, Watermark) for o in stage.tick(0.0)]
+    assert marks == [Watermark(source="logs.dn9:3", ts=None, idle=True)] * 2
+    assert stage.tick(0.0) == []
 
 
 def test_dedup_marks_follow_the_partition_to_another_replica(tmp_path):
@@ -121,12 +143,16 @@ def test_dedup_marks_follow_the_partition_to_another_replica(tmp_path):
     settings = load_settings(kafka_bootstrap="127.0.0.1:9", state_dir=tmp_path)
     one, two = ParseStage(settings), ParseStage(settings.model_copy(update={"state_dir": tmp_path / "other"}))
     tp = ("logs.dn1", 0)
+
+    def events(out):
+        return [o for o in out if o.key != WATERMARK_KEY]
+
     one.assign(tp, {}, None)
-    assert len(one.process([Record(*tp, 0, None, filebeat(0), 1)])) == 1
+    assert len(events(one.process([Record(*tp, 0, None, filebeat(0), 1)]))) == 1
     state = one.changes()[tp]
     two.assign(tp, {k: v for k, v in state.items() if v is not None}, 1)        # the new owner
-    assert two.process([Record(*tp, 1, None, filebeat(0), 1)]) == []            # a re-send: dropped
-    assert len(two.process([Record(*tp, 2, None, filebeat(len(LINE) + 1), 1)])) == 1
+    assert events(two.process([Record(*tp, 1, None, filebeat(0), 1)])) == []    # a re-send: dropped
+    assert len(events(two.process([Record(*tp, 2, None, filebeat(len(LINE) + 1), 1)]))) == 1
 
 
 def test_file_marks_are_ranges_and_know_a_rotated_file():

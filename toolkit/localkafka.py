@@ -129,7 +129,12 @@ class Broker:
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the process group (a controlled shutdown takes a few seconds), SIGKILL what is
         left after ``timeout``; returns once no process of the group is alive."""
-        _signal_group(self.pid, signal.SIGTERM)
+        self.stop_with(signal.SIGTERM, timeout)
+
+    def stop_with(self, sig: signal.Signals, timeout: float = 30.0) -> None:
+        """Send ``sig`` (SIGTERM: a controlled shutdown; SIGKILL: a crash) to the process group,
+        SIGKILL what is left after ``timeout``; returns once no process of the group is alive."""
+        _signal_group(self.pid, sig)
         if not self._wait_gone(timeout):
             _signal_group(self.pid, signal.SIGKILL)
             if not self._wait_gone(10.0):

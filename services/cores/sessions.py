@@ -7,16 +7,21 @@ namenode and three datanodes), and they arrive interleaved in whatever order the
 them; the models learned them in event-time order. So every event waits in a reorder buffer
 until the *watermark* passes it, and events are released in one order:
 
-    watermark = min over the partition's active hosts of the newest event time seen from that
-                host - allowed lateness (LOGWARDEN_ALLOWED_LATENESS_S)
+    watermark = min over the active *sources* of the newest event time each has reached
+                - allowed lateness (LOGWARDEN_ALLOWED_LATENESS_S)
     release   every buffered event with time < watermark, ordered by EVENT_ORDER:
                 (event time, host, log.file.path, log.offset)
 
-A host's own log is written in time order, so once every host that writes to the partition has
-passed time t, no event at t can still come (lateness covers a host's own small disorder). A
-host silent for LOGWARDEN_HOST_IDLE_S of wall time stops holding the watermark back; when the
-whole stage has had no input for LOGWARDEN_IDLE_CLOSE_S, everything is released and every
-session closes (a finished replay). Ties in the log's clock (HDFS_v1 has whole seconds) are
+A source is one partition of a logs topic (``logs.dn1:0``): an ordered stream, a host's log
+written in time order. Its progress comes from its own events and from the *watermark records*
+the parse stage sends to every partition of the events topic after each batch (as stream
+processors carry watermarks across a repartition): so a partition knows how far every host has
+got even when that host's lines for it are rare, and knows a host exists (parse announces each
+source when it is assigned, before reading it) before its first line arrives. Once every source
+has passed time t, no event at t can still come (lateness covers a host's own small disorder).
+A source parse reports idle, or that sends nothing for LOGWARDEN_HOST_IDLE_S of wall time, stops
+holding the watermark back; when the whole stage has had no input for LOGWARDEN_IDLE_CLOSE_S,
+everything is released and every session closes (a finished replay). Ties in the log's clock (HDFS_v1 has whole seconds) are
 broken by EVENT_ORDER, and training, evaluation (models.data.sessions_from_logs) and the stream
 all use it, so the sequence judged in the stream is the one judged in evaluation.
 
@@ -206,8 +211,9 @@ class SessionBook:
         self._buffer: list[tuple] = []                 # heap of buffered events (see _buffered)
         self._buffered_ids: set[bytes] = set()
         self._buffered_offsets: set[int] = set()
-        self._host_time: dict[str, float] = {}         # newest event time seen per host
-        self._host_seen: dict[str, float] = {}         # wall clock of its last event
+        self._source_time: dict[str, float] = {}       # newest event time each source has reached
+        self._source_seen: dict[str, float] = {}       # wall clock of its last event or mark
+        self._source_idle: set[str] = set()             # sources parse reports idle
         self._watermark = -math.inf                     # the highest watermark released so far
         self._newest = -math.inf
         self._next = None                              # input offset after the last one handed in
@@ -265,15 +271,8 @@ class SessionBook:
     def take(self, event: ParsedEvent, offset: int, now: float) -> list[Released | Closed]:
         """Buffer one event without releasing anything (late events are placed at once); raises
         SessionInputError for an event that cannot be placed."""
-        if self._next is None or offset >= self._next:
-            self._next = offset + 1
-        if self._replay_until is not None:
-            if offset < self._replay_until:
-                if offset not in self._replay_keep:
-                    return []          # applied to the restored state already
-                self._replay_keep.discard(offset)
-            else:
-                self._replay_until, self._replay_keep = None, set()
+        if not self._fresh(offset):
+            return []                  # applied to the restored state already
         ts = event.timestamp
         if not math.isfinite(ts):
             raise SessionInputError(f"event {event.event_id}: timestamp {ts} is not finite")
@@ -294,9 +293,7 @@ class SessionBook:
             return out
         src = event.source
         host = src.host
-        if ts > self._host_time.get(host, -math.inf):
-            self._host_time[host] = ts
-        self._host_seen[host] = now
+        self._progress(f"{src.topic}:{src.partition}", ts, now)
         if ts > self._newest:
             self._newest = ts
         late = ts < self._watermark
@@ -313,6 +310,44 @@ class SessionBook:
         self._buffered_ids.add((eid, slot))
         self._buffered_offsets.add(offset)
         return out
+
+    def _fresh(self, offset: int) -> bool:
+        """Whether input at ``offset`` is new to this state (after a restore, input below the
+        restored position was applied already, but for what was still buffered)."""
+        if self._next is None or offset >= self._next:
+            self._next = offset + 1
+        if self._replay_until is not None:
+            if offset < self._replay_until:
+                if offset not in self._replay_keep:
+                    return False
+                self._replay_keep.discard(offset)
+            else:
+                self._replay_until, self._replay_keep = None, set()
+        return True
+
+    def mark(self, source: str, ts: float | None, idle: bool, now: float, offset: int) -> None:
+        """A watermark record from the parse stage: ``source`` has reached ``ts`` (None: it was
+        just assigned and holds the watermark until it reports), or is ``idle`` (nothing to read).
+        Releasing what it lets go is left to the next add_batch / tick."""
+        if not self._fresh(offset):
+            return
+        if ts is not None and not math.isfinite(ts):
+            raise SessionInputError(f"watermark of {source}: time {ts} is not finite")
+        if idle:
+            self._source_idle.add(source)
+            self._source_seen[source] = now
+            if ts is not None:
+                self._progress(source, ts, now, keep_idle=True)
+        else:
+            self._source_idle.discard(source)
+            self._progress(source, -math.inf if ts is None else ts, now)
+
+    def _progress(self, source: str, ts: float, now: float, keep_idle: bool = False) -> None:
+        if ts > self._source_time.get(source, -math.inf) or source not in self._source_time:
+            self._source_time[source] = max(ts, self._source_time.get(source, -math.inf))
+        self._source_seen[source] = now
+        if not keep_idle:
+            self._source_idle.discard(source)
 
     def tick(self, now: float, stage_input_at: float | None = None) -> list[Released | Closed]:
         """What is due without input: hosts gone idle stop holding the watermark; no input at all
@@ -359,10 +394,12 @@ class SessionBook:
                 # Hosts are learnt from their events: wait until every host that ships to this
                 # partition has shown up, or the first one's events would make the others late.
                 return self._watermark
-        idle = self.config.host_idle_s
-        times = [t for h, t in self._host_time.items() if now is None or now - self._host_seen.get(h, now) < idle]
+        idle, quiet = self.config.host_idle_s, self._source_idle
+        times = [t for s, t in self._source_time.items()
+                 if s not in quiet and (now is None or now - self._source_seen.get(s, now) < idle)]
         if not times:
-            return math.inf
+            # every source is idle (or none is known): release what there is
+            return math.inf if self._source_time else self._watermark
         return min(times) - self.config.allowed_lateness_s
 
     def _release(self, now: float | None, everything: bool = False) -> list[Released | Closed]:
@@ -595,7 +632,8 @@ class SessionBook:
                 bits[(o - low) >> 3] |= 1 << ((o - low) & 7)
             bitmap = bytes(bits)
         return _pack({"format": FORMAT, "next": self._next, "low": low, "buffered": bitmap,
-                      "host_time": self._host_time, "watermark": None if self._watermark == -math.inf else self._watermark,
+                      "source_time": {k: v for k, v in self._source_time.items() if v != -math.inf},
+                      "idle": sorted(self._source_idle), "watermark": None if self._watermark == -math.inf else self._watermark,
                       "newest": None if self._newest == -math.inf else self._newest})
 
     def _session_record(self, s: OpenSession) -> bytes:
@@ -671,7 +709,8 @@ class SessionBook:
         resume = committed
         if meta is not None:
             self._next = meta["next"]
-            self._host_time = dict(meta["host_time"])
+            self._source_time = dict(meta["source_time"])
+            self._source_idle = set(meta["idle"])
             self._watermark = -math.inf if meta["watermark"] is None else meta["watermark"]
             self._newest = -math.inf if meta["newest"] is None else meta["newest"]
             low, bitmap = meta["low"], meta["buffered"]
