@@ -292,6 +292,11 @@ class StageRunner:
         regex = any(t.startswith("^") for t in subscription(spec.topics))
         extra = ({"group.instance.id": f"{settings.instance_id}.{spec.name}"}
                  if settings.instance_id and not regex else {})
+        # A core that wants to know when it has read a partition to its end (parse: a source
+        # is idle only once it is caught up, never while it has a backlog) gets EOF events.
+        self._at_end = getattr(spec.core, "at_end", None)
+        if self._at_end is not None:
+            extra["enable.partition.eof"] = True
         self.consumer = Consumer(consumer_config(settings, self.group, error_cb=self._on_client_error, **extra))
         # Known dead-letter reasons exist at 0 from the start: rate() ignores a series' first
         # sample, so a series born at its first dead letter would hide a single burst.
@@ -305,6 +310,7 @@ class StageRunner:
         self._processed: dict[tuple[str, int], int] = {}    # next offset after what the core was given
         self._assigned: set[tuple[str, int]] = set()
         self._produced = False                               # outputs since the last checkpoint
+        self._outage = False                                 # the broker was unreachable; no input since
         self.last_input = time.monotonic()
         self.store: StateStore | None = None
         if spec.stateful:
@@ -339,6 +345,7 @@ class StageRunner:
             self._fatal = reason
             self.stop.set()
         elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._outage = True
             log.warning("%s: no broker reachable at %s; retrying", self.spec.name, self.settings.bootstrap())
         else:
             log.debug("%s: client error %s", self.spec.name, err)
@@ -350,6 +357,7 @@ class StageRunner:
             self._failed.append((out, "output_rejected", f"{out.topic}: {err.str()}"))
 
     def _on_assign(self, consumer, partitions) -> None:
+        self._outage = False
         tps = [_tp(p) for p in partitions]
         self._assigned |= set(tps)
         if self.store is not None:
@@ -562,6 +570,7 @@ class StageRunner:
         last_commit = last_lag = time.monotonic()
         records_in: dict[str, object] = {}       # topic -> metric child
         ready = getattr(spec.core, "ready", None)
+        hold_idle = getattr(spec.core, "hold_idle", None)
         try:
             while not self.stop.is_set():
                 if ready is not None and not ready():
@@ -576,13 +585,22 @@ class StageRunner:
                 processed = self._processed
                 for msg in msgs:
                     if msg.error():
-                        if msg.error().code() != KafkaError._PARTITION_EOF:
+                        if msg.error().code() == KafkaError._PARTITION_EOF:
+                            if self._at_end is not None:
+                                self._at_end((msg.topic(), msg.partition()))
+                        else:
                             log.debug("%s: consume error %s", spec.name, msg.error())
                         continue
                     topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
                     batch.append(Record(topic, partition, offset, msg.key(), msg.value(), msg.timestamp()[1]))
                     batch_in[topic] = batch_in.get(topic, 0) + 1
                     processed[(topic, partition)] = offset + 1
+                if batch:
+                    self._outage = False
+                elif self._outage and hold_idle is not None:
+                    # No input because there is no broker, not because the sources went quiet:
+                    # the core's idle clock (which closes every open session) must not run.
+                    hold_idle(time.time())
                 outs = self.process(batch) if batch else []
                 for topic, n in batch_in.items():
                     counter = records_in.get(topic)

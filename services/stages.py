@@ -125,14 +125,15 @@ class ParseStage:
         # every events partition (services.cores.sessions explains why). The shell tells the
         # events topic's real partition count (output_partitions) before the first batch.
         self._events_partitions = settings.topic_partitions
-        self._sources: dict[TP, list] = {}      # tp -> [newest ts | None, last line (wall), sent (wall), pending, idle]
+        # tp -> [newest ts | None, last line (wall), sent (wall), pending, idle reported, read to its end]
+        self._sources: dict[TP, list] = {}
 
     # -- partition state: the dedup marks (services.state) --------------------------------
     def assign(self, tp: TP, entries: dict[bytes, bytes], committed: int | None) -> int | None:
         marks = self.marks[tp] = FileMarks()
         marks.restore(entries)
         # announced before its first line: the sessions stage holds its watermark for it
-        self._sources[tp] = [None, time.monotonic(), 0.0, True, False]
+        self._sources[tp] = [None, time.monotonic(), 0.0, True, False, False]
         return None
 
     def revoke(self, tp: TP) -> None:
@@ -216,15 +217,22 @@ class ParseStage:
             if parsed:
                 state = self._sources.get(tp)
                 if state is None:
-                    state = self._sources[tp] = [None, 0.0, 0.0, True, False]
+                    state = self._sources[tp] = [None, 0.0, 0.0, True, False, False]
                 ts = parsed[0].timestamp
                 if state[0] is None or ts > state[0]:
                     state[0] = ts
-                state[1], state[3], state[4] = time.monotonic(), True, False
+                state[1], state[3], state[4], state[5] = time.monotonic(), True, False, False
         out += self._watermarks(time.monotonic())
         return out
 
     WATERMARK_EVERY_S = 0.02     # a source's progress is sent at most this often
+
+    def at_end(self, tp: TP) -> None:
+        """The shell read ``tp`` to its end: the source may fall idle now (not while it has a
+        backlog: then its hosts' lines would all come late)."""
+        state = self._sources.get(tp)
+        if state is not None:
+            state[5] = True
 
     def output_partitions(self, counts: dict[str, int]) -> None:
         self._events_partitions = counts.get(self.settings.events_topic) or self._events_partitions
@@ -234,11 +242,11 @@ class ParseStage:
         out: list[Out] = []
         idle_after = self.settings.source_idle_s
         for (topic, partition), state in self._sources.items():
-            ts, last_line, sent, pending, idle = state
+            ts, last_line, sent, pending, idle, at_end = state
             if pending and mono - sent >= self.WATERMARK_EVERY_S:
                 mark = Watermark(source=f"{topic}:{partition}", ts=ts)
                 state[2], state[3] = mono, False
-            elif not pending and not idle and mono - last_line >= idle_after:
+            elif not pending and not idle and at_end and mono - last_line >= idle_after:
                 mark = Watermark(source=f"{topic}:{partition}", ts=ts, idle=True)
                 state[4] = True
             else:
@@ -312,6 +320,12 @@ class SessionsStage:
 
     def ready(self) -> bool:
         return bool(self.models.loaded)
+
+    def hold_idle(self, now: float) -> None:
+        """The shell says input stopped because the broker is away: not an idle source."""
+        self.last_input = now
+        for book in self.books.values():
+            book.hold(now)
 
     def _book(self, tp: TP):
         book = self.books.get(tp)

@@ -132,6 +132,8 @@ def test_parse_announces_a_source_when_assigned_and_reports_it_idle(tmp_path, mo
     assert marks == [Watermark(source="logs.dn9:3", ts=None)] * 2         # holds the watermark
     assert stage.tick(0.0) == []
     time.sleep(0.6)
+    assert stage.tick(0.0) == []                 # silent, but not known to be caught up
+    stage.at_end(("logs.dn9", 3))
     marks = [decode(o.value, Watermark) for o in stage.tick(0.0)]
     assert marks == [Watermark(source="logs.dn9:3", ts=None, idle=True)] * 2
     assert stage.tick(0.0) == []

@@ -19,13 +19,13 @@ from models import artifacts
 from services import stages
 from services.cores.detect import SessionJudge, session_window
 from services.cores.parse import ParseConfig, ParseCore, load_catalog
-from services.cores.sessions import Closed, SessionConfig, sessions_in_order
+from services.cores.sessions import SessionConfig, sessions_in_order
 from services.records import ParsedEvent, Source, decode, encode
 from tests.kafkautil import consume, isolated_settings, record_count
 from tests.streamutil import (alerts_collector, lines_by_block, logwarden, settings_env, wait_until,
                               windows_collector)
 from toolkit import localkafka
-from toolkit.replay import deal_lines
+from toolkit.replay import deal_lines, ensure_topic
 
 pytestmark = pytest.mark.slow
 HOSTS = ["dn1", "dn2", "dn3"]
@@ -40,6 +40,23 @@ def stream_settings(base, datasets, tmp_path, model, **overrides):
         "state_dir": tmp_path / "state", "model_dir": model_dir, "device": "cpu",
         "session_gap_s": 1e9,            # close only on idle: HDFS blocks of the sample span hours
         "metrics_port": 0, **overrides})
+
+
+def host_topics(settings, files: dict) -> None:
+    """The hosts' topics exist before parse starts, as Filebeat's do in a deployment: a topic
+    parse discovers later, with a backlog, would have its first lines counted late."""
+    for host in files:
+        ensure_topic(settings, f"logs.{host}")
+
+
+def wait_for_parse_to_hold(log: Path, files: dict, timeout: float = 90) -> None:
+    """Until parse's latest assignment holds every host topic: as in a deployment, where parse
+    runs before the hosts ship (a regex subscription learns a topic at its next metadata
+    refresh, and a topic it learns later than its backlog was written has that backlog late)."""
+    def holds() -> bool:
+        lines = [line for line in log.read_text().splitlines() if "parse: assigned" in line] if log.exists() else []
+        return bool(lines) and all(f"logs.{host}[" in lines[-1] for host in files)
+    wait_until(holds, timeout, what="parse to be assigned every host topic")
 
 
 def replay_hosts(settings, files: dict, rate: float | None = None, log=None) -> list[subprocess.Popen]:
@@ -81,14 +98,6 @@ def assert_same_as_reference(windows, alerts, ref_windows, ref_finals):
         if w.kind == "session":
             by_id[w.window_id].append(w)
     missing, extra = set(ref_windows) - set(by_id), set(by_id) - set(ref_windows)
-    if missing:
-        ref_by_key = {w.key: w for w in ref_windows.values()}
-        mine_by_key = {c[0].key: c[0] for c in by_id.values()}
-        k = next(ref_windows[m].key for m in missing)
-        r, m = ref_by_key[k], mine_by_key.get(k)
-        print("DEBUG", k, "ref", r.session_id, len(r.steps), [(s.template_id, s.host, s.file_offset, s.timestamp) for s in r.steps][:5])
-        if m:
-            print("DEBUG", k, "mine", m.session_id, len(m.steps), [(s.template_id, s.host, s.file_offset, s.timestamp) for s in m.steps][:5], m.late_events)
     assert not missing and not extra, f"{len(missing)} session windows missing, {len(extra)} not in the reference"
     for wid, copies in by_id.items():      # a replayed window is the same window, byte for byte
         assert all(encode(c) == encode(copies[0]) for c in copies), f"window {wid} differs between copies"
@@ -145,6 +154,7 @@ def test_sigkill_of_parse_and_failover_of_a_sessions_replica_lose_and_duplicate_
     # Idle close must outlast the failover (the dead member's session timeout, 6 s, then restore).
     settings = stream_settings(kafka_settings, datasets, tmp_path, tiny_deeplog, idle_close_s=25.0)
     files = deal_lines(src, [settings.host(h) for h in HOSTS], tmp_path / "logs")
+    host_topics(settings, files)
     log = tmp_path / "parse.log"
     env = settings_env(settings)
     replica_env = [settings_env(settings, LOGWARDEN_STATE_DIR=str(tmp_path / f"machine-{n}"),
@@ -155,6 +165,7 @@ def test_sigkill_of_parse_and_failover_of_a_sessions_replica_lose_and_duplicate_
     replicas = [logwarden("run", "sessions", env=e, log=out) for e, out in zip(replica_env, replica_logs)]
     events_seen = _counter(settings, settings.events_topic)
     try:
+        wait_for_parse_to_hold(log, files)
         replays = replay_hosts(settings, files, rate=1500, log=tmp_path / "replay.log")   # ~4.4 s per host
         wait_until(lambda: events_seen() > 4000, 90, what="parse to make progress")
         parse.send_signal(signal.SIGKILL)
@@ -196,9 +207,11 @@ def test_the_broker_stopped_and_started_again_mid_replay_changes_nothing(dataset
     sample = tmp_path / "sample.log"
     sample.write_text("".join(lines))
     files = deal_lines(sample, [settings.host(h) for h in HOSTS], tmp_path / "logs")
+    host_topics(settings, files)
     log = tmp_path / "stages.log"
     stage = logwarden("run", "all", env=settings_env(settings), log=log)
     try:
+        wait_for_parse_to_hold(log, files)
         replays = replay_hosts(settings, files, rate=500, log=tmp_path / "replay.log")   # ~6 s per host
         events_seen = _counter(settings, settings.events_topic)
         wait_until(lambda: events_seen() > 2500, 90, what="the stream to be under way")

@@ -19,8 +19,12 @@ processors carry watermarks across a repartition): so a partition knows how far 
 got even when that host's lines for it are rare, and knows a host exists (parse announces each
 source when it is assigned, before reading it) before its first line arrives. Once every source
 has passed time t, no event at t can still come (lateness covers a host's own small disorder).
-A source parse reports idle, or that sends nothing for LOGWARDEN_HOST_IDLE_S of wall time, stops
-holding the watermark back; when the whole stage has had no input for LOGWARDEN_IDLE_CLOSE_S,
+A source parse reports idle (read to its end and silent), or that sends nothing for
+LOGWARDEN_HOST_IDLE_S of wall time, stops holding the watermark back. A source nobody has
+announced yet cannot hold it: a host topic that parse discovers only after others have run far
+ahead in event time (a backlog replayed into a topic created while parse was already running)
+has its first lines counted late — they still go into the final verdicts. Host topics of a
+deployment exist before parse starts, and a host that joins later ships in real time. when the whole stage has had no input for LOGWARDEN_IDLE_CLOSE_S,
 everything is released and every session closes (a finished replay). Ties in the log's clock (HDFS_v1 has whole seconds) are
 broken by EVENT_ORDER, and training, evaluation (models.data.sessions_from_logs) and the stream
 all use it, so the sequence judged in the stream is the one judged in evaluation.
@@ -341,6 +345,13 @@ class SessionBook:
         else:
             self._source_idle.discard(source)
             self._progress(source, -math.inf if ts is None else ts, now)
+
+    def hold(self, now: float) -> None:
+        """Input stopped for a reason that is not the sources' (the broker is away): neither the
+        stage's idle clock nor any source's silence counts this time."""
+        self._last_input = now
+        for source in self._source_seen:
+            self._source_seen[source] = now
 
     def _progress(self, source: str, ts: float, now: float, keep_idle: bool = False) -> None:
         if ts > self._source_time.get(source, -math.inf) or source not in self._source_time:
