@@ -119,6 +119,22 @@ def _partitions(consumer, topic: str, wait_s: float | None, log: TextIO) -> list
         time.sleep(1.0)
 
 
+def watermarks(consumer, tp, patience_s: float = 15.0) -> tuple[int, int]:
+    """(low, high) of a partition. A topic created a moment ago is listed before its leader
+    serves it (NOT_LEADER_FOR_PARTITION): such errors are retried for ``patience_s``."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    not_yet = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART)
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return consumer.get_watermark_offsets(tp, timeout=10)
+        except KafkaException as err:
+            if err.args[0].code() not in not_yet or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+
+
 def reader(settings: Settings, from_beginning: bool, wait_s: float | None = None, log: TextIO = sys.stderr):
     """A consumer assigned to every partition of ALERTS_TOPIC at concrete offsets: the
     beginning, or the end as it is now (resolved here, so nothing produced after this returns
@@ -132,7 +148,7 @@ def reader(settings: Settings, from_beginning: bool, wait_s: float | None = None
         topic = settings.alerts_topic
         assignment = []
         for p in _partitions(consumer, topic, wait_s, log):
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            low, high = watermarks(consumer, TopicPartition(topic, p))
             assignment.append(TopicPartition(topic, p, low if from_beginning else high))
         consumer.assign(assignment)
     except BaseException:

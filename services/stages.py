@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from services import checkpoint, metrics
 from services.cores.parse import ParseError
 from services.cores.window import WindowInputError
-from services.cores.feedback import FeedbackError
+from services.cores.feedback import FEEDBACK_REASONS, FeedbackError
 from services.records import Feedback, FilebeatEvent, ParsedEvent, Source, Window, trusted
 from services.settings import Settings, UsageError, load_settings
 from services.shell import BadRecord, Out, Record, StageRunner, StageSpec, ensure_topics
@@ -403,14 +403,14 @@ class DetectStage:
 class FeedbackStage:
     """Kafka adapter: FEEDBACK_TOPIC -> FeedbackCore. Produces nothing; its output is a model
     version. Feedback that cannot be applied goes to the dead-letter topic."""
-    dead_letter_reasons = ("bad_feedback", "no_sequence", "no_model")
+    dead_letter_reasons = ("bad_feedback", *FEEDBACK_REASONS)
     name = "feedback"
 
     def __init__(self, settings: Settings):
-        from services.cores.feedback import FeedbackCore
+        from services.feedback import CheckedFeedback   # FeedbackCore behind the alert-id check
 
         self.settings = settings
-        self.core = FeedbackCore(settings.model_dir, settings.device)
+        self.core = CheckedFeedback(settings)
 
     def handle(self, rec: Record) -> list[Out]:
         try:
