@@ -7,10 +7,9 @@ any number of tails can follow the topic side by side without taking records fro
 from real subscribers, and a tail starts printing at once instead of after a group rebalance.
 Partitions added to the topic after the tail started are not followed.
 
-The alert record's JSON Schema is ``schemas/alert.v<SCHEMA_VERSION>.json`` (every record on a
-topic has one there); regenerate them after changing services.records with
-``python -m services.records --write-schemas`` (a test fails while a file and its Struct
-disagree; bump SCHEMA_VERSION for incompatible changes).
+The alert record's JSON Schema is ``schemas/alert.v<SCHEMA_VERSION>.json``; regenerate it after
+changing ``services.records.Alert`` with ``python -m services.alerts --write-schema`` (a test
+fails while the file and the model disagree; bump SCHEMA_VERSION for incompatible changes).
 """
 from __future__ import annotations
 
@@ -21,9 +20,9 @@ import uuid
 from datetime import datetime, timezone
 from typing import Callable, Iterable, TextIO
 
-import msgspec
+from pydantic import ValidationError
 
-from services.records import SCHEMA_VERSION, Alert, ExpectedKey, published_schema
+from services.records import SCHEMA_VERSION, Alert, ExpectedKey
 from services.settings import REPO_ROOT, Settings, UsageError, load_settings
 
 SCHEMA_PATH = REPO_ROOT / "schemas" / f"alert.v{SCHEMA_VERSION}.json"
@@ -33,8 +32,15 @@ SCHEMA_PATH = REPO_ROOT / "schemas" / f"alert.v{SCHEMA_VERSION}.json"
 # schema
 def alert_schema() -> dict:
     """The Alert record's JSON Schema as the file in schemas/ holds it (field names as on the
-    wire, e.g. ``log.file.path``)."""
-    return published_schema("alert")
+    wire: ``by_alias``, e.g. ``log.file.path``)."""
+    schema = Alert.model_json_schema(by_alias=True)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": f"https://logwarden.invalid/schemas/alert.v{SCHEMA_VERSION}.json", **schema}
+
+
+def write_schema() -> None:
+    SCHEMA_PATH.parent.mkdir(parents=True, exist_ok=True)
+    SCHEMA_PATH.write_text(json.dumps(alert_schema(), indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,7 +74,7 @@ def format_alert(alert: Alert) -> str:
         f"  hosts     {', '.join(alert.hosts) or '-'}",
         f"  anomaly   {alert.kind} at event {first.position} ({alert.anomalies} anomalous so far), "
         f"detected {_when(alert.detection_time)}",
-        f"  line      {first.message or '(not kept: the line arrived late or is the end of the session; see below)'}",
+        f"  line      {first.message}",
     ]
     src = first.source
     if src is not None:
@@ -113,21 +119,20 @@ def _partitions(consumer, topic: str, wait_s: float | None, log: TextIO) -> list
         time.sleep(1.0)
 
 
-_ELECTING = ("NOT_LEADER", "LEADER_NOT_AVAILABLE", "UNKNOWN_TOPIC_OR_PART")
+def watermarks(consumer, tp, patience_s: float = 15.0) -> tuple[int, int]:
+    """(low, high) of a partition. A topic created a moment ago is listed before its leader
+    serves it (NOT_LEADER_FOR_PARTITION): such errors are retried for ``patience_s``."""
+    from confluent_kafka import KafkaError, KafkaException
 
-
-def _watermarks(consumer, tp, wait_s: float = 30.0) -> tuple[int, int]:
-    """A partition's low and high offsets; a topic created a moment ago has no leader yet."""
-    from confluent_kafka import KafkaException
-
-    deadline = time.monotonic() + wait_s
+    not_yet = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART)
+    deadline = time.monotonic() + patience_s
     while True:
         try:
             return consumer.get_watermark_offsets(tp, timeout=10)
         except KafkaException as err:
-            if time.monotonic() > deadline or not any(s in str(err) for s in _ELECTING):
+            if err.args[0].code() not in not_yet or time.monotonic() >= deadline:
                 raise
-            time.sleep(0.5)
+            time.sleep(0.2)
 
 
 def reader(settings: Settings, from_beginning: bool, wait_s: float | None = None, log: TextIO = sys.stderr):
@@ -143,7 +148,7 @@ def reader(settings: Settings, from_beginning: bool, wait_s: float | None = None
         topic = settings.alerts_topic
         assignment = []
         for p in _partitions(consumer, topic, wait_s, log):
-            low, high = _watermarks(consumer, TopicPartition(topic, p))
+            low, high = watermarks(consumer, TopicPartition(topic, p))
             assignment.append(TopicPartition(topic, p, low if from_beginning else high))
         consumer.assign(assignment)
     except BaseException:
@@ -175,8 +180,8 @@ def tail(settings: Settings, hosts: list[str] | None = None, detector: str | Non
                     continue
                 try:
                     raw = json.loads(msg.value() or b"")
-                    alert = msgspec.convert(raw, Alert)
-                except (ValueError, msgspec.ValidationError) as err:
+                    alert = Alert.model_validate(raw)
+                except (ValueError, ValidationError) as err:
                     reason = str(err).splitlines()[0]
                     print(f"alerts tail: skipping {msg.topic()}[{msg.partition()}]@{msg.offset()}: "
                           f"not an alert ({reason})", file=log, flush=True)
@@ -207,3 +212,9 @@ def main(args) -> int:
     return 0
 
 
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--write-schema"]:
+        write_schema()
+        print(SCHEMA_PATH)
+    else:
+        sys.exit("usage: python -m services.alerts --write-schema")

@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-from services.settings import SettingsError, UsageError
+from services.settings import RDKAFKA_LOG, SettingsError, UsageError, load_settings
 
 # subcommand -> "module:function"; the function takes the parsed args and returns an exit code.
 COMMANDS = {
@@ -25,6 +25,7 @@ COMMANDS = {
     "stack": "toolkit.stack:main",
     "kafka": "toolkit.localkafka:main",
     "topics": "services.shell:topics_main",
+    "security": "services.security:main",
 }
 
 STAGES = ("parse", "sessions", "feedback", "all")
@@ -145,12 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     t = a.add_parser("check", help="containers healthy, topics present, stages consuming, metrics up")
     t.add_argument("--project", default="logwarden", help="compose project name")
     t.add_argument("--prometheus", default="http://127.0.0.1:9090")
+    t = a.add_parser("secrets", help="fill every empty *_PASSWORD in .env with a random password")
+    t.add_argument("--env-file", default=".env", metavar="FILE")
 
     s = sub.add_parser("kafka", help="the local single-node broker (fetched from Maven Central)")
     s.add_argument("action", choices=("up", "down", "status"))
 
     s = sub.add_parser("topics", help="create logwarden's topics if missing")
     s.add_argument("action", choices=("create",))
+
+    s = sub.add_parser("security", help="Kafka users and ACLs (services/security.py)")
+    s.add_argument("action", choices=("init", "acls"),
+                   help="init: SCRAM users and ACLs (as an admin); acls: print the ACLs")
     return p
 
 
@@ -158,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.command != "run" and not args.verbose:
+        # A command's Kafka failure is one line (below); librdkafka's retries are for -v.
+        RDKAFKA_LOG.setLevel(logging.CRITICAL + 1)
     module_name, _, func = COMMANDS[args.command].partition(":")
     try:
         handler = getattr(importlib.import_module(module_name), func)
@@ -167,6 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as err:
+        kafka = sys.modules.get("confluent_kafka")   # loaded by whatever raised a KafkaException
+        if kafka is None or not isinstance(err, kafka.KafkaException):
+            raise
+        from services.diagnose import explain
+        line, status = explain(err, load_settings())
+        print(f"logwarden {args.command}: {line}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

@@ -258,6 +258,10 @@ class Feedback(Struct, omit_defaults=True):
     key: str | None = None
     sequence: KeySequence | None = None   # the alert's judged keys, for the online update
     note: str | None = None
+    # Who sent it (`logwarden feedback`: the SASL user, else the OS user). Kafka does not stamp
+    # records with their producer's principal; who may write FEEDBACK_TOPIC at all is the ACLs'
+    # business (services/security.py), this is the audit trail kept in model manifests.
+    sender: str | None = None
 
 
 DEAD_LETTER_HEAD_BYTES = 16 * 1024

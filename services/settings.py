@@ -6,7 +6,9 @@ A bad value must stop a stage at start with one clear line, never a traceback: u
 """
 from __future__ import annotations
 
+import logging
 import re
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +23,33 @@ BOOTSTRAP_FILE = RUN_DIR / "kafka.bootstrap"
 
 class SettingsError(ValueError):
     """A setting has a bad value; str(err) is one line meant for the operator."""
+
+
+class _OncePerMinute(logging.Filter):
+    """librdkafka logs a refused connection or login again at every retry, a few times a second:
+    let the first of each message through (its "(after 12ms in state X)" tail aside), then say it
+    again at most once a minute."""
+    _TIMING = re.compile(r" \(after \d+ms in state \w+\)|\d+ms|#\d+")
+
+    def __init__(self, every_s: float = 60.0):
+        super().__init__()
+        self.every_s, self.last_said = every_s, {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = self._TIMING.sub("", record.getMessage())
+        now = time.monotonic()
+        if now - self.last_said.get(key, -self.every_s) < self.every_s:
+            return False
+        if len(self.last_said) > 1000:      # bounded: a long-running stage sees many messages
+            self.last_said.clear()
+        self.last_said[key] = now
+        return True
+
+
+# Every client made from Settings.kafka_config() logs through this logger, not straight to stderr.
+# The CLI silences it for one-shot commands (their failures are one line, services.diagnose).
+RDKAFKA_LOG = logging.getLogger("logwarden.rdkafka")
+RDKAFKA_LOG.addFilter(_OncePerMinute())
 
 
 class Settings(BaseSettings):
@@ -61,6 +90,9 @@ class Settings(BaseSettings):
     ssl_certificate_location: Path | None = Field(None, description="client certificate file")
     ssl_key_location: Path | None = Field(None, description="client key file")
     ssl_key_password: SecretStr | None = None
+    ssl_keystore_location: Path | None = Field(
+        None, description="client certificate and key as one PKCS#12 file (instead of the two above)")
+    ssl_keystore_password: SecretStr | None = None
 
     # --- parse / window ----------------------------------------------------------------------
     parse_config: Path | None = Field(
@@ -95,6 +127,9 @@ class Settings(BaseSettings):
         "auto", description="auto, cpu or cuda (auto: CUDA when torch finds a GPU)")
     detect_batch: int = Field(256, ge=1, description="windows scored per batch")
     reload_check_s: float = Field(5.0, gt=0, description="how often the worker looks for a newer model")
+    feedback_alert_ids: int = Field(
+        100_000, ge=1, description="alerts the feedback stage remembers to check feedback against "
+                                   "(feedback on an older alert is refused)")
 
     # --- metrics -------------------------------------------------------------------------
     metrics_bind: str = Field("127.0.0.1", description="address of the /metrics endpoint")
@@ -130,9 +165,10 @@ class Settings(BaseSettings):
         raise SettingsError(
             "no Kafka: set LOGWARDEN_KAFKA_BOOTSTRAP=host:port or start the local broker with `make kafka-up`")
 
-    def kafka_config(self) -> dict[str, str]:
+    def kafka_config(self) -> dict:
         """librdkafka client settings shared by producers, consumers and the admin client."""
-        conf = {"bootstrap.servers": self.bootstrap(), "security.protocol": self.security_protocol}
+        conf = {"bootstrap.servers": self.bootstrap(), "security.protocol": self.security_protocol,
+                "logger": RDKAFKA_LOG}
         optional = {
             "sasl.mechanism": self.sasl_mechanism,
             "sasl.username": self.sasl_username,
@@ -141,6 +177,8 @@ class Settings(BaseSettings):
             "ssl.certificate.location": self.ssl_certificate_location,
             "ssl.key.location": self.ssl_key_location,
             "ssl.key.password": self.ssl_key_password.get_secret_value() if self.ssl_key_password else None,
+            "ssl.keystore.location": self.ssl_keystore_location,
+            "ssl.keystore.password": self.ssl_keystore_password.get_secret_value() if self.ssl_keystore_password else None,
         }
         conf.update({k: str(v) for k, v in optional.items() if v is not None})
         return conf

@@ -31,7 +31,7 @@ import msgspec
 
 from services import checkpoint, metrics
 from services.cores.dedup import FileMarks
-from services.cores.feedback import FeedbackError
+from services.cores.feedback import FEEDBACK_REASONS, FeedbackError
 from services.records import WATERMARK_KEY, Feedback, FilebeatDoc, ParsedEvent, Source, Watermark, decoder, encode
 from services.settings import Settings, UsageError, load_settings
 from services.shell import Out, Record, Reject, StageRunner, StageSpec, ensure_topics
@@ -484,14 +484,14 @@ class SessionsStage:
 class FeedbackStage:
     """FEEDBACK_TOPIC -> FeedbackCore. Produces nothing; its output is a model version. Feedback
     that cannot be applied goes to the dead-letter topic."""
-    dead_letter_reasons = ("bad_feedback", "no_sequence", "no_model")
+    dead_letter_reasons = ("bad_feedback", *FEEDBACK_REASONS)
     name = "feedback"
 
     def __init__(self, settings: Settings):
-        from services.cores.feedback import FeedbackCore
+        from services.feedback import CheckedFeedback   # FeedbackCore behind the alert-id check
 
         self.settings = settings
-        self.core = FeedbackCore(settings.model_dir, settings.device)
+        self.core = CheckedFeedback(settings)
         self._decode = decoder(Feedback).decode
 
     def process(self, batch: list[Record]) -> list[Out | Reject]:

@@ -6,6 +6,7 @@ The compose file is validated by a real compose implementation: `docker-compose 
 """
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import os
 import re
@@ -20,8 +21,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from toolkit import stack
-from services.settings import Settings
+from services import security
+from services.settings import Settings, UsageError
+from toolkit import localkafka, stack
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -108,21 +110,54 @@ def docker_compose(*args: str, cwd: Path = REPO, env: dict | None = None) -> sub
 
 # ------------------------------------------------------------------------------------------
 # A real compose implementation accepts the file
-@pytest.mark.parametrize("profile_set", [(), ("ha", "gpu"), ("single", "cpu")])
-def test_docker_compose_accepts_the_file(profile_set):
+@pytest.fixture
+def env_with_secrets(tmp_path) -> Path:
+    """A copy of .env after `logwarden stack secrets`: what a deployment starts with."""
+    copy = tmp_path / ".env"
+    shutil.copy(REPO / ".env", copy)
+    assert stack.fill_secrets(copy), ".env has no empty password to fill"
+    return copy
+
+
+@pytest.mark.parametrize("profile_set", [(), ("ha", "gpu"), ("single", "cpu"), ("operator",)])
+def test_docker_compose_accepts_the_file(profile_set, env_with_secrets):
     flags = [arg for p in profile_set for arg in ("--profile", p)]
-    result = docker_compose(*flags, "config", "-q")
+    result = docker_compose("--env-file", str(env_with_secrets), *flags, "config", "-q")
     assert result.returncode == 0, result.stderr
     # Compose only warns about an unset variable and substitutes "": that is a broken deployment.
     # (docker-compose 1.x writes "WARNING: ...", 2.x "level=warning ...".)
     assert "warn" not in result.stderr.lower(), result.stderr
 
 
-def test_docker_compose_rejects_a_broken_copy(tmp_path):
+def test_docker_compose_refuses_to_start_with_the_passwords_unset():
+    """The repository's .env has no password: compose stops with one line saying what to run."""
+    env = dotenv()
+    passwords = {k: v for k, v in env.items() if k.endswith("_PASSWORD")}
+    assert {"GRAFANA_ADMIN_PASSWORD"} | {security.password_variable(u) for u in security.USERS} <= set(passwords)
+    assert set(passwords.values()) == {""}, "a password is committed in .env"
+    result = docker_compose("config", "-q", env={k: "" for k in passwords})
+    assert result.returncode != 0
+    assert "run `logwarden stack secrets` to set the passwords in .env" in result.stderr
+
+
+def test_stack_secrets_fills_each_empty_password_once(tmp_path, capsys):
+    env_file = tmp_path / ".env"
+    env_file.write_text("# comment\nA_PASSWORD=\nB_PASSWORD=kept\nUI_BIND=127.0.0.1\nC_PASSWORD= \n")
+    assert stack.main(argparse.Namespace(action="secrets", env_file=str(env_file))) == 0
+    assert "set 2 passwords (A_PASSWORD, C_PASSWORD)" in capsys.readouterr().out
+    values = dict(line.split("=", 1) for line in env_file.read_text().splitlines()[1:])
+    assert values["B_PASSWORD"] == "kept" and values["UI_BIND"] == "127.0.0.1"
+    assert re.fullmatch(r"[0-9a-f]{48}", values["A_PASSWORD"]) and values["A_PASSWORD"] != values["C_PASSWORD"]
+    assert env_file.stat().st_mode & 0o077 == 0
+    assert stack.fill_secrets(env_file) == []                  # a second run changes nothing
+    with pytest.raises(UsageError, match="no .*missing"):
+        stack.fill_secrets(tmp_path / "missing")
+
+
+def test_docker_compose_rejects_a_broken_copy(tmp_path, env_with_secrets):
     """The validator is not a no-op: the same file with one unknown option fails."""
     broken = COMPOSE_FILE.read_text().replace("  parse:\n", "  parse:\n    no_such_option: 1\n", 1)
     (tmp_path / "docker-compose.yml").write_text(broken)
-    shutil.copy(REPO / ".env", tmp_path / ".env")
     result = docker_compose("config", "-q", cwd=tmp_path)
     assert result.returncode != 0
     assert "no_such_option" in result.stderr
@@ -216,9 +251,12 @@ def test_the_compose_settings_are_valid_values():
         assert settings.replication_factor == int(env["REPLICATION_FACTOR"])
 
 
+ONE_SHOT = {"certs-init", "topics-init", "operator"}   # run to completion (operator: `docker compose run`)
+
+
 def test_restart_policies_and_healthchecks():
     for name, s in services().items():
-        if name == "topics-init":
+        if name in ONE_SHOT:
             assert s["restart"] == "no"
             continue
         assert s.get("restart") in LONG_RUNNING_RESTART, f"{name} has no restart policy"
@@ -267,6 +305,133 @@ def test_kafka_brokers_kraft_three_voters_and_replication():
     bootstrap_hosts = {h.rsplit(":", 1)[0] for h in env["KAFKA_BOOTSTRAP"].split(",")}
     assert bootstrap_hosts <= aliases
     assert environment(single)["KAFKA_DEFAULT_REPLICATION_FACTOR"] == "1"
+
+
+# ------------------------------------------------------------------------------------------
+# Locked down: SASL_SSL + ACLs on every broker, a login for every client, no default password
+BROKERS = ("kafka-1", "kafka-2", "kafka-3", "kafka")
+IMAGE_ENV_NOT_PROPERTIES = {"KAFKA_OPTS", "KAFKA_HEAP_OPTS", "KAFKA_JMX_OPTS", "KAFKA_LOG4J_OPTS"}
+REQUIRED = re.compile(r"^\$\{(?P<name>[A-Z0-9_]+):\?[^}]+\}$")   # ${NAME:?message}: no default
+
+
+def unescaped(value: str) -> str:
+    return value.replace("$$", "$")
+
+
+def broker_properties(env: dict[str, str]) -> dict[str, str]:
+    """What the apache/kafka image writes into server.properties from a broker's environment
+    (its `utility render-properties`): KAFKA_A_B -> a.b, __ -> _, ___ -> -."""
+    props = {}
+    for key, value in env.items():
+        if key.startswith("KAFKA_") and key not in IMAGE_ENV_NOT_PROPERTIES:
+            name = re.sub(r"(?<=[^_])_(?=[^_])", ".", key[len("KAFKA_"):]).replace("___", "-").replace("__", "_")
+            props[name.lower()] = unescaped(value)
+    return props
+
+
+def test_every_broker_is_locked_down_as_the_tested_local_broker_is():
+    """No plaintext listener; clients on SASL_SSL, brokers and controllers on mutual TLS; the
+    lockdown settings are those tests/test_security.py proves on a real broker."""
+    wanted = localkafka.lockdown_properties(["INTERNAL", "EXTERNAL"])
+    for name in BROKERS:
+        env = environment(services()[name])
+        # The image silently drops a value holding "=" (its environment parser splits on it).
+        assert not [k for k, v in env.items() if "=" in unescaped(v)], name
+        props = broker_properties(env)
+        protocols = dict(pair.split(":") for pair in props["listener.security.protocol.map"].split(","))
+        assert protocols == {"CONTROLLER": "SSL", "BROKER": "SSL", "INTERNAL": "SASL_SSL", "EXTERNAL": "SASL_SSL"}
+        assert props["inter.broker.listener.name"] == "BROKER" and props["controller.listener.names"] == "CONTROLLER"
+        listeners = {item.split("://")[0] for item in props["listeners"].split(",")}
+        advertised = {item.split("://")[0] for item in props["advertised.listeners"].split(",")}
+        assert listeners == set(protocols) and advertised == set(protocols) - {"CONTROLLER"}, name
+        assert {k: props.get(k) for k in wanted} == wanted, name
+        # The image reads the stores from /etc/kafka/secrets: the volume certs-init fills.
+        assert ("kafka-tls", "/etc/kafka/secrets", True) in mounts(services()[name]), name
+        assert props["ssl.keystore.type"] == props["ssl.truststore.type"] == "PKCS12"
+        assert services()[name]["depends_on"]["certs-init"]["condition"] == "service_completed_successfully"
+        published = [str(p) for p in services()[name]["ports"]]
+        assert [p.rsplit(":", 1)[1] for p in published] == [str(stack.BROKER_EXTERNAL_PORT)], name
+
+
+def test_certs_init_names_every_address_clients_use_and_hands_the_admin_key_to_topics_init():
+    certs = services()["certs-init"]
+    script = certs["command"][-1]
+    assert "/opt/logwarden/tls.sh /etc/kafka/secrets /etc/logwarden/kafka-ca " in script
+    names = set(script.rsplit(" ", 1)[1].split(","))
+    bootstrap_hosts = {h.rsplit(":", 1)[0] for h in dotenv()["KAFKA_BOOTSTRAP"].split(",")}
+    # stack check reaches the published ports on 127.0.0.1; Filebeat elsewhere on KAFKA_EXTERNAL_HOST
+    assert bootstrap_hosts | {"localhost", "127.0.0.1", "${KAFKA_EXTERNAL_HOST}"} <= names
+    uid = re.search(r"useradd .*--uid (\d+)", DOCKERFILE.read_text()).group(1)
+    assert environment(certs)["ADMIN_UID"] == uid            # the logwarden image's user reads admin.p12
+    assert ("./kafka/tls.sh", "/opt/logwarden/tls.sh", True) in mounts(certs)
+    init = services()["topics-init"]
+    env = environment(init)
+    assert env["LOGWARDEN_SECURITY_PROTOCOL"] == "SSL"
+    assert env["LOGWARDEN_SSL_KEYSTORE_LOCATION"] == "/etc/kafka/secrets/admin.p12"
+    assert {h.rsplit(":", 1)[1] for h in env["LOGWARDEN_KAFKA_BOOTSTRAP"].split(",")} == {"19093"}   # BROKER
+    assert "logwarden security init && logwarden topics create" in init["command"][-1]
+    # Everything that reads the CA or the keys waits for them.
+    for name, s in services().items():
+        if any(src in ("kafka-ca", "kafka-tls") for src, _t, _ro in mounts(s)) and name != "certs-init":
+            deps = s.get("depends_on") or {}
+            assert "certs-init" in deps or "topics-init" in deps, f"{name} may start before the certificates exist"
+    for user in security.USERS:
+        variable = security.password_variable(user)
+        assert REQUIRED.match(env[variable])["name"] == variable, user
+    # Nobody else mounts the private half: it holds the CA's and the admin's keys.
+    holders = {n for n, s in services().items() for src, _t, _ro in mounts(s) if src == "kafka-tls"}
+    assert holders == {"certs-init", "topics-init", *BROKERS}
+
+
+def test_every_kafka_client_logs_in_as_its_own_user():
+    env_of = {name: environment(s) for name, s in services().items()}
+    seen = set()
+    for name, s in services().items():
+        env = env_of[name]
+        if "LOGWARDEN_SASL_USERNAME" in env:
+            user = env["LOGWARDEN_SASL_USERNAME"]
+            stage = stack.stage_of(s.get("command") or [])
+            assert user == (stage or "operator"), name
+            assert env["LOGWARDEN_SECURITY_PROTOCOL"] == "SASL_SSL" and env["LOGWARDEN_SASL_MECHANISM"] == "SCRAM-SHA-512"
+            password = env["LOGWARDEN_SASL_PASSWORD"]
+        elif "KAFKA_USERNAME" in env:                            # Filebeat and Logstash
+            user, password = env["KAFKA_USERNAME"], env["KAFKA_PASSWORD"]
+            assert env["KAFKA_CA"] == "/etc/logwarden/kafka-ca/ca.crt"
+        else:
+            continue
+        assert REQUIRED.match(password)["name"] == security.password_variable(user), name
+        ca = env.get("LOGWARDEN_SSL_CA_LOCATION", env.get("KAFKA_CA"))
+        assert any(ca.startswith(target + "/") for src, target, ro in mounts(s) if src == "kafka-ca" and ro), name
+        seen.add(user)
+    assert seen == set(security.USERS)
+    # Every stage and every Filebeat has a login; nothing talks to Kafka without one.
+    assert all("LOGWARDEN_SASL_USERNAME" in env_of[n] for n in stage_services())
+    assert all("KAFKA_USERNAME" in env_of[n] for n in services() if n.startswith("filebeat-"))
+    output = yaml.safe_load((REPO / "filebeat" / "filebeat.yml").read_text())["output.kafka"]
+    assert output["sasl.mechanism"] == "SCRAM-SHA-512" and output["ssl.enabled"] is True
+    assert output["ssl.verification_mode"] == "full"
+    archive = (REPO / "logstash" / "pipeline" / "archive.conf").read_text()
+    assert re.search(r'security_protocol\s*=>\s*"SASL_SSL"', archive)
+    assert re.search(r'sasl_mechanism\s*=>\s*"SCRAM-SHA-512"', archive)
+
+
+def test_no_password_has_a_default_and_every_ui_listens_on_ui_bind():
+    for name, s in services().items():
+        for key, value in environment(s).items():
+            if "PASSWORD" in key:
+                assert REQUIRED.match(value), f"{name}: {key}={value!r} is not a ${{VAR:?...}} from .env"
+    grafana = environment(services()["grafana"])
+    assert REQUIRED.match(grafana["GF_SECURITY_ADMIN_PASSWORD"])["name"] == "GRAFANA_ADMIN_PASSWORD"
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false" and grafana["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    assert dotenv()["UI_BIND"] == "127.0.0.1"
+    uis = 0
+    for name, s in services().items():
+        if name in BROKERS:
+            continue                                           # SASL_SSL, checked above
+        for port in s.get("ports") or []:
+            assert str(port).startswith("${UI_BIND}:"), f"{name} publishes {port} on every address"
+            uis += 1
+    assert uis == 4   # NameNode, ResourceManager, Prometheus, Grafana
 
 
 # ------------------------------------------------------------------------------------------
@@ -455,7 +620,7 @@ def _container(service: str, **kw) -> stack.Container:
 def test_stack_container_checks():
     checks = {c.subject: c for c in stack.check_containers([
         _container("parse", health="healthy", command=("logwarden", "run", "parse")),
-        _container("window", health="unhealthy"),
+        _container("sessions", health="unhealthy"),
         _container("grafana", health="starting"),
         _container("topics-init", state="exited", exit_code=0, restart_policy="no"),
         _container("detect", state="restarting", exit_code=1),
@@ -463,9 +628,9 @@ def test_stack_container_checks():
     ], "logwarden")}
     assert checks["logwarden-parse-1"].ok
     assert checks["logwarden-topics-init-1"].ok and checks["logwarden-topics-init-1"].detail == "completed"
-    for bad in ("window", "grafana", "detect", "feedback"):
+    for bad in ("sessions", "grafana", "detect", "feedback"):
         assert not checks[f"logwarden-{bad}-1"].ok, bad
-    assert "docker compose logs window" in checks["logwarden-window-1"].detail
+    assert "docker compose logs sessions" in checks["logwarden-sessions-1"].detail
     empty = stack.check_containers([], "logwarden")
     assert len(empty) == 1 and not empty[0].ok and "docker compose ps" in empty[0].detail
 
@@ -489,7 +654,7 @@ def test_stack_derives_brokers_topics_and_groups_from_containers():
         "logwarden.archive": ["logstash"], "logwarden.detect": ["detect-cpu"], "logwarden.parse": ["parse"]}
     assert stack.stage_of(["/opt/logwarden/bin/logwarden", "run", "all"]) == "all"
     assert set(stack.expected_groups([_container("all", command=("logwarden", "run", "all"))], settings)) == {
-        "logwarden.parse", "logwarden.window", "logwarden.detect", "logwarden.feedback"}
+        "logwarden.parse", "logwarden.sessions", "logwarden.detect", "logwarden.feedback"}
 
 
 def test_stack_topic_and_group_checks():
@@ -503,24 +668,24 @@ def test_stack_topic_and_group_checks():
     odd = Settings(logs_pattern=r"^hostlogs\..*")
     assert not {c.subject: c for c in stack.check_topics(topics, odd, ["logs.namenode"])}["logs.namenode"].ok
 
-    groups = {"logwarden.parse": stack.GroupInfo("STABLE", 2, 17), "logwarden.window": stack.GroupInfo("EMPTY", 0, 5),
+    groups = {"logwarden.parse": stack.GroupInfo("STABLE", 2, 17), "logwarden.sessions": stack.GroupInfo("EMPTY", 0, 5),
               "logwarden.detect": stack.GroupInfo("DEAD", 0)}
-    expected = {"logwarden.parse": ["parse"], "logwarden.window": ["window"], "logwarden.detect": ["detect"],
+    expected = {"logwarden.parse": ["parse"], "logwarden.sessions": ["sessions"], "logwarden.detect": ["detect"],
                 "logwarden.archive": ["logstash"]}
     checks = {c.subject: c for c in stack.check_groups(groups, expected)}
     assert checks["logwarden.parse"].ok and checks["logwarden.parse"].detail == "2 members, lag 17"
-    assert not checks["logwarden.window"].ok and "not consuming" in checks["logwarden.window"].detail
+    assert not checks["logwarden.sessions"].ok and "not consuming" in checks["logwarden.sessions"].detail
     assert not checks["logwarden.detect"].ok and not checks["logwarden.archive"].ok
 
 
 def test_stack_metrics_checks_and_rendering():
     targets = {"status": "success", "data": {"activeTargets": [
         {"labels": {"job": "logwarden", "service": "parse", "instance": "172.18.0.9:9400"}, "health": "up"},
-        {"labels": {"job": "logwarden", "service": "window", "instance": "172.18.0.10:9400"},
+        {"labels": {"job": "logwarden", "service": "sessions", "instance": "172.18.0.10:9400"},
          "health": "down", "lastError": "connection refused"},
         {"labels": {"job": "prometheus", "instance": "localhost:9090"}, "health": "up"},
     ]}}
-    checks = stack.check_targets(targets, {"parse", "window", "feedback"})
+    checks = stack.check_targets(targets, {"parse", "sessions", "feedback"})
     by_subject = {c.subject: c for c in checks}
     assert by_subject["logwarden/parse 172.18.0.9:9400"].ok
     assert not by_subject["logwarden/window 172.18.0.10:9400"].ok

@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 from prometheus_client import REGISTRY
 
@@ -17,11 +18,12 @@ from models.base import Sequence
 from models.data import hdfs_test_split, read_hdfs_100k, read_sessions, read_templates, to_sequences
 from services import stages
 from services.alerts import reader as alerts_reader
-from services.cores.feedback import FeedbackCore, FeedbackError
+from services.cores.feedback import AlertIndex, FeedbackCore, FeedbackError, feedback_identity, learned_entry
 from services.stages import FeedbackStage
 from services.records import Alert, Feedback, KeySequence, ParsedEvent, Source, decode, encode, stable_id
 from services.shell import Record, Reject
 from tests.kafkautil import produce_values
+from tests.test_alerts_cli import make_alert
 from tests.streamutil import REPO, settings_env, wait_until
 
 
@@ -118,29 +120,75 @@ def test_feedback_that_cannot_be_applied_names_why(tmp_path):
     assert no_sequence.value.reason == "no_sequence"
 
 
-def test_stage_dead_letters_bad_records_and_counts_applied_feedback(tmp_path, kafka_settings_free):
-    stage = FeedbackStage(kafka_settings_free.model_copy(update={"model_dir": tmp_path}))
+def test_alert_index_knows_each_record_of_what_detect_produced_and_forgets_the_oldest():
+    index = AlertIndex(max_alerts=2, max_records=2)
+    first = make_alert(1, ["dn1"])
+    index.add(msgspec.structs.replace(first, status="open", sequence=KeySequence(keys=["E22"])))
+    index.add(first)
+    told = Feedback(alert_id=first.alert_id, verdict="false_positive", detector="deeplog", key=first.key,
+                    sequence=first.sequence, time=1)
+    index.check(told)                                            # the final record
+    index.check(msgspec.structs.replace(told, sequence=KeySequence(keys=["E22"])))   # the open one
+    for forged in ({"sequence": KeySequence(keys=["E22", "E5"])}, {"detector": "attgru"}, {"key": "blk_9"}):
+        with pytest.raises(FeedbackError) as refused:
+            index.check(msgspec.structs.replace(told, **forged))
+        assert refused.value.reason == "alert_mismatch", forged
+    with pytest.raises(FeedbackError) as unknown:
+        index.check(msgspec.structs.replace(told, alert_id="0123456789abcdef"))
+    assert unknown.value.reason == "unknown_alert" and "never produced" in unknown.value.detail
+    index.add(make_alert(2, ["dn1"]))
+    index.add(make_alert(3, ["dn1"]))                            # over the bound: the oldest goes
+    assert len(index) == 2 and index.forgotten == 1
+    with pytest.raises(FeedbackError, match="1 older ones it forgot"):
+        index.check(told)
+
+
+def test_a_learned_feedback_names_its_sender_in_the_manifest_entry():
+    fb = Feedback(alert_id="a", verdict="false_positive", time=1.0, sender="operator")
+    assert learned_entry(fb) == {"alert_id": "a", "verdict": "false_positive", "time": 1.0, "sender": "operator"}
+    assert learned_entry(msgspec.structs.replace(fb, sender=None)) == feedback_identity(fb)
+
+
+@pytest.mark.slow
+def test_stage_refuses_feedback_on_alerts_detect_never_produced_and_counts_applied_feedback(
+        tmp_path, kafka_settings):
+    """The alert check reads the real alerts topic: an id detect produced after the stage last
+    looked is found too (it reads on from where it stopped)."""
+    from services.shell import ensure_topics
+
+    settings = kafka_settings.model_copy(update={"model_dir": tmp_path, "device": "cpu"})
+    ensure_topics(settings)
+    produced = make_alert(1, ["dn1"])
+    produce_values(settings, settings.alerts_topic, [encode(produced)], key=produced.alert_id)
+    stage = FeedbackStage(settings)
 
     def record(value: bytes) -> Record:
         return Record("fb", 0, 0, None, value, 0)
 
-    (bad,) = stage.process([record(b'{"alert_id": "x"}')])
-    assert isinstance(bad, Reject) and bad.reason == "bad_feedback" and "verdict" in bad.detail
-    (unusable,) = stage.process([record(encode(false_positive(["E5"], {"E5": "t"})))])
-    assert unusable.reason == "no_model"
-    labels = {"detector": "deeplog", "verdict": "true_positive"}
-    before = REGISTRY.get_sample_value("logwarden_feedback_total", labels) or 0
-    tp = Feedback(alert_id="a", verdict="true_positive", detector="deeplog", time=1)
-    assert stage.process([record(encode(tp))]) == []
-    assert REGISTRY.get_sample_value("logwarden_feedback_total", labels) == before + 1
+    def feedback(alert: Alert, **changes) -> bytes:
+        return encode(msgspec.structs.replace(Feedback(
+            alert_id=alert.alert_id, verdict="false_positive", detector=alert.detector, key=alert.key,
+            sequence=alert.sequence, time=1, sender="operator"), **changes))
 
+    def refused(value: bytes) -> Reject:
+        (bad,) = stage.process([record(value)])
+        assert isinstance(bad, Reject)
+        return bad
 
-@pytest.fixture
-def kafka_settings_free():
-    """Settings for a stage object that is never run (no broker needed)."""
-    from services.settings import Settings
-
-    return Settings(kafka_bootstrap="127.0.0.1:9", device="cpu")
+    try:
+        assert refused(b'{"alert_id": "x"}').reason == "bad_feedback"
+        assert refused(feedback(produced, alert_id="0123456789abcdef")).reason == "unknown_alert"
+        assert refused(feedback(produced, sequence=KeySequence(keys=["E5"]))).reason == "alert_mismatch"
+        assert refused(feedback(produced)).reason == "no_model"          # known alert, no DeepLog to update
+        later = make_alert(2, ["dn2"])
+        produce_values(settings, settings.alerts_topic, [encode(later)], key=later.alert_id)
+        labels = {"detector": "deeplog", "verdict": "true_positive"}
+        before = REGISTRY.get_sample_value("logwarden_feedback_total", labels) or 0
+        assert stage.process([record(feedback(later, verdict="true_positive"))]) == []
+        assert REGISTRY.get_sample_value("logwarden_feedback_total", labels) == before + 1
+        assert sum(stage.core.alerts.positions.values()) == 2          # each record read once
+    finally:
+        stage.core.alerts.close()
 
 
 # --------------------------------------------------------------------------------------------

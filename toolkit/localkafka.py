@@ -7,6 +7,11 @@ Used three ways:
     broker with its data in ``.run/kafka/`` and its address in ``.run/kafka.bootstrap``;
   * nothing else: with ``LOGWARDEN_KAFKA_BOOTSTRAP`` set, logwarden talks to that cluster instead.
 
+``start(..., secure=True)`` locks the broker down as docker-compose.yml's brokers are: clients on
+SASL_SSL (SCRAM-SHA-512) only, the controller and inter-broker listeners on mutual TLS, every
+request authorised by KRaft's StandardAuthorizer against ACLs. Its certificates are made at start
+by kafka/tls.sh (keytool), the script compose's certs-init runs.
+
 The controller quorum is static (``controller.quorum.voters``), not ``format --standalone``: a
 dynamic quorum writes the controller's endpoint into the metadata log, so a restart on another
 free port would no longer find its own quorum. A static voter list is read from
@@ -19,6 +24,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -28,7 +34,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.settings import BOOTSTRAP_FILE, REPO_ROOT, RUN_DIR, UsageError
+from services.settings import BOOTSTRAP_FILE, REPO_ROOT, RUN_DIR, Settings, UsageError
 
 KAFKA_LIBS = REPO_ROOT / ".cache" / "kafka" / "libs"
 KAFKA_POM = REPO_ROOT / "kafka" / "pom.xml"
@@ -116,10 +122,25 @@ class Broker:
     data_dir: Path
     pid: int
     process: subprocess.Popen | None = None   # None when adopted from the pid file
+    security: Security | None = None          # set when started with secure=True
 
     @property
     def log_file(self) -> Path:
         return self.data_dir / "logs" / "server.log"
+
+    def client_settings(self, username: str, password: str, **overrides) -> Settings:
+        """Settings of a SCRAM user on the SASL_SSL listener of a secure broker."""
+        return self._secured().client_settings(self.bootstrap, username, password, **overrides)
+
+    def admin_settings(self, **overrides) -> Settings:
+        """Settings of the super user ``admin`` with its certificate on the mutual-TLS listener:
+        what docker-compose.yml's topics-init uses before any SCRAM user exists."""
+        return self._secured().admin_tls_settings(**overrides)
+
+    def _secured(self) -> Security:
+        if self.security is None:
+            raise BrokerError("this broker was started without secure=True")
+        return self.security
 
     def alive(self) -> bool:
         if self.process is not None:
@@ -209,16 +230,113 @@ def _file_tail(path: Path, lines: int = 15) -> str:
         return f"({path} does not exist)"
 
 
-def server_properties(data_dir: Path, port: int, controller_port: int) -> str:
+# --------------------------------------------------------------------------------------------
+# SCRAM + TLS
+TLS_SCRIPT = REPO_ROOT / "kafka" / "tls.sh"
+ADMIN_USER = "admin"      # super user: SCRAM credentials formatted into the storage, and admin.p12
+BROKER_USER = "broker"    # the brokers' own certificate (controller and inter-broker connections)
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+SCRAM_ITERATIONS = 8192
+TLS_NAMES = f"localhost,{HOST}"
+
+
+def lockdown_properties(client_listeners: list[str]) -> dict[str, str]:
+    """What locks a broker down, beside its listeners and key stores; docker-compose.yml's brokers
+    set the same (tests/test_compose.py compares). ``client_listeners``: the SASL_SSL listeners.
+
+    Certificates name their holder (CN=broker, CN=admin); the rule makes that User:broker. Its "."
+    stands for the "=" of "CN=": the Kafka image drops an environment value that holds a "=".
+    ssl.client.auth=required applies to the SSL listeners (controller, inter-broker) only: a
+    broker-wide value is ignored on SASL_SSL listeners (KIP-684), where SCRAM authenticates."""
+    props = {
+        "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "allow.everyone.if.no.acl.found": "false",
+        "super.users": f"User:{BROKER_USER};User:{ADMIN_USER}",
+        "ssl.principal.mapping.rules": "RULE:^CN.([a-z0-9-]+)$/$1/,DEFAULT",
+        "ssl.client.auth": "required",
+        "sasl.enabled.mechanisms": SCRAM_MECHANISM,
+    }
+    for name in client_listeners:   # the broker's side of SCRAM: credentials come from the metadata log
+        props[f"listener.name.{name.lower()}.{SCRAM_MECHANISM.lower()}.sasl.jaas.config"] = \
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+    return props
+
+
+@dataclass(frozen=True)
+class Security:
+    """How clients reach a broker started with secure=True. ``tls_dir`` holds kafka/tls.sh's
+    output (ca.crt, admin.p12 with admin.password, ...); ``tls_bootstrap`` is the mutual-TLS
+    listener, where the admin certificate is accepted."""
+    tls_dir: Path
+    tls_bootstrap: str
+
+    @property
+    def ca_file(self) -> Path:
+        return self.tls_dir / "ca.crt"
+
+    def password(self, name: str) -> str:
+        return (self.tls_dir / f"{name}.password").read_text().strip()
+
+    def client_settings(self, bootstrap: str, username: str, password: str, **overrides) -> Settings:
+        return Settings(**{
+            "kafka_bootstrap": bootstrap, "security_protocol": "SASL_SSL", "sasl_mechanism": SCRAM_MECHANISM,
+            "sasl_username": username, "sasl_password": password, "ssl_ca_location": self.ca_file} | overrides)
+
+    def admin_tls_settings(self, **overrides) -> Settings:
+        return Settings(**{
+            "kafka_bootstrap": self.tls_bootstrap, "security_protocol": "SSL", "ssl_ca_location": self.ca_file,
+            "ssl_keystore_location": self.tls_dir / "admin.p12",
+            "ssl_keystore_password": self.password("admin")} | overrides)
+
+
+def make_tls(tls_dir: Path, names: str = TLS_NAMES) -> None:
+    """kafka/tls.sh into one directory (its private and public halves together, for a test)."""
+    if shutil.which("keytool") is None:
+        raise BrokerError("keytool not found: a secure broker's certificates are made with the JDK's keytool "
+                          "(apt-get install openjdk-17-jre-headless)")
+    result = subprocess.run(["bash", str(TLS_SCRIPT), str(tls_dir), str(tls_dir), names],
+                            capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise BrokerError(f"making the broker's certificates failed: {_tail(result.stdout + result.stderr, 3)}")
+
+
+def _secure_listener_properties(security: Security, port: int, broker_port: int, controller_port: int) -> list[str]:
+    stores = {
+        "ssl.keystore.type": "PKCS12",
+        "ssl.keystore.location": security.tls_dir / "broker.p12",
+        "ssl.keystore.password": security.password("broker"),
+        "ssl.key.password": security.password("broker"),
+        "ssl.truststore.type": "PKCS12",
+        "ssl.truststore.location": security.tls_dir / "truststore.p12",
+        "ssl.truststore.password": security.password("truststore"),
+    }
+    return [
+        f"listeners=EXTERNAL://{HOST}:{port},BROKER://{HOST}:{broker_port},CONTROLLER://{HOST}:{controller_port}",
+        f"advertised.listeners=EXTERNAL://{HOST}:{port},BROKER://{HOST}:{broker_port}",
+        "controller.listener.names=CONTROLLER",
+        "inter.broker.listener.name=BROKER",
+        "listener.security.protocol.map=CONTROLLER:SSL,BROKER:SSL,EXTERNAL:SASL_SSL",
+        *(f"{k}={v}" for k, v in (lockdown_properties(["EXTERNAL"]) | stores).items()),
+    ]
+
+
+def server_properties(data_dir: Path, port: int, controller_port: int, *,
+                      security: Security | None = None, broker_port: int | None = None) -> str:
+    if security is None:
+        listeners = [
+            f"listeners=PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
+            f"advertised.listeners=PLAINTEXT://{HOST}:{port}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        ]
+    else:
+        listeners = _secure_listener_properties(security, port, broker_port, controller_port)
     return "\n".join([
         "process.roles=broker,controller",
         f"node.id={NODE_ID}",
         f"controller.quorum.voters={NODE_ID}@{HOST}:{controller_port}",
-        f"listeners=PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
-        f"advertised.listeners=PLAINTEXT://{HOST}:{port}",
-        "controller.listener.names=CONTROLLER",
-        "inter.broker.listener.name=PLAINTEXT",
-        "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        *listeners,
         f"log.dirs={data_dir / 'data'}",
         "num.partitions=6",
         "auto.create.topics.enable=true",
@@ -240,26 +358,32 @@ def server_properties(data_dir: Path, port: int, controller_port: int) -> str:
     ])
 
 
-def _format_storage(java: str, libs: Path, config: Path, data_dir: Path, logs_dir: Path) -> None:
-    """kafka-storage format with a fresh cluster id; skipped when the data dir is formatted."""
+def _format_storage(java: str, libs: Path, config: Path, data_dir: Path, logs_dir: Path,
+                    scram_users: dict[str, str] | None = None) -> None:
+    """kafka-storage format with a fresh cluster id; skipped when the data dir is formatted.
+    ``scram_users`` (name -> password) get SCRAM credentials in the first metadata, so they can
+    authenticate before anyone could create a user."""
     if (data_dir / "data" / "meta.properties").exists():
         return
     cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    scram = [f"--add-scram={SCRAM_MECHANISM}=[name={name},password={password},iterations={SCRAM_ITERATIONS}]"
+             for name, password in (scram_users or {}).items()]
     result = subprocess.run(
         [java, "-Xmx256m", "-XX:-UsePerfData", f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
          f"-Dkafka.logs.dir={logs_dir}", "-Dkafka.log.name=storage-format",
          "-cp", f"{libs}/*", "kafka.tools.StorageTool",
-         "format", "--config", str(config), f"--cluster-id={cluster_id}"],   # an id may start with "-"
+         "format", "--config", str(config), f"--cluster-id={cluster_id}", *scram],   # an id may start with "-"
         capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
         raise BrokerError(f"kafka-storage format failed (exit {result.returncode}): "
                           f"{_tail(result.stdout + result.stderr, 5)}")
 
 
-def _answers(bootstrap: str, timeout: float) -> bool:
-    """True when the broker serves metadata and lists itself (it is unfenced and usable)."""
+def _answers(bootstrap: str, timeout: float, client: dict | None = None) -> bool:
+    """True when the broker serves metadata and lists itself (it is unfenced and usable).
+    ``client``: librdkafka settings of a client it accepts (a secure broker's admin)."""
     from confluent_kafka.admin import AdminClient   # keeps `import toolkit.localkafka` light
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0,
+    admin = AdminClient({"bootstrap.servers": bootstrap, **(client or {}), "log_level": 0,
                          "socket.connection.setup.timeout.ms": max(1000, int(timeout * 1000))})
     try:
         metadata = admin.list_topics(timeout=timeout)
@@ -277,12 +401,16 @@ def exit_with_parent() -> None:
 
 
 def start(data_dir: Path, port: int | None = None, *, controller_port: int | None = None,
-          timeout: float = 120.0, libs: Path = KAFKA_LIBS, die_with_parent: bool = False) -> Broker:
+          timeout: float = 120.0, libs: Path = KAFKA_LIBS, die_with_parent: bool = False,
+          secure: bool = False) -> Broker:
     """Format (first time) and start a broker with its data, config and log under ``data_dir``;
     return once it answers an AdminClient. Ports are free loopback ports when None. Raises
     BrokerError saying why it could not (jars, java, a busy port, or the broker log's last lines).
     ``die_with_parent``: the broker is stopped by the kernel when the calling process ends
-    (test sessions); leave False for a broker that outlives its starter (`kafka up`)."""
+    (test sessions); leave False for a broker that outlives its starter (`kafka up`).
+    ``secure``: SASL_SSL + mutual TLS + ACLs (see the module docstring); certificates in
+    ``data_dir/tls``, the SCRAM user ``admin`` formatted in with the password in
+    ``tls/admin-scram.password``; Broker.client_settings / admin_settings say how to connect."""
     check_jars(libs)
     java = _java()
     data_dir = Path(data_dir).resolve()
@@ -297,8 +425,19 @@ def start(data_dir: Path, port: int | None = None, *, controller_port: int | Non
     logs_dir = data_dir / "logs"
     logs_dir.mkdir(parents=True, exist_ok=True)
     config = data_dir / "server.properties"
-    config.write_text(server_properties(data_dir, port, controller_port))
-    _format_storage(java, libs, config, data_dir, logs_dir)
+    security, scram_users, broker_port = None, None, None
+    if secure:
+        broker_port = free_port()
+        while broker_port in (port, controller_port):
+            broker_port = free_port()
+        make_tls(data_dir / "tls")
+        security = Security(data_dir / "tls", f"{HOST}:{broker_port}")
+        admin_password = data_dir / "tls" / "admin-scram.password"
+        if not admin_password.exists():
+            admin_password.write_text(secrets.token_hex(16) + "\n")
+        scram_users = {ADMIN_USER: security.password("admin-scram")}
+    config.write_text(server_properties(data_dir, port, controller_port, security=security, broker_port=broker_port))
+    _format_storage(java, libs, config, data_dir, logs_dir, scram_users)
 
     console = logs_dir / "jvm.out"   # JVM crashes and early errors that never reach log4j
     with open(console, "ab") as out:
@@ -308,7 +447,9 @@ def start(data_dir: Path, port: int | None = None, *, controller_port: int | Non
             cwd=data_dir, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,   # own process group: stop() ends it all, Ctrl-C does not
             preexec_fn=exit_with_parent if die_with_parent else None)
-    broker = Broker(f"{HOST}:{port}", port, controller_port, data_dir, process.pid, process)
+    broker = Broker(f"{HOST}:{port}", port, controller_port, data_dir, process.pid, process, security)
+    # A secure broker answers only those it knows: ask as its admin.
+    ready_client = security.admin_tls_settings().kafka_config() if security else {"bootstrap.servers": broker.bootstrap}
 
     deadline = time.monotonic() + timeout
     while True:
@@ -316,7 +457,7 @@ def start(data_dir: Path, port: int | None = None, *, controller_port: int | Non
             raise BrokerError(
                 f"Kafka broker exited with code {process.returncode} during start: "
                 f"{_file_tail(broker.log_file, 8)} | {_file_tail(console, 4)}")
-        if _accepts_tcp(port) and _answers(broker.bootstrap, 2.0):
+        if _accepts_tcp(port) and _answers(ready_client["bootstrap.servers"], 2.0, ready_client):
             return broker
         if time.monotonic() > deadline:
             broker.stop()

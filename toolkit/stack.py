@@ -1,4 +1,5 @@
 """`logwarden stack check`: is a `docker compose up` deployment (docker-compose.yml) working?
+(And `logwarden stack secrets`, which fills the deployment's empty passwords in .env.)
 
 Four questions, each answered from the running system itself, never from the compose file:
 
@@ -20,15 +21,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
+from services.security import ARCHIVE_GROUP   # noqa: F401 - stack.ARCHIVE_GROUP: the archive's group
 from services.settings import Settings, UsageError, load_settings
 
 # Where the rest of the deployment names these (tests/test_compose.py keeps them in step):
-ARCHIVE_GROUP = "logwarden.archive"      # logstash/pipeline/archive.conf: group_id
 METRICS_JOB = "logwarden"                # prometheus/prometheus.yml: job_name of the stages
 BROKER_SERVICE = re.compile(r"^kafka(-\d+)?$")
 BROKER_EXTERNAL_PORT = 9092              # the EXTERNAL listener inside a broker container
@@ -120,7 +123,7 @@ def expected_groups(containers: list[Container], settings: Settings) -> dict[str
     groups: dict[str, list[str]] = {}
     for c in containers:
         stage = stage_of(c.command)
-        stages = ("parse", "window", "detect", "feedback") if stage == "all" else (stage,) if stage else ()
+        stages = ("parse", "sessions", "feedback") if stage == "all" else (stage,) if stage else ()
         for s in stages:
             groups.setdefault(settings.group(s), []).append(c.service)
         if c.service == "logstash":
@@ -313,7 +316,40 @@ def check(project: str, prometheus_url: str) -> tuple[list[Check], dict[str, str
     return checks, headers
 
 
+# ------------------------------------------------------------------------------------------
+EMPTY_PASSWORD = re.compile(r"^(?P<name>[A-Z][A-Z0-9_]*_PASSWORD)=[ \t]*$")
+
+
+def fill_secrets(env_file: Path) -> list[str]:
+    """Give every empty ``*_PASSWORD=`` line of ``env_file`` a random password (48 hex digits:
+    no character any consumer would quote); set ones stay. Returns the names filled."""
+    try:
+        lines = env_file.read_text().splitlines(keepends=True)
+    except FileNotFoundError:
+        raise UsageError(f"no {env_file}: run this in the directory of docker-compose.yml") from None
+    filled = []
+    for i, line in enumerate(lines):
+        m = EMPTY_PASSWORD.match(line.rstrip("\r\n"))
+        if m:
+            lines[i] = f"{m['name']}={secrets.token_hex(24)}\n"
+            filled.append(m["name"])
+    if filled:
+        fresh = env_file.with_name(env_file.name + ".new")
+        fresh.write_text("".join(lines))
+        fresh.chmod(0o600)                     # it holds secrets now
+        fresh.replace(env_file)
+    return filled
+
+
 def main(args) -> int:
+    if args.action == "secrets":
+        filled = fill_secrets(Path(args.env_file))
+        if filled:
+            print(f"{args.env_file}: set {len(filled)} passwords ({', '.join(filled)}); "
+                  "it holds secrets now: keep it out of version control")
+        else:
+            print(f"{args.env_file}: every password is already set")
+        return 0
     if args.action != "check":
         raise UsageError(f"unknown action {args.action!r}")
     checks, headers = check(args.project, args.prometheus)

@@ -2,29 +2,43 @@
 online update from a false positive). Pure: no Kafka; its adapter is services.stages.FeedbackStage.
 
 A version made from feedback lists, in its manifest, every feedback it has learned
-(``feedback``: alert id, verdict, time) and the version it came from (``parent``). A feedback
+(``feedback``: alert id, verdict, time, sender) and the version it came from (``parent``). A feedback
 record replayed after a crash is recognised there and not applied twice. Updates of one detector
 are serialised with a lock file in MODEL_DIR, so replicas of the stage cannot both build on the
 same version and lose one update.
+
+Feedback retrains a model, so it is believed only about alerts detect produced: AlertIndex holds
+the ids (and what each alert judged) that the stage has seen on ALERTS_TOPIC; feedback naming
+another id, or another detector, key or sequence than the alert's, is refused (its adapter reads
+the topic: services.feedback.AlertsOnTopic).
 """
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import logging
 import tempfile
 import time
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import msgspec
+
 from models import artifacts
-from services.records import Feedback
+from services.records import Alert, Feedback, KeySequence
 
 log = logging.getLogger(__name__)
 
 # Detectors with an online update; a false positive of another detector is counted and logged
 # (it is on FEEDBACK_TOPIC for the next training run) but changes no model.
 UPDATABLE = ("deeplog",)
+
+
+# Dead-letter reasons of feedback that is refused or cannot be applied.
+FEEDBACK_REASONS = ("no_sequence", "no_model", "unknown_alert", "alert_mismatch")
 
 
 class FeedbackError(Exception):
@@ -46,8 +60,61 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+_IDENTITY = ("alert_id", "verdict", "time")
+
+
 def feedback_identity(fb: Feedback) -> dict:
     return {"alert_id": fb.alert_id, "verdict": fb.verdict, "time": fb.time}
+
+
+def learned_entry(fb: Feedback) -> dict:
+    """What a manifest's ``feedback`` list keeps of one feedback: its identity and its sender."""
+    return feedback_identity(fb) | ({"sender": fb.sender} if fb.sender else {})
+
+
+def judged_fingerprint(detector: str | None, key: str | None, sequence: KeySequence | None) -> bytes:
+    """What feedback must agree on with one alert record: the detector (whose model it changes),
+    the key and the sequence judged (what the model learns)."""
+    doc = json.dumps([detector, key, msgspec.to_builtins(sequence) if sequence else None],
+                     sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(doc.encode()).digest()[:16]
+
+
+class AlertIndex:
+    """The alerts detect produced: id -> the fingerprints of its records (an alert is updated as
+    its session goes on: open, update..., final), the ``max_alerts`` newest alerts, each with its
+    ``max_records`` newest records."""
+
+    def __init__(self, max_alerts: int = 100_000, max_records: int = 64):
+        self.max_alerts, self.max_records = max_alerts, max_records
+        self._alerts: OrderedDict[str, dict[bytes, None]] = OrderedDict()
+        self.forgotten = 0                     # alerts dropped to keep the bound
+
+    def __len__(self) -> int:
+        return len(self._alerts)
+
+    def add(self, alert: Alert) -> None:
+        records = self._alerts.pop(alert.alert_id, None) or {}
+        fingerprint = judged_fingerprint(alert.detector, alert.key, alert.sequence)
+        records.pop(fingerprint, None)
+        records[fingerprint] = None            # newest last
+        while len(records) > self.max_records:
+            del records[next(iter(records))]
+        self._alerts[alert.alert_id] = records
+        while len(self._alerts) > self.max_alerts:
+            self._alerts.popitem(last=False)
+            self.forgotten += 1
+
+    def check(self, fb: Feedback) -> None:
+        """Raise FeedbackError unless ``fb`` names a known alert and agrees with one of its records."""
+        records = self._alerts.get(fb.alert_id)
+        if records is None:
+            older = f" (nor among the {self.forgotten} older ones it forgot)" if self.forgotten else ""
+            raise FeedbackError("unknown_alert", f"feedback on alert {fb.alert_id}, which detect never produced"
+                                                 f"{older}")
+        if judged_fingerprint(fb.detector, fb.key, fb.sequence) not in records:
+            raise FeedbackError("alert_mismatch", f"feedback on alert {fb.alert_id} names another detector, key "
+                                                  "or sequence than the alert did")
 
 
 class FeedbackCore:
@@ -72,7 +139,7 @@ class FeedbackCore:
                 raise FeedbackError("no_model", f"no {detector} version in {self.model_dir} to update")
             manifest = artifacts.read_manifest(base)
             learned = manifest.get("feedback", [])
-            if feedback_identity(fb) in learned:
+            if feedback_identity(fb) in [{k: entry.get(k) for k in _IDENTITY} for entry in learned]:
                 return {"action": "duplicate", "detector": detector, "version": base.name}
             return self._update(fb, detector, base, learned)
 
@@ -87,10 +154,11 @@ class FeedbackCore:
         stats = model.update([sequence], epochs=self.epochs)
         with tempfile.TemporaryDirectory(prefix=f"feedback-{detector}-") as tmp:
             model.save(Path(tmp))
-            artifacts.update_manifest(tmp, parent=base.name, feedback=[*learned, feedback_identity(fb)])
+            artifacts.update_manifest(tmp, parent=base.name, feedback=[*learned, learned_entry(fb)])
             version = artifacts.publish(tmp, self.model_dir, detector)
         result = {"action": "updated", "detector": detector, "parent": base.name, "version": version.name,
                   "seconds": round(time.perf_counter() - started, 2), **stats}
-        log.info("feedback on alert %s: %s %s -> %s (%d epochs, still flagged: %d)", fb.alert_id, detector,
-                 base.name, version.name, stats.get("epochs", 0), stats.get("still_flagged", 0))
+        log.info("feedback on alert %s from %s: %s %s -> %s (%d epochs, still flagged: %d)", fb.alert_id,
+                 fb.sender or "an unnamed sender", detector, base.name, version.name, stats.get("epochs", 0),
+                 stats.get("still_flagged", 0))
         return result
