@@ -7,9 +7,10 @@ any number of tails can follow the topic side by side without taking records fro
 from real subscribers, and a tail starts printing at once instead of after a group rebalance.
 Partitions added to the topic after the tail started are not followed.
 
-The alert record's JSON Schema is ``schemas/alert.v<SCHEMA_VERSION>.json``; regenerate it after
-changing ``services.records.Alert`` with ``python -m services.alerts --write-schema`` (a test
-fails while the file and the model disagree; bump SCHEMA_VERSION for incompatible changes).
+The alert record's JSON Schema is ``schemas/alert.v<SCHEMA_VERSION>.json`` (every record on a
+topic has one there); regenerate them after changing services.records with
+``python -m services.records --write-schemas`` (a test fails while a file and its Struct
+disagree; bump SCHEMA_VERSION for incompatible changes).
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ import uuid
 from datetime import datetime, timezone
 from typing import Callable, Iterable, TextIO
 
-from pydantic import ValidationError
+import msgspec
 
-from services.records import SCHEMA_VERSION, Alert, ExpectedKey
+from services.records import SCHEMA_VERSION, Alert, ExpectedKey, published_schema
 from services.settings import REPO_ROOT, Settings, UsageError, load_settings
 
 SCHEMA_PATH = REPO_ROOT / "schemas" / f"alert.v{SCHEMA_VERSION}.json"
@@ -32,15 +33,8 @@ SCHEMA_PATH = REPO_ROOT / "schemas" / f"alert.v{SCHEMA_VERSION}.json"
 # schema
 def alert_schema() -> dict:
     """The Alert record's JSON Schema as the file in schemas/ holds it (field names as on the
-    wire: ``by_alias``, e.g. ``log.file.path``)."""
-    schema = Alert.model_json_schema(by_alias=True)
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
-            "$id": f"https://logwarden.invalid/schemas/alert.v{SCHEMA_VERSION}.json", **schema}
-
-
-def write_schema() -> None:
-    SCHEMA_PATH.parent.mkdir(parents=True, exist_ok=True)
-    SCHEMA_PATH.write_text(json.dumps(alert_schema(), indent=2, sort_keys=True) + "\n")
+    wire, e.g. ``log.file.path``)."""
+    return published_schema("alert")
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,7 +68,7 @@ def format_alert(alert: Alert) -> str:
         f"  hosts     {', '.join(alert.hosts) or '-'}",
         f"  anomaly   {alert.kind} at event {first.position} ({alert.anomalies} anomalous so far), "
         f"detected {_when(alert.detection_time)}",
-        f"  line      {first.message}",
+        f"  line      {first.message or '(not kept: the line arrived late or is the end of the session; see below)'}",
     ]
     src = first.source
     if src is not None:
@@ -180,8 +174,8 @@ def tail(settings: Settings, hosts: list[str] | None = None, detector: str | Non
                     continue
                 try:
                     raw = json.loads(msg.value() or b"")
-                    alert = Alert.model_validate(raw)
-                except (ValueError, ValidationError) as err:
+                    alert = msgspec.convert(raw, Alert)
+                except (ValueError, msgspec.ValidationError) as err:
                     reason = str(err).splitlines()[0]
                     print(f"alerts tail: skipping {msg.topic()}[{msg.partition()}]@{msg.offset()}: "
                           f"not an alert ({reason})", file=log, flush=True)
@@ -210,11 +204,3 @@ def main(args) -> int:
               file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--write-schema"]:
-        write_schema()
-        print(SCHEMA_PATH)
-    else:
-        sys.exit("usage: python -m services.alerts --write-schema")

@@ -80,7 +80,8 @@ def plan(settings: Settings) -> dict[str, list]:
 
     s = settings
     hosts = host_topic_prefix(s)
-    own_topics = [s.events_topic, s.windows_topic, s.alerts_topic, s.deadletter_topic, s.feedback_topic]
+    own_topics = [s.events_topic, s.windows_topic, s.alerts_topic, s.deadletter_topic, s.feedback_topic,
+                  *s.multimodal_topics()]
     READ, WRITE, DESCRIBE, CREATE = AclOperation.READ, AclOperation.WRITE, AclOperation.DESCRIBE, AclOperation.CREATE
 
     def allow(user, restype, pattern, names, *operations):

@@ -44,7 +44,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from services import metrics, records
 from services.records import DeadLetter
-from services.settings import Settings, SettingsError, load_settings
+from services.settings import Settings, load_settings
 from services.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -132,26 +132,10 @@ class StageSpec:
 
 # ------------------------------------------------------------------------------------------
 # Kafka clients
-# librdkafka's log lines go through Python logging: connection churn (a broker restarting, a
-# stage stopping) at debug, so a user sees one line about it, not a wall.
-_CHURN = ("Connection refused", "Disconnected", "Connect to ", "failed: ", "ALL_BROKERS_DOWN",
-          "Broker transport failure", "timed out", "connection closed")
-
-
-class _QuietClientFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING and any(s in record.getMessage() for s in _CHURN):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
-        return True
-
-
-client_log = logging.getLogger("logwarden.kafka")
-client_log.addFilter(_QuietClientFilter())
-
-
 def client_config(settings: Settings) -> dict:
-    return settings.kafka_config() | {"logger": client_log, "log.connection.close": False}
+    # (Settings.kafka_config() routes librdkafka's log through one logger that says a repeated
+    # line at most once a minute.)
+    return settings.kafka_config() | {"log.connection.close": False}
 
 
 def producer_config(settings: Settings, **overrides) -> dict:
@@ -208,10 +192,7 @@ def ensure_topics(settings: Settings, extra: Iterable[str] = (), configs: dict[s
     admin = AdminClient(client_config(settings))
     names = [settings.events_topic, settings.windows_topic, settings.alerts_topic,
              settings.deadletter_topic, settings.feedback_topic, *settings.multimodal_topics(), *extra]
-    try:
-        existing = set(admin.list_topics(timeout=15).topics)
-    except KafkaException as err:
-        raise FatalStageError(f"cannot reach Kafka at {settings.bootstrap()}: {err.args[0].str()}") from None
+    existing = set(admin.list_topics(timeout=15).topics)   # a KafkaException: services.diagnose says why
     wanted = [NewTopic(n, num_partitions=(partitions or {}).get(n, settings.topic_partitions),
                        replication_factor=settings.replication_factor, config=(configs or {}).get(n, {}))
               for n in dict.fromkeys(names) if n not in existing]
@@ -223,7 +204,7 @@ def ensure_topics(settings: Settings, extra: Iterable[str] = (), configs: dict[s
             log.info("created topic %s", name)
         except KafkaException as err:
             if err.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise FatalStageError(f"cannot create topic {name}: {err.args[0].str()}") from None
+                raise
 
 
 def topic_partition_count(settings: Settings, topic: str) -> int | None:
@@ -235,11 +216,7 @@ def topic_partition_count(settings: Settings, topic: str) -> int | None:
 
 
 def topics_main(args) -> int:
-    settings = load_settings()
-    try:
-        ensure_topics(settings)
-    except FatalStageError as err:
-        raise SettingsError(str(err)) from None
+    ensure_topics(load_settings())
     return 0
 
 

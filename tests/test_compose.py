@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services import security
+from services import security, stages
 from services.settings import Settings, UsageError
 from toolkit import localkafka, stack
 
@@ -654,7 +654,7 @@ def test_stack_derives_brokers_topics_and_groups_from_containers():
         "logwarden.archive": ["logstash"], "logwarden.detect": ["detect-cpu"], "logwarden.parse": ["parse"]}
     assert stack.stage_of(["/opt/logwarden/bin/logwarden", "run", "all"]) == "all"
     assert set(stack.expected_groups([_container("all", command=("logwarden", "run", "all"))], settings)) == {
-        "logwarden.parse", "logwarden.sessions", "logwarden.detect", "logwarden.feedback"}
+        settings.group(stage) for stage in stages.ALL_STAGES}
 
 
 def test_stack_topic_and_group_checks():
@@ -688,9 +688,9 @@ def test_stack_metrics_checks_and_rendering():
     checks = stack.check_targets(targets, {"parse", "sessions", "feedback"})
     by_subject = {c.subject: c for c in checks}
     assert by_subject["logwarden/parse 172.18.0.9:9400"].ok
-    assert not by_subject["logwarden/window 172.18.0.10:9400"].ok
-    assert "connection refused" in by_subject["logwarden/window 172.18.0.10:9400"].detail
-    assert not by_subject["logwarden/feedback"].ok and not by_subject["logwarden/window"].ok
+    assert not by_subject["logwarden/sessions 172.18.0.10:9400"].ok
+    assert "connection refused" in by_subject["logwarden/sessions 172.18.0.10:9400"].detail
+    assert not by_subject["logwarden/feedback"].ok
     assert by_subject["prometheus localhost:9090"].ok
     text = stack.render(checks, {"metrics": "metrics (Prometheus at http://x:9090)"})
     assert text.splitlines()[0] == "metrics (Prometheus at http://x:9090)"

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterable
 
 from services.security import ARCHIVE_GROUP   # noqa: F401 - stack.ARCHIVE_GROUP: the archive's group
+from services.stages import ALL_STAGES
 from services.settings import Settings, UsageError, load_settings
 
 # Where the rest of the deployment names these (tests/test_compose.py keeps them in step):
@@ -123,7 +124,7 @@ def expected_groups(containers: list[Container], settings: Settings) -> dict[str
     groups: dict[str, list[str]] = {}
     for c in containers:
         stage = stage_of(c.command)
-        stages = ("parse", "sessions", "feedback") if stage == "all" else (stage,) if stage else ()
+        stages = ALL_STAGES if stage == "all" else (stage,) if stage else ()
         for s in stages:
             groups.setdefault(settings.group(s), []).append(c.service)
         if c.service == "logstash":
