@@ -118,25 +118,24 @@ def test_floor_is_chosen_on_held_out_normal_sessions_only():
     stats = detector.fit(normal + abnormal, labels=[0] * len(normal) + [1] * len(abnormal))
     choice = stats["floor"]
     held = holdout(len(normal), 0.25, detector.seed)
-    assert choice["validation_sessions"] == int(held.sum()) and choice["trained_sessions"] == int((~held).sum())
-    # The held-out part's lowest probabilities, from a model trained (same seed) on the rest alone.
+    assert stats["sessions"] == len(normal)                      # labelled anomalies never train
+    assert (stats["held_out_sessions"], stats["key_model_sessions"]) == (int(held.sum()), int((~held).sum()))
+    # The key model is the one trained on the rest alone (same seed): it never saw the held-out part.
     rest = DeepLog(**{**options, "floor_validation": 0.0})
     rest.fit([s for s, h in zip(normal, held) if not h])
     assert rest.floor == 0.0 and rest.vocabulary == detector.vocabulary
+    assert all(torch.equal(a, b) for a, b in zip(rest.model.state_dict().values(), detector.model.state_dict().values()))
     lows = []
     for seq in (s for s, h in zip(normal, held) if h):
         _, windows, _ = rest._judged_windows([seq])
         lows.append(float(rest._observe(windows)[1].min()))
-    assert choice["held_out"] == min(lows)
-    assert detector.floor == min(choice["held_out"], choice["lowest_training_probability"])
-    # Labelled anomalies never shape it: without them the same floor comes out.
-    again = DeepLog(**options)
-    assert again.fit(normal)["floor"]["held_out"] == choice["held_out"]
+    assert choice["held_out"] == min(lows) and choice["validation_sessions"] == len(lows)
+    assert detector.floor == min(choice["held_out"], choice["lowest_training_probability"]) > 0
+    # No normal session, held out or trained on, is flagged.
+    assert not any(v.anomalous for v in detector.score(normal))
     # floor_quantile lets that share of the held-out sessions fall under it.
     lenient = DeepLog(**{**options, "floor_quantile": 0.1})
     assert lenient.fit(normal)["floor"]["held_out"] == sorted(lows)[int(0.1 * len(lows))]
-    # No training session of the served model is flagged.
-    assert not any(v.anomalous for v in detector.score(normal))
 
 
 def test_unknown_template_is_always_anomalous(trained):
@@ -191,7 +190,7 @@ def test_labels_keep_only_normal_sessions_for_training():
     abnormal = [Sequence(["q", "r", "s"])]
     detector = DeepLog(**{**SMALL, "epochs": 1})
     stats = detector.fit(normal + abnormal, labels=[0] * 20 + [1])
-    assert stats["sessions"] == 20
+    assert stats["sessions"] == 20 == stats["key_model_sessions"] + stats["held_out_sessions"]
     assert "q" not in detector.index
 
 
