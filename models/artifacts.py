@@ -24,6 +24,8 @@ _VERSION_RE = re.compile(r"^v(\d{4,})$")
 DETECTORS = {
     "deeplog": "models.deeplog:DeepLog",        # logs: next-key LSTM + parameter LSTM
     "attgru": "models.attgru:AttGRU",           # logs: word2vec + attention + BiGRU
+    "novelty": "models.baselines:NoveltyRules",  # logs baseline: new event, length, count vector
+    "pca": "models.baselines:PCADetector",      # logs baseline: Xu et al.'s PCA on event counts
     "tracelstm": "models.tracelstm:TraceLSTM",  # traces: Nedelkoski et al.'s multimodal LSTM
     "anofusion": "models.anofusion:AnoFusion",  # chunks: metrics + logs + traces per instance
     "hades": "models.hades:Hades",              # chunks: logs + metrics, cross-modal attention

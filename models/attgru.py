@@ -53,9 +53,11 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from models.artifacts import MANIFEST, read_manifest, write_manifest
 from models.base import UNKNOWN, Anomaly, Detector, Sequence, Verdict, pick_device
+from models.memo import DEFAULT_SIZE, FIXED_ROWS, RowMemo, fixed_chunks
 
 WEIGHTS = "weights.safetensors"
 END = "<end>"
+EXTRA_TEXTS = 100_000     # unseen template texts given a feature row while scoring, at most
 EMBEDDINGS = ("word2vec", "onehot")
 WEIGHTINGS = ("mean", "tfidf")
 
@@ -219,7 +221,7 @@ class AttGRU(Detector):
                  embedding: str = "word2vec", weighting: str = "mean", attention: bool = True,
                  threshold: float = 0.5,
                  epochs: int = 5, batch_size: int = 512, lr: float = 1e-3, seed: int = 1,
-                 edit_rate: float = 0.2, device: str = "auto"):
+                 edit_rate: float = 0.2, device: str = "auto", memo_size: int = DEFAULT_SIZE):
         if embedding not in EMBEDDINGS:
             raise ValueError(f"embedding must be one of {EMBEDDINGS}, not {embedding!r}")
         if weighting not in WEIGHTINGS:
@@ -239,6 +241,13 @@ class AttGRU(Detector):
         self.created: str | None = None
         self._base_features: torch.Tensor | None = None  # vocabulary + <end> + unknown rows
         self._text_vectors: dict[str, np.ndarray | None] = {}
+        # Scoring: rows for unseen template texts keep their ids from call to call, so a window
+        # is the same tuple of rows every time and its memoised output (probability, attention
+        # weights) can be reused; both are dropped together when the net or vocabulary changes.
+        self.memo = RowMemo(memo_size)
+        self._extra_row: dict[str, int] = {}
+        self._extra: list[np.ndarray] = []
+        self._table: torch.Tensor | None = None          # on the device, with the padding row last
 
     # ---- features ------------------------------------------------------------------------
     @property
@@ -274,6 +283,11 @@ class AttGRU(Detector):
         self._key_row = {key: i for i, key in enumerate(self.vocabulary)}
         self._end_row, self._unknown_row = len(self.vocabulary), len(self.vocabulary) + 1
         self._text_vectors = {}
+        self._forget_scoring_state()
+
+    def _forget_scoring_state(self) -> None:
+        self.memo.clear()
+        self._extra_row, self._extra, self._table = {}, [], None
 
     def template_vector(self, text: str) -> np.ndarray | None:
         """The vector a template text gets (seen or not); None when none of its words is known."""
@@ -285,10 +299,12 @@ class AttGRU(Detector):
             self._text_vectors[text] = self.embedder.vector(text)
         return self._text_vectors[text]
 
-    def _rows(self, sequences: Seq[Sequence], extra: list[np.ndarray]) -> list[list[int]]:
+    def _rows(self, sequences: Seq[Sequence], extra: list[np.ndarray],
+              extra_row: dict[str, int] | None = None) -> list[list[int]]:
         """Feature-row ids per position of each sequence (plus <end> for closed sessions).
-        Vectors of templates outside the vocabulary are appended to ``extra``."""
-        extra_row: dict[str, int] = {}
+        Vectors of templates outside the vocabulary are appended to ``extra``; ``extra_row``
+        (text -> row id) says which texts already have a row there."""
+        extra_row = {} if extra_row is None else extra_row
         first_extra = len(self.vocabulary) + 2
         out = []
         for seq in sequences:
@@ -340,8 +356,37 @@ class AttGRU(Detector):
         return _Windows(tokens, torch.tensor([len(w) for w in windows], dtype=torch.long))
 
     def _forward(self, windows: _Windows, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        table = torch.cat([table, torch.zeros(1, table.shape[1])]).to(self.device)  # row -1: pad
+        """``table`` on the device with the padding row (token -1) last."""
         return self.net(table[windows.tokens.to(self.device)], windows.lengths.to(self.device))
+
+    def _scoring_table(self) -> torch.Tensor:
+        """The feature table of the vocabulary and every unseen text met so far (+ padding)."""
+        rows = len(self._base_features) + len(self._extra) + 1
+        if self._table is None or len(self._table) != rows:
+            table = self._feature_table(self._extra)
+            self._table = torch.cat([table, torch.zeros(1, table.shape[1])]).to(self.device)
+        return self._table
+
+    def _window_outputs(self, windows: list[tuple[int, ...]]) -> np.ndarray:
+        """Per window: [probability abnormal, attention weight of each position (0 on padding)].
+
+        Windows of one length go through the net together in passes of exactly FIXED_ROWS (the
+        last padded with copies), so every pass has one shape and a window's output does not
+        depend on the windows beside it (models.memo)."""
+        table = self._scoring_table()
+        out = np.zeros((len(windows), 1 + self.window), dtype=np.float32)
+        by_length: dict[int, list[int]] = {}
+        for i, w in enumerate(windows):
+            by_length.setdefault(len(w), []).append(i)
+        for members in by_length.values():
+            for start, stop in fixed_chunks(len(members)):
+                chunk = [windows[i] for i in members[start:stop]]
+                chunk += [chunk[0]] * (FIXED_ROWS - len(chunk))
+                logits, alpha = self._forward(self._pad(chunk), table)
+                rows = members[start:stop]
+                out[rows, 0] = torch.softmax(logits, 1)[:stop - start, 1].cpu().numpy()
+                out[rows, 1:] = alpha[:stop - start].cpu().numpy()
+        return out
 
     # ---- training ------------------------------------------------------------------------
     def fit(self, sequences: Seq[Sequence], labels: Seq[int] | None = None, *,
@@ -382,6 +427,7 @@ class AttGRU(Detector):
         self._build_features()
         torch.manual_seed(self.seed)
         self.net = AttGRUNet(self._input_size, self.hidden, self.layers, self.attention).to(self.device)
+        self._forget_scoring_state()
 
         extra: list[np.ndarray] = []
         rows = self._rows([Sequence(keys=s.keys, templates=s.templates) for s in sequences], extra)
@@ -504,25 +550,29 @@ class AttGRU(Detector):
     def score(self, sequences: Seq[Sequence], batch_size: int = 4096) -> list[Verdict]:
         """One verdict per sequence. Closed sessions: every window incl. the <end> one; open ones
         (``complete=False``): the windows ending at events from ``judge_from`` on (the detect stage
-        sets it to the newest event). Windows shared between sequences are scored once."""
+        sets it to the newest event). Windows shared between sequences are scored once, windows
+        met before come from the memo (``batch_size`` is kept for callers; the net always sees
+        FIXED_ROWS windows per pass, see ``_window_outputs``)."""
         if self.net is None:
             raise RuntimeError("ATT-GRU is not trained: call fit() or load()")
         self.net.eval()
-        extra: list[np.ndarray] = []
-        rows = self._rows(sequences, extra)
-        table = self._feature_table(extra)
+        if len(self._extra) > EXTRA_TEXTS:               # new templates churn: start afresh
+            self._forget_scoring_state()
+        rows = self._rows(sequences, self._extra, self._extra_row)
         index: dict[tuple[int, ...], int] = {}
         judged: list[list[tuple[int, int]]] = []       # per sequence: (end position, window id)
         for seq, seq_rows in zip(sequences, rows):
             judged.append([(end, index.setdefault(self._window(seq_rows, end), len(index)))
                            for end in self._judged_ends(seq, len(seq_rows))])
         windows = list(index)
-        probability = torch.empty(len(windows))
-        attention = torch.empty(len(windows), self.window)
-        for start in range(0, len(windows), batch_size):
-            logits, alpha = self._forward(self._pad(windows[start:start + batch_size]), table)
-            probability[start:start + batch_size] = torch.softmax(logits, 1)[:, 1].cpu()
-            attention[start:start + batch_size] = alpha.cpu()
+        found, missing = self.memo.lookup(windows)
+        if missing:
+            computed = self._window_outputs([windows[i] for i in missing])
+            self.memo.store([windows[i] for i in missing], computed)
+            for i, row in zip(missing, computed):
+                found[i] = row
+        outputs = torch.from_numpy(np.stack(found)) if found else torch.zeros((0, 1 + self.window))
+        probability, attention = outputs[:, 0], outputs[:, 1:]
         return [self._verdict(seq, pairs, probability, attention, windows)
                 for seq, pairs in zip(sequences, judged)]
 

@@ -25,6 +25,33 @@ def key_id(key: int | str) -> str:
     return f"E{key}"
 
 
+def template_id_order(template_id: str):
+    """Sort key for template ids: E2 before E10; other ids after, alphabetically."""
+    head, digits = template_id[:1], template_id[1:]
+    return (0, int(digits), "") if head == "E" and digits.isdigit() else (1, 0, template_id)
+
+
+def normal_sessions(sequences, labels, detector: str) -> list[Sequence]:
+    """What a detector that learns normal behaviour trains on: the sessions labelled 0 (every
+    session when ``labels`` is None) that have events. ValueError when none is left."""
+    if labels is not None:
+        if len(labels) != len(sequences):
+            raise ValueError(f"{len(sequences)} sequences but {len(labels)} labels")
+        sequences = [s for s, label in zip(sequences, labels) if not label]
+    sequences = [s for s in sequences if s.keys]
+    if not sequences:
+        raise ValueError(f"{detector}: no normal sequence to train on")
+    return sequences
+
+
+def holdout(count: int, fraction: float, seed: int):
+    """A seeded boolean mask over ``count`` sessions: True for the held-out (validation) part.
+    Detectors that choose a threshold on normal data hold out part of their training normals."""
+    import numpy as np
+
+    return np.random.default_rng(seed).random(count) < fraction
+
+
 def _existing_file(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.exists():

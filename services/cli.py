@@ -29,7 +29,7 @@ COMMANDS = {
 }
 
 STAGES = ("parse", "sessions", "feedback", "all")
-DETECTORS = ("deeplog", "attgru", "tracelstm", "anofusion", "hades")   # models.artifacts.DETECTORS
+DETECTORS = ("deeplog", "attgru", "novelty", "pca", "tracelstm", "anofusion", "hades")   # models.artifacts.DETECTORS
 
 
 class _Parser(argparse.ArgumentParser):

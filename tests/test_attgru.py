@@ -14,6 +14,7 @@ import torch
 from models.attgru import END, AttGRU, AttGRUNet, TemplateEmbedder, edit_template, template_tokens
 from models.base import Sequence
 from services.cli import main as cli
+from tests.memoutil import memo_agrees_with_computing
 
 # An HDFS-like block: allocate, receive on three datanodes, responders terminate, namenode
 # records the replicas. Abnormal blocks carry an exception somewhere, or stop after the receives.
@@ -186,6 +187,19 @@ def test_renamed_template_keeps_the_verdict(trained):
     rows = trained._rows(changed[:1], extra)[0]
     assert trained._unknown_row not in rows and len(extra) == 1
     assert float(extra[0] @ trained.template_vector(TEMPLATES["E5"])) > 0.9
+
+
+def test_memo_returns_what_computing_returns_whatever_the_batches(trained):
+    """Per-window outputs come from the memo once computed; whichever batches the windows come in
+    and whatever was scored first, every verdict equals the one computed without a memo."""
+    blocks = dataset(seed=21, normal=8, abnormal=8)
+    windows = [Sequence(keys=keys[:p + 1], templates=[TEMPLATES[k] for k in keys[:p + 1]], complete=False,
+                        judge_from=p, start=True) for keys, _, _ in blocks for p in range(len(keys))]
+    renamed = "Receiving block<*>from a mirror<*>"                  # an unseen text: a row of its own
+    windows += [Sequence(keys=["E1", "E9x", "E2"], templates=[TEMPLATES["E1"], renamed, TEMPLATES["E2"]],
+                         complete=False, judge_from=2)]
+    windows += [sequence(keys) for keys, _, _ in blocks]
+    memo_agrees_with_computing(trained, windows, random.Random(6), largest_batch=40)
 
 
 def test_save_load_round_trip_gives_identical_verdicts(trained, tmp_path):

@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from models.base import Sequence
+from models.data import holdout
 from models.deeplog import END, DeepLog
+from models.memo import RowMemo
+from tests.memoutil import memo_agrees_with_computing
 
 H, G = 6, 2
 SMALL = dict(h=H, g=G, hidden=16, layers=1, embedding=8, epochs=30, batch_size=8, lr=2e-2,
@@ -89,6 +92,52 @@ def test_short_session_uses_start_padding_and_end(trained):
     assert not verdict_of(trained, ["a", "b", "c"], complete=False).anomalous
 
 
+def test_probability_floor_catches_what_a_lenient_top_g_lets_through(trained):
+    """With g as large as the vocabulary top-g flags nothing; the floor, chosen on held-out normal
+    sessions, still flags a two-key session that stops early and passes complete normal ones."""
+    lenient = copy.deepcopy(trained)
+    lenient.g = len(lenient.vocabulary)
+    assert 0 < lenient.floor < 0.5
+    stopped = verdict_of(lenient, ["a", "b"])
+    assert stopped.anomalous
+    end = stopped.anomalies[-1]
+    assert (end.position, end.kind, end.observed) == (2, "end", END)
+    assert end.details["below_floor"] and end.details["probability"] < lenient.floor
+    for keys in LEGAL:
+        assert not verdict_of(lenient, keys).anomalous, keys
+    lenient.floor = 0.0                                         # top-g alone lets it through
+    assert not verdict_of(lenient, ["a", "b"]).anomalous
+
+
+def test_floor_is_chosen_on_held_out_normal_sessions_only():
+    rng = random.Random(5)
+    normal = [Sequence(grammar_session(rng)) for _ in range(120)]
+    abnormal = [Sequence(["a", "b"]), Sequence(["a", "b", "e", "f"]), Sequence(["a", "f"])]
+    options = {**SMALL, "epochs": 15, "floor_validation": 0.25, "floor_quantile": 0.0}
+    detector = DeepLog(**options)
+    stats = detector.fit(normal + abnormal, labels=[0] * len(normal) + [1] * len(abnormal))
+    choice = stats["floor"]
+    held = holdout(len(normal), 0.25, detector.seed)
+    assert stats["sessions"] == len(normal)                      # labelled anomalies never train
+    assert (stats["held_out_sessions"], stats["key_model_sessions"]) == (int(held.sum()), int((~held).sum()))
+    # The key model is the one trained on the rest alone (same seed): it never saw the held-out part.
+    rest = DeepLog(**{**options, "floor_validation": 0.0})
+    rest.fit([s for s, h in zip(normal, held) if not h])
+    assert rest.floor == 0.0 and rest.vocabulary == detector.vocabulary
+    assert all(torch.equal(a, b) for a, b in zip(rest.model.state_dict().values(), detector.model.state_dict().values()))
+    lows = []
+    for seq in (s for s, h in zip(normal, held) if h):
+        _, windows, _ = rest._judged_windows([seq])
+        lows.append(float(rest._observe(windows)[1].min()))
+    assert choice["held_out"] == min(lows) and choice["validation_sessions"] == len(lows)
+    assert detector.floor == min(choice["held_out"], choice["lowest_training_probability"]) > 0
+    # No normal session, held out or trained on, is flagged.
+    assert not any(v.anomalous for v in detector.score(normal))
+    # floor_quantile lets that share of the held-out sessions fall under it.
+    lenient = DeepLog(**{**options, "floor_quantile": 0.1})
+    assert lenient.fit(normal)["floor"]["held_out"] == sorted(lows)[int(0.1 * len(lows))]
+
+
 def test_unknown_template_is_always_anomalous(trained):
     verdict = verdict_of(trained, ["a", "b", "zz", "e", "f"], templates=["", "", "Disk on fire <*>", "", ""])
     unknown = verdict.anomalies[0]
@@ -97,9 +146,9 @@ def test_unknown_template_is_always_anomalous(trained):
     assert unknown.details["observed_template"] == "Disk on fire <*>"
     assert "never seen in training" in unknown.details["diagnosis"]
     assert verdict.score == 1.0
-    # Even with g as large as the vocabulary an unseen key is not among the top g.
+    # Even with g as large as the vocabulary and no floor an unseen key is not among the top g.
     wide = copy.deepcopy(trained)
-    wide.g = len(wide.vocabulary)
+    wide.g, wide.floor = len(wide.vocabulary), 0.0
     assert wide.score([Sequence(["a", "b", "zz", "e", "f"])])[0].anomalous
     assert not wide.score([Sequence(["a", "b", "e", "f"])])[0].anomalous
 
@@ -141,7 +190,7 @@ def test_labels_keep_only_normal_sessions_for_training():
     abnormal = [Sequence(["q", "r", "s"])]
     detector = DeepLog(**{**SMALL, "epochs": 1})
     stats = detector.fit(normal + abnormal, labels=[0] * 20 + [1])
-    assert stats["sessions"] == 20
+    assert stats["sessions"] == 20 == stats["key_model_sessions"] + stats["held_out_sessions"]
     assert "q" not in detector.index
 
 
@@ -255,12 +304,35 @@ def test_save_load_round_trip_gives_identical_verdicts(request, fixture, tmp_pat
     assert manifest["workflow"] == json.loads(json.dumps(detector.workflow))
 
 
+def stream_windows(sessions: list[list[str]], h: int = H) -> list[Sequence]:
+    """What the window stage sends: per event, up to h events of context + the event."""
+    return [Sequence(keys[max(0, p - h):p + 1], start=p <= h, complete=False, judge_from=min(p, h))
+            for keys in sessions for p in range(len(keys))]
+
+
+def outcome(verdict):
+    return (verdict.anomalous, verdict.score, [(a.position, a.kind, a.observed, a.expected, a.details)
+                                               for a in verdict.anomalies])
+
+
+def test_memo_returns_what_computing_returns_whatever_the_batches(trained):
+    sessions = LEGAL + [["a", "b", "e", "f"], ["a", "zz", "b", "c", "e", "f"], ["a", "b", "d", "c", "e", "e", "c", "f"]]
+    windows = stream_windows(sessions) + [Sequence(s) for s in sessions]
+    memo_agrees_with_computing(trained, windows, random.Random(4), largest_batch=9, view=outcome)
+
+
 def test_online_update_clears_a_reported_false_positive(trained):
     detector = copy.deepcopy(trained)
     reported = Sequence(["a", "b", "d", "g", "c", "e", "f"])    # a new legal step g after d
     assert detector.score([reported])[0].anomalous
+    assert len(detector.memo) > 0
     result = detector.update([reported], epochs=30)
     assert result["still_flagged"] == 0 and result["new_keys"] == ["g"]
+    # Nothing memoised before the update survives it: verdicts equal freshly computed ones.
+    fresh = copy.deepcopy(detector)
+    fresh.memo = RowMemo(0)
+    probes = [reported] + stream_windows(LEGAL + [["a", "b", "e", "f"]])
+    assert [outcome(v) for v in detector.score(probes)] == [outcome(v) for v in fresh.score(probes)]
     assert not detector.score([reported])[0].anomalous
     # The rest of the grammar is still known: an illegal transition is still caught.
     assert detector.score([Sequence(["a", "b", "e", "f"])])[0].anomalous
