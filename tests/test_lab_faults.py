@@ -26,7 +26,8 @@ def cluster(tmp_path) -> Cluster:
 # schedules
 def test_explicit_entries_with_and_without_duration_and_target_sorted_by_start():
     faults = parse_schedule("slow_datanode@200, kill_datanode@60+75:dn1 ,cut_namenode_clients@300+10")
-    assert [f.spec() for f in faults] == ["kill_datanode@60+75:dn1", "slow_datanode@200+40",
+    slow = KINDS["slow_datanode"].duration_s
+    assert [f.spec() for f in faults] == ["kill_datanode@60+75:dn1", f"slow_datanode@200+{slow:g}",
                                           "cut_namenode_clients@300+10"]
     assert faults[1].duration_s == KINDS["slow_datanode"].duration_s and faults[1].target is None
 
@@ -52,7 +53,8 @@ def test_random_schedules_are_seeded_and_cover_every_kind_per_round():
 def test_a_schedule_file_with_comments(tmp_path):
     path = tmp_path / "schedule.txt"
     path.write_text("# morning\nkill_datanode@10+60:dn2   # the long one\n\ndelete_replica@100\n")
-    assert [f.spec() for f in parse_schedule(str(path))] == ["kill_datanode@10+60:dn2", "delete_replica@100+50"]
+    delete = KINDS["delete_replica"].duration_s
+    assert [f.spec() for f in parse_schedule(str(path))] == ["kill_datanode@10+60:dn2", f"delete_replica@100+{delete:g}"]
     assert parse_schedule("none") == []
 
 
@@ -163,3 +165,29 @@ def test_every_kind_has_a_start_and_an_end_action():
     for kind in KINDS:
         assert callable(getattr(lab_faults.Actions, f"start_{kind}"))
         assert callable(getattr(lab_faults.Actions, f"end_{kind}"))
+
+
+# --------------------------------------------------------------------------------------------
+# the live run's table
+class StubAlert:
+    def __init__(self, event_time: float, status: str, host: str = "lab1-dn2", delay: float = 2.0):
+        self.event_time, self.detection_time, self.status, self.hosts = event_time, event_time + delay, status, [host]
+
+
+def test_judge_counts_alerts_in_each_fault_window_plus_grace_and_the_rest_as_false_alarms():
+    from toolkit.lab.live import GRACE_S, judge, table
+
+    faults = [Fault(100.0, 130.0, "dn1", "kill_datanode"), Fault(300.0, 330.0, "nn1", "cut_namenode_clients")]
+    alerts = {"open": [StubAlert(101.0, "open", "lab1-dn1"), StubAlert(50.0, "open")],
+              "final": [StubAlert(130.0 + GRACE_S - 1, "final", delay=30.0), StubAlert(130.0 + GRACE_S + 1, "final"),
+                        StubAlert(20.0, "final"), StubAlert(5000.0, "final")]}   # the last: after the watch
+    results, outside, quiet_s = judge(faults, alerts, (0.0, 400.0))
+    kill, cut = results
+    assert kill.detected and [len(kill.alerts[s]) for s in ("open", "final")] == [1, 1]
+    assert kill.delay_s == {"open": 3.0, "final": 130.0 + GRACE_S - 1 + 30.0 - 100.0} and kill.on_target
+    assert not cut.detected and cut.delay_s == {"open": None, "final": None}
+    assert len(outside["open"]) == 1 and len(outside["final"]) == 2
+    assert quiet_s == 400.0 - 2 * (30.0 + GRACE_S)
+    text = "\n".join(table(results, outside, quiet_s, 0.0))
+    assert "| kill_datanode | dn1 | +100 s | 30 s | yes | 3.0 s |" in text and "| cut_namenode_clients | nn1 |" in text
+    assert f"2 final verdicts ({2 / (quiet_s / 3600):.0f} per hour)" in text

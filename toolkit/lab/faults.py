@@ -70,11 +70,11 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
-    Kind("kill_datanode", 75.0, "datanode", "kill -9 the DataNode, restart it at the end"),
-    Kind("corrupt_replica", 40.0, "datanode", "overwrite bytes of a block replica on disk, then read its file"),
-    Kind("delete_replica", 50.0, "datanode", "delete a block replica's files from disk"),
-    Kind("fail_volume", 50.0, "datanode", "replace a data directory by a file; restore and restart at the end"),
-    Kind("slow_datanode", 40.0, "datanode", "SIGSTOP/SIGCONT bursts (3 s stopped, 2 s running)"),
+    Kind("kill_datanode", 60.0, "datanode", "kill -9 the DataNode, restart it at the end"),
+    Kind("corrupt_replica", 30.0, "datanode", "overwrite bytes of a block replica on disk, then read its file"),
+    Kind("delete_replica", 40.0, "datanode", "delete a block replica's files from disk"),
+    Kind("fail_volume", 40.0, "datanode", "replace a data directory by a file; restore and restart at the end"),
+    Kind("slow_datanode", 30.0, "datanode", "SIGSTOP/SIGCONT bursts (3 s stopped, 2 s running)"),
     Kind("cut_namenode_clients", 30.0, "namenode", "reset and refuse client connections to the NameNode's RPC port"),
 )}
 DEFAULT_GAP_S = 45.0
@@ -432,3 +432,14 @@ class Injector(threading.Thread):
         if self.is_alive():
             self.join(30)
         self._finish()
+
+
+def halt(injector: Injector | None, *threads: threading.Thread | None) -> None:
+    """Shut a lab run down in order: the injector first (the active fault is undone and labelled
+    until now), then each thread with a ``stop`` event (workload, scraper), joined."""
+    if injector is not None:
+        injector.abort()
+    for thread in threads:
+        if thread is not None:
+            thread.stop.set()
+            thread.join(30)

@@ -29,7 +29,7 @@ from pathlib import Path
 from models.faults import write_faults
 from services.settings import REPO_ROOT, RUN_DIR, UsageError
 from toolkit.lab import cluster as lab
-from toolkit.lab.faults import Injector, parse_schedule, resolve_targets
+from toolkit.lab.faults import Injector, halt, parse_schedule, resolve_targets
 from toolkit.lab.scrape import SCRAPE_INTERVAL_S, MetricsRecorder
 from toolkit.lab.workload import Workload, WorkloadConfig
 
@@ -105,13 +105,7 @@ def record(minutes: float, schedule_spec: str, out: Path, seed: int = 1, rate: f
         while time.time() < t0 + duration_s:
             time.sleep(min(1.0, max(0.0, t0 + duration_s - time.time())))
     finally:
-        for part in (injector, workload, scraper):
-            if part is not None:
-                if part is injector:
-                    part.abort()
-                else:
-                    part.stop.set()
-                    part.join(30)
+        halt(injector, workload, scraper)
         t1 = time.time()
         lab.stop(cluster)
     lines = copy_logs(cluster, out)
