@@ -411,9 +411,11 @@ def run(warmup_s: float, schedule_spec: str, out: Path, seed: int = 1, rate: flo
             windows = training.between(warm_start + min(SETTLE_S, warmup_s / 3), warm_end)
             trained = work / "deeplog"
             stats = train_deeplog(windows, trained, seed)
+            sessions = [w for w in windows if w.kind == "session"]
+            reordered = len(sessions) - len({w.window_id for w in sessions})   # arrival-order copies keep the id
             training_note = (f"{len(windows)} warm-up windows: {sum(w.kind == 'time' for w in windows)} per-host time "
-                             f"windows, {sum(w.kind == 'session' for w in windows)} block sessions (those in arrival "
-                             f"order too, where it differs); {stats['keys']} templates; {stats['seconds']} s")
+                             f"windows, {len(sessions) - reordered} block sessions and {reordered} of them again in "
+                             f"arrival order; {stats['keys']} templates; {stats['seconds']} s")
             say(f"lab: DeepLog trained on {training_note}")
             model = trained
         else:
