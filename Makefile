@@ -1,6 +1,7 @@
 # logwarden — every target installs what it needs. Two commands matter to a new user:
 #   make demo    the whole pipeline on real HDFS logs with a local Kafka broker
 #   make test    installs everything (venv, Kafka jars, Prometheus), starts the broker, runs pytest
+# and, beside a live Hadoop: make lab (a real HDFS cluster, a workload, faults, logwarden watching)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -8,10 +9,12 @@ PY := $(VENV)/bin/python
 LOGWARDEN := $(VENV)/bin/logwarden
 STAMP := $(VENV)/.installed
 KAFKA_LIBS := .cache/kafka/libs
+HADOOP_LIBS := .cache/hadoop/libs
+LAB_ARGS ?=
 DATA ?= ../shared/datasets
 PYTEST_ARGS ?=
 
-.PHONY: install kafka-jars kafka-up kafka-down kafka-status prometheus compose-tools deps test test-fast demo bench clean
+.PHONY: install kafka-jars kafka-up kafka-down kafka-status hadoop-jars lab-up lab-down lab prometheus compose-tools deps test test-fast demo bench clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -43,6 +46,25 @@ kafka-down:
 kafka-status:
 	@$(LOGWARDEN) kafka status
 
+# The lab's HDFS (org.apache.hadoop:hadoop-hdfs and its runtime jars, and the web UI's webapps/
+# from hadoop-hdfs-<v>-tests.jar) from Maven Central into .cache/hadoop/.
+hadoop-jars: $(HADOOP_LIBS)/.complete
+$(HADOOP_LIBS)/.complete: hadoop/pom.xml | $(STAMP)
+	@command -v mvn >/dev/null || { echo "hadoop-jars: Maven (mvn) is needed to fetch Hadoop from Maven Central: apt-get install maven"; exit 1; }
+	@command -v java >/dev/null || { echo "hadoop-jars: Java 17+ is needed to run Hadoop: apt-get install openjdk-17-jre-headless"; exit 1; }
+	$(LOGWARDEN) lab fetch
+
+# A NameNode and two DataNodes as separate JVMs on free loopback ports (.run/lab/cluster.json).
+lab-up: install hadoop-jars
+	$(LOGWARDEN) lab up
+
+lab-down:
+	@if [ -x $(LOGWARDEN) ]; then $(LOGWARDEN) lab down; else echo "lab-down: nothing installed"; fi
+
+# The live lab: a fresh cluster, workload, local broker, every stage, faults, a final table.
+lab: deps hadoop-jars
+	$(LOGWARDEN) lab live $(LAB_ARGS)
+
 # Prometheus from Debian's package (tests start their own instance on a free loopback port).
 prometheus:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
@@ -60,7 +82,7 @@ compose-tools:
 deps: install kafka-jars prometheus compose-tools
 
 # Unit tests, end-to-end tests through the real broker, and the Prometheus tests.
-test: deps
+test: deps hadoop-jars
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # Without the slow end-to-end tests.
@@ -73,5 +95,5 @@ demo: deps
 bench: deps
 	$(PY) -m bench.run --data $(DATA)
 
-clean: kafka-down
+clean: kafka-down lab-down
 	rm -rf .run build *.egg-info

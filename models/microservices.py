@@ -12,6 +12,15 @@ any names). Every reader turns a malformed file into a one-line UsageError namin
     log    Timestamp,TimeUnixNano,Node,PodName,Container,TraceID,SpanID,Log
            (Log: Docker's JSON {"log": "<line>\\n", "stream", "time"}; the line's own clock is UTC+8,
            TimeUnixNano is the record's true time)
+
+A Hadoop lab recording (`logwarden lab record`, toolkit/lab/record.py) has the same metric/
+folder and a log/ folder of raw log4j files instead, one per host: ``log/<host>.log`` (or
+``.log.gz``), the daemon's lines as it wrote them (``2026-12-01 23:05:57,169 INFO <logger>: ...``,
+UTC). ``find_layout`` lists those files in ``Layout.log`` beside any CSVs, and ``read_logs``
+reads each by its name: a CSV as above, a ``.log`` as raw lines (``read_raw_log``), both as
+``LogRecord``s. A raw line's record: timestamp from its header, pod = node = the host (the file
+name without .log), no trace or span ids; lines without a header (a Java stack trace, a
+multi-line message) are joined to the line above, as Filebeat's multiline setting joins them.
 """
 from __future__ import annotations
 
@@ -19,9 +28,11 @@ import csv
 import gzip
 import io
 import json
+import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -51,6 +62,10 @@ def _is_csv(path: Path) -> bool:
     return path.is_file() and (path.name.endswith(".csv") or path.name.endswith(".csv.gz"))
 
 
+def _is_raw_log(path: Path) -> bool:
+    return path.is_file() and (path.name.endswith(".log") or path.name.endswith(".log.gz"))
+
+
 def find_layout(root: str | Path) -> Layout:
     """Every CSV under folders named metric/, trace/ or log/ anywhere below ``root``."""
     root = Path(root)
@@ -58,10 +73,11 @@ def find_layout(root: str | Path) -> Layout:
         raise UsageError(f"data directory {root}: no such directory")
     layout = Layout(root)
     for kind in KINDS:
-        files = {p for folder in root.rglob(kind) if folder.is_dir() for p in folder.iterdir() if _is_csv(p)}
+        wanted = (lambda p: _is_csv(p) or _is_raw_log(p)) if kind == "log" else _is_csv
+        files = {p for folder in root.rglob(kind) if folder.is_dir() for p in folder.iterdir() if wanted(p)}
         setattr(layout, kind, sorted(files))
     if not (layout.metric or layout.trace or layout.log):
-        raise UsageError(f"data directory {root}: no metric/, trace/ or log/ folder with CSV files below it")
+        raise UsageError(f"data directory {root}: no metric/, trace/ or log/ folder with CSV (or raw .log) files below it")
     return layout
 
 
@@ -204,9 +220,50 @@ def docker_line(log_field: str) -> str:
     return log_field.rstrip("\r\n")
 
 
+_LOG4J_TIME = re.compile(r"(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})[,.](\d{3})\b")
+
+
+def _raw_host(path: Path) -> str:
+    return path.name.removesuffix(".gz").removesuffix(".log")
+
+
+def read_raw_log(path: str | Path) -> Iterator[LogRecord]:
+    """The records of one raw log4j file (see the module docstring); a line whose header time
+    does not parse starts no record and is joined to the one above, like any line without one."""
+    path = Path(path)
+    host = _raw_host(path)
+    current: LogRecord | None = None
+    try:
+        with _open_text(path) as fh:
+            for line in fh:
+                line = line.rstrip("\r\n")
+                match = _LOG4J_TIME.match(line)
+                timestamp = None
+                if match:
+                    try:
+                        moment = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")
+                        timestamp = moment.replace(tzinfo=timezone.utc).timestamp() + int(match.group(2)) / 1000
+                    except ValueError:
+                        timestamp = None
+                if timestamp is None:
+                    if current is not None and line:
+                        current.message += "\n" + line
+                    continue
+                if current is not None:
+                    yield current
+                current = LogRecord(timestamp, host, host, None, None, line)
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise UsageError(f"{path}: cannot read ({err})") from None
+    if current is not None:
+        yield current
+
+
 def read_logs(paths: Iterable[str | Path]) -> Iterator[LogRecord]:
-    """Every log record, in file order."""
+    """Every log record, in file order: CSV files as TrainTicket's, raw .log files as a lab's."""
     for path in map(Path, paths):
+        if _is_raw_log(path):
+            yield from read_raw_log(path)
+            continue
         for n, row in enumerate(_rows(path, LOG_COLUMNS), 2):
             try:
                 ts = int(row["TimeUnixNano"]) / 1e9

@@ -26,6 +26,7 @@ COMMANDS = {
     "kafka": "toolkit.localkafka:main",
     "topics": "services.shell:topics_main",
     "security": "services.security:main",
+    "lab": "toolkit.lab:main",
 }
 
 STAGES = ("parse", "sessions", "feedback", "all")
@@ -158,6 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("security", help="Kafka users and ACLs (services/security.py)")
     s.add_argument("action", choices=("init", "acls"),
                    help="init: SCRAM users and ACLs (as an admin); acls: print the ACLs")
+    s = sub.add_parser("lab", help="a live HDFS cluster from Maven Central jars: up, down, record a data set, watch it live")
+    a = s.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    for action, text in (("up", "start the cluster in .run/lab (make lab-up)"), ("down", "stop it (make lab-down)"),
+                         ("status", "is it up"), ("fetch", "fetch the Hadoop jars (make hadoop-jars)")):
+        a.add_parser(action, help=text)
+    t = a.add_parser("record", help="record a labelled logs + metrics data set from a fresh cluster")
+    t.add_argument("--minutes", type=_positive(float), required=True)
+    t.add_argument("--faults", default="none", metavar="SCHEDULE",
+                   help="KIND@START+DURATION[:TARGET],... | random:N[:seed=S][:gap=G] | all[:gap=G] | none | a file")
+    t.add_argument("--out", required=True, metavar="DIR")
+    t.add_argument("--seed", type=int, default=1)
+    t.add_argument("--rate", type=_positive(float), default=1.0, help="workload operations per second")
+    t.add_argument("--keep-cluster", action="store_true", help="keep the cluster's directory (.run/lab-record-*)")
+    t = a.add_parser("live", help="the cluster watched live by logwarden's stages, faults on a schedule (make lab)")
+    t.add_argument("--warmup", type=_positive(float), default=180.0, metavar="S",
+                   help="fault-free seconds the model trains on")
+    t.add_argument("--faults", default="all:gap=40", metavar="SCHEDULE", help="as for record; offsets count from the end of the warm-up")
+    t.add_argument("--model", metavar="DIR", help="a trained DeepLog model instead of training on the warm-up")
+    t.add_argument("--seed", type=int, default=1)
+    t.add_argument("--rate", type=_positive(float), default=1.0, help="workload operations per second")
+    t.add_argument("--out", metavar="DIR", help="also keep the run's logs, metrics, labels and table here")
     return p
 
 

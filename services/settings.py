@@ -165,6 +165,17 @@ class Settings(BaseSettings):
         raise SettingsError(
             "no Kafka: set LOGWARDEN_KAFKA_BOOTSTRAP=host:port or start the local broker with `make kafka-up`")
 
+    def environment(self) -> dict[str, str]:
+        """These settings as LOGWARDEN_* variables: what gives a `logwarden` subprocess exactly them."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if hasattr(value, "get_secret_value"):
+                value = value.get_secret_value()
+            env[f"LOGWARDEN_{name.upper()}"] = str(value)
+        return env
+
     def kafka_config(self) -> dict:
         """librdkafka client settings shared by producers, consumers and the admin client."""
         conf = {"bootstrap.servers": self.bootstrap(), "security.protocol": self.security_protocol,

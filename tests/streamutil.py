@@ -33,14 +33,7 @@ def lines_by_block(src: Path) -> dict[str, list[str]]:
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
     """Environment that gives a `logwarden` subprocess exactly these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOGWARDEN_")}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        env[f"LOGWARDEN_{name.upper()}"] = str(value)
-    env.update(extra)
-    return env
+    return env | settings.environment() | extra
 
 
 def logwarden(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:

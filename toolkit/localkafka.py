@@ -189,19 +189,21 @@ def check_jars(libs: Path = KAFKA_LIBS) -> None:
                           "(fetches org.apache.kafka:kafka_2.13 from Maven Central)")
 
 
-def fetch_jars(libs: Path = KAFKA_LIBS) -> None:
+def fetch_jars(libs: Path = KAFKA_LIBS, pom: Path = KAFKA_POM, what: str = "Kafka") -> None:
     """What `make kafka-jars` does, for `logwarden kafka up` run without make: fetch beside the
-    old jars, then swap them in (a failed fetch leaves the old ones as they were)."""
+    old jars, then swap them in (a failed fetch leaves the old ones as they were). The lab
+    fetches Hadoop the same way (``pom``, ``what``)."""
+    make_target = f"make {what.lower()}-jars"
     if shutil.which("mvn") is None:
-        raise BrokerError(f"Kafka jars missing in {libs} and Maven (mvn) is not installed: "
-                          "apt-get install maven, then run `make kafka-jars`")
+        raise BrokerError(f"{what} jars missing in {libs} and Maven (mvn) is not installed: "
+                          f"apt-get install maven, then run `{make_target}`")
     fresh = libs.with_name(libs.name + ".new")
     shutil.rmtree(fresh, ignore_errors=True)
     result = subprocess.run(
-        ["mvn", "-q", "-B", "-f", str(KAFKA_POM), "dependency:copy-dependencies",
+        ["mvn", "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
          f"-DoutputDirectory={fresh}"], capture_output=True, text=True)
     if result.returncode != 0:
-        raise BrokerError("fetching the Kafka jars from Maven Central failed: "
+        raise BrokerError(f"fetching the {what} jars from Maven Central failed: "
                           + _tail(result.stdout + result.stderr, 5))
     shutil.rmtree(libs, ignore_errors=True)
     fresh.rename(libs)

@@ -1,0 +1,111 @@
+"""The live lab end to end (issue 16): a real HDFS cluster (Hadoop 3.4.1 JVMs from the Maven jars,
+`make hadoop-jars`), the workload, its daemons' logs shipped into logs.<host> as Filebeat would and
+their /prom metrics into a metrics topic, one real fault, and a teardown that leaves no process."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer
+
+from models.faults import read_faults
+from tests.kafkautil import consume, record_count
+from tests.streamutil import wait_until
+from toolkit.lab import cluster as lab
+from toolkit.lab.faults import Injector, PlannedFault, halt
+from toolkit.lab.live import metrics_record
+from toolkit.lab.scrape import MetricsRecorder
+from toolkit.lab.workload import Workload, WorkloadConfig
+from toolkit.localkafka import _cmdline, _pid_alive
+from toolkit.replay import ensure_topic, logs_topic, replay_files
+
+
+def mentioning(base: str) -> list[int]:
+    """Every process whose command line names something under ``base`` (JVMs, the relay)."""
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _pid_alive(int(p.name))
+            and any(base in a for a in _cmdline(int(p.name)))]
+
+
+def all_json(settings, topic: str) -> list[dict]:
+    return [json.loads(m.value()) for m in consume(settings, topic, record_count(settings, topic), timeout=10)]
+
+
+def log_time(line: str) -> float:
+    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").replace(tzinfo=timezone.utc).timestamp()
+
+
+@pytest.mark.slow
+def test_a_live_cluster_ships_logs_and_metrics_and_a_killed_datanode_shows_in_both(kafka_settings, tmp_path):
+    lab.check_jars()
+    cluster = lab.create(tmp_path / "cluster")
+    hosts = {h: kafka_settings.host(h) for h in cluster.daemons}
+    metrics_topic = f"{kafka_settings.test_id}.lab.metrics"
+    stop = threading.Event()
+    shippers: list[threading.Thread] = []
+    workload = scraper = injector = None
+    producer = Producer(kafka_settings.kafka_config() | {"linger.ms": 20})
+    try:
+        lab.start(cluster, die_with_parent=True, timeout=150)
+        assert lab.live_datanodes(cluster) == 2
+        assert len({d.pid for d in cluster.daemons.values()}) == 3               # three JVMs
+        assert len({d.ports["http"] for d in cluster.daemons.values()}) == 3     # three hosts' HTTP ports
+        for host, d in cluster.daemons.items():
+            assert lab.jmx(d, "Hadoop:service=*,name=JvmMetrics")
+            ensure_topic(kafka_settings, logs_topic(hosts[host]))
+            shippers.append(threading.Thread(target=replay_files, args=(kafka_settings, [d.log_file], hosts[host]),
+                                             kwargs={"follow": True, "stop": stop}, daemon=True))
+        ensure_topic(kafka_settings, metrics_topic)
+        for t in shippers:
+            t.start()
+        scraper = MetricsRecorder(cluster, 2.0, on_scrape=lambda host, at, page: producer.produce(
+            metrics_topic, metrics_record(cluster, host, at, page), host.encode()))
+        scraper.start()
+        workload = Workload(cluster.namenode.http, WorkloadConfig(rate=3.0, seed=2, max_kib=1536))
+        workload.start()
+        wait_until(lambda: workload.stats.done[("write", "ok")] >= 3, 60, what="three files written")
+
+        labels = tmp_path / "fault_list.json"
+        injector = Injector(cluster, [PlannedFault("kill_datanode", 0.0, 20.0, "dn1")], labels, time.time())
+        injector.start()
+        wait_until(lambda: not cluster.daemons["dn1"].alive(), 10, what="dn1 killed")
+        killed_at = time.time()
+        dn1_data = f"127.0.0.1:{cluster.daemons['dn1'].ports['data']}"
+
+        def fault_in_the_logs() -> bool:        # a DataStreamer / DFSClient of another host fails on dn1
+            for host in ("dn2", "nn1"):
+                for record in all_json(kafka_settings, logs_topic(hosts[host])):
+                    line = record["message"]
+                    if dn1_data in line and (" WARN " in line or " ERROR " in line) and log_time(line) >= killed_at - 1:
+                        assert record["host"]["name"] == hosts[host] and record["log"]["file"]["path"]
+                        return True
+            return False
+
+        wait_until(fault_in_the_logs, 60, every=2, what=f"a WARN line naming dn1 ({dn1_data}) in logs.<dn2|nn1>")
+
+        def fault_in_the_metrics() -> bool:
+            records = all_json(kafka_settings, metrics_topic)
+            down = [r for r in records if r["host"] == "dn1" and not r["up"] and r["time"] >= killed_at]
+            up = {r["host"] for r in records if r["up"] and len(r["samples"]) > 100}
+            return bool(down) and up == {"nn1", "dn1", "dn2"}
+
+        wait_until(fault_in_the_metrics, 30, every=2, what="dn1 scraped as down after the kill in the metrics topic")
+        injector.join(60)                        # the fault's end restarts dn1
+        assert not injector.is_alive() and injector.errors == []
+        (fault,) = read_faults(labels)
+        assert (fault.kind, fault.target) == ("kill_datanode", "dn1") and 19 <= fault.end - fault.start <= 30
+        wait_until(lambda: lab.live_datanodes(cluster) == 2, 90, every=1, what="dn1 back")
+        lines = {h: record_count(kafka_settings, logs_topic(hosts[h])) for h in cluster.daemons}
+        assert all(n > 50 for n in lines.values()), lines
+    finally:
+        halt(injector, workload, scraper)
+        producer.flush(10)
+        stop.set()
+        for t in shippers:
+            t.join(30)
+        lab.stop(cluster)
+    assert lab.processes(cluster.base) == []
+    assert mentioning(cluster.base) == [], "a process of the test's cluster outlived it"
