@@ -77,6 +77,21 @@ def test_dropped_span_is_a_structural_anomaly(trained):
     assert verdict.details["diagnosis"].endswith(", saw auth auth check")
 
 
+def test_probability_floor_flags_what_top_k_lets_pass(trained):
+    trace = fresh(1, get=False)[0]
+    trace.spans = [s for s in trace.spans if s.operation != "SELECT orders"]
+    k, floor = trained.top_k, trained.min_probability
+    try:
+        trained.top_k = len(trained.vocabulary)          # every label is in the top k
+        trained.min_probability = 0.0
+        assert not structural(trained.score([trace])[0])
+        trained.min_probability = 0.01
+        hit = structural(trained.score([trace])[0])[0]
+        assert hit.position == 2 and hit.details["probability"] < 0.01
+    finally:
+        trained.top_k, trained.min_probability = k, floor
+
+
 def test_swapped_and_unknown_labels_are_structural_anomalies(trained):
     swapped, unknown = fresh(2, get=False)
     last = index_of(swapped, "INSERT orders")
