@@ -52,6 +52,14 @@ def read_manifest(model: str | Path) -> dict[str, Any]:
     return json.loads((Path(model) / MANIFEST).read_text())
 
 
+def manifest_of(model: str | Path, detector: str) -> dict[str, Any]:
+    """The manifest of a model directory that must hold a ``detector`` model (ValueError if not)."""
+    manifest = read_manifest(model)
+    if manifest.get("detector") != detector:
+        raise ValueError(f"{model}: a {manifest.get('detector')!r} model, not {detector!r}")
+    return manifest
+
+
 def write_manifest(model: str | Path, manifest: dict[str, Any]) -> None:
     path = Path(model) / MANIFEST
     tmp = path.with_suffix(".tmp")

@@ -76,6 +76,13 @@ class TraceStats:
     p50_ms: float
     p90_ms: float
     p99_ms: float
+    # Calls into the entity as its callers see them: for each span on the entity whose parent is
+    # on another entity, the parent's duration minus the span's (network and queueing between
+    # the two; a delay injected on the entity shows here, not in its own spans). None: no such
+    # span in the step.
+    gap_p50_ms: float | None = None
+    gap_p90_ms: float | None = None
+    gap_p99_ms: float | None = None
 
 
 @dataclass

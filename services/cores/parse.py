@@ -556,7 +556,7 @@ def _numeric_time_regex(time_format: str) -> re.Pattern | None:
 
 
 class _Header:
-    __slots__ = ("name", "regex", "group_index", "time_format", "numeric_time", "zone", "has_year", "cache")
+    __slots__ = ("name", "regex", "group_index", "time_format", "numeric_time", "zone", "has_year", "has_date", "cache")
 
     def __init__(self, spec: HeaderFormat, default_zone: str):
         self.name = spec.name
@@ -566,6 +566,8 @@ class _Header:
         self.numeric_time = _numeric_time_regex(spec.time_format)
         self.zone = _zone(spec.timezone or default_zone)
         self.has_year = spec.time_format in ("iso", "epoch") or "%Y" in spec.time_format or "%y" in spec.time_format
+        # a time of day alone (TrainTicket's "19:50:59.971 INFO ..."): the date is fallback_ts's
+        self.has_date = self.has_year or "%d" in spec.time_format or "%j" in spec.time_format
         self.cache: dict[str, float] = {}
 
     def spans(self, m: re.Match):
@@ -579,11 +581,25 @@ class _Header:
         """Seconds since the epoch of a header timestamp (without its fraction)."""
         if self.has_year:
             return self._epoch(ts_text, tz_text, None)
+        if not self.has_date:
+            return self._time_of_day(ts_text, tz_text, fallback_ts)
         year = datetime.fromtimestamp(fallback_ts, self.zone).year
         value = self._epoch(ts_text, tz_text, year)
         if value > fallback_ts + 86400:      # "Dec 31" read on Jan 1: last year's line
             value = self._epoch(ts_text, tz_text, year - 1)
         return value
+
+    def _time_of_day(self, ts_text: str, tz_text: str | None, fallback_ts: float) -> float:
+        """A time of day on the day (in the header's zone) that puts it nearest ``fallback_ts``:
+        a line stamped 23:59:59 and shipped at 00:00:01 is yesterday's."""
+        try:
+            clock = datetime.strptime(ts_text, self.time_format).time()
+        except ValueError as err:
+            raise ParseError("bad_header", f"{self.name} timestamp {ts_text!r} unreadable ({err})") from None
+        zone = _offset_zone(tz_text) if tz_text else self.zone
+        day = datetime.fromtimestamp(fallback_ts, zone).date()
+        moments = (datetime.combine(day + timedelta(days=d), clock, zone).timestamp() for d in (-1, 0, 1))
+        return min(moments, key=lambda t: abs(t - fallback_ts))
 
     def _epoch(self, ts_text: str, tz_text: str | None, year: int | None) -> float:
         key = ts_text if tz_text is None and year is None else f"{ts_text}|{tz_text}|{year}"
