@@ -10,6 +10,12 @@
     logwarden.alerts      Alert          Kafka key = alert id (every record of one alert shares it)
     logwarden.deadletter  DeadLetter     head of the original bytes + size + sha256 + reason
     logwarden.feedback    Feedback       operator verdicts on alerts, with who sent them
+    logwarden.spans       SpanGroup      decoded OTLP spans of one trace from one record; key = trace id
+    logwarden.traces      TraceRecord    one complete trace, spans by start time; key = trace id
+    logwarden.timeline    MetricSample | TraceSample | LogSample (tagged): what one modality saw of
+                                         one entity (pod / host) at a time; key = entity
+    logwarden.chunks      ChunkRecord    one entity over a window of steps, every modality, each
+                                         masked where absent (models.base.Chunk); key = entity
 
 Why msgspec: the hot path decodes a Filebeat record and encodes a ParsedEvent per log line.
 msgspec decodes *and type-checks* a Filebeat record in ~0.9 µs where pydantic-core's untyped
@@ -299,6 +305,101 @@ class DeadLetter(Struct, omit_defaults=True):
 
 
 # --------------------------------------------------------------------------------------------
+# Traces and metrics (issue 13): what the OTLP, assemble and join stages carry
+class SpanRecord(Struct, omit_defaults=True):
+    """One span (models.base.Span's fields): service = resource service.name, pod =
+    k8s.pod.name (else host.name), operation = span name, status = OTLP status code."""
+    span_id: str
+    service: str
+    pod: str
+    operation: str
+    start_ns: int
+    end_ns: int
+    parent_id: str | None = None       # None: a root span
+    status: int | None = None          # 0 unset, 1 ok, 2 error; None: not known
+
+
+class SpanGroup(Struct):
+    """The spans of one trace found in one OTLP record (a trace's spans come from every service
+    it crossed, in many records): re-keyed by trace id so one assemble partition sees them all."""
+    trace_id: str
+    spans: list[SpanRecord]
+    source: str                        # "<topic>:<partition>:<offset>" of the OTLP record (replays)
+
+
+class TraceRecord(Struct, omit_defaults=True):
+    """A complete trace: closed when its root span has ended and no span came for the gap, in
+    event time (or when the assembler had to: evicted, shutdown)."""
+    trace_id: str
+    spans: list[SpanRecord]            # ordered by (start_ns, span_id)
+    start_ns: int
+    end_ns: int
+    closed_reason: Literal["complete", "gap", "evicted", "shutdown"] = "complete"
+    late_spans: int = 0                # spans that came after it had closed (counted, not added)
+
+
+class MetricSample(Struct, tag="metrics", omit_defaults=True):
+    """Metric values of one entity at one time (a TrainTicket metric row; a scrape of a Hadoop
+    daemon's /prom; a point of an OTLP gauge)."""
+    entity: str
+    service: str
+    timestamp: float                   # epoch s the values were taken at
+    values: dict[str, float | None]
+    source: str = ""
+
+
+class TraceSample(Struct, tag="traces", omit_defaults=True):
+    """What one complete trace did on one entity in one step: the durations of its spans there
+    that start in the step, and their call gaps (parent on another entity: parent duration minus
+    span duration) — models.chunks' inputs of TraceStats."""
+    entity: str
+    service: str
+    step_start: float
+    trace_id: str
+    durations_ms: list[float]
+    gaps_ms: list[float] = []
+    errors: int = 0
+
+
+class LogSample(Struct, tag="logs", omit_defaults=True):
+    """Log events of one entity, as the parse stage made them (template ids the sessions stage
+    sees too): (event time, template id) pairs, with the texts of their ids."""
+    entity: str
+    service: str
+    events: list[tuple[float, str]]
+    templates: dict[str, str]
+    source: str = ""                   # "<topic>:<partition>:<first offset>" (replays)
+
+
+TimelineItem = MetricSample | TraceSample | LogSample
+
+
+class TraceStatsRecord(Struct, omit_defaults=True):
+    spans: int
+    errors: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    gap_p50_ms: float | None = None
+    gap_p90_ms: float | None = None
+    gap_p99_ms: float | None = None
+
+
+class ChunkRecord(Struct, omit_defaults=True):
+    """models.base.Chunk on the wire: one entity over [start, end) in steps of step_s; absent
+    modalities stay None / empty per step (never zeros)."""
+    chunk_id: str                      # stable_id(entity, start, end)
+    entity: str
+    service: str | None
+    start: float
+    end: float
+    step_s: float
+    metrics: dict[str, list[float | None]] = {}
+    traces: list[TraceStatsRecord | None] = []
+    logs: list[tuple[float, str, str]] = []     # (event time, template id, template text)
+
+
+# --------------------------------------------------------------------------------------------
 # codec
 encode = msgspec.json.Encoder().encode          # any record -> JSON bytes
 DecodeError = (msgspec.DecodeError, msgspec.ValidationError)
@@ -329,7 +430,8 @@ def schema(record_type: type) -> dict:
 # --------------------------------------------------------------------------------------------
 # published JSON Schemas: schemas/<name>.v<SCHEMA_VERSION>.json, one per record on a topic
 SCHEMAS = {"filebeat": FilebeatDoc, "event": ParsedEvent, "watermark": Watermark, "window": Window,
-           "alert": Alert, "deadletter": DeadLetter, "feedback": Feedback}
+           "alert": Alert, "deadletter": DeadLetter, "feedback": Feedback, "spans": SpanGroup,
+           "trace": TraceRecord, "timeline": TimelineItem, "chunk": ChunkRecord}
 
 
 def published_schema(name: str) -> dict:

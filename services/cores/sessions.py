@@ -63,6 +63,7 @@ from typing import Iterable
 
 import msgspec
 
+from services.cores.watermark import SourceClock
 from services.records import ParsedEvent, Source, numeric_params, stable_id
 
 FORMAT = 1
@@ -215,9 +216,8 @@ class SessionBook:
         self._buffer: list[tuple] = []                 # heap of buffered events (see _buffered)
         self._buffered_ids: set[bytes] = set()
         self._buffered_offsets: set[int] = set()
-        self._source_time: dict[str, float] = {}       # newest event time each source has reached
-        self._source_seen: dict[str, float] = {}       # wall clock of its last event or mark
-        self._source_idle: set[str] = set()             # sources parse reports idle
+        self._sources = SourceClock(self.config.allowed_lateness_s, self.config.host_idle_s,
+                                    self.config.watermark_grace_s)
         self._watermark = -math.inf                     # the highest watermark released so far
         self._newest = -math.inf
         self._next = None                              # input offset after the last one handed in
@@ -233,7 +233,6 @@ class SessionBook:
         self._tails: OrderedDict[str, list[StepView]] = OrderedDict()
         self._closed_ids: OrderedDict[str, bytes] = OrderedDict()
         self._last_input: float | None = None
-        self._first_input: float | None = None
         self.duplicates = self.late_events = self.forced = 0
 
     # ---------------------------------------------------------------------------------------
@@ -297,7 +296,7 @@ class SessionBook:
             return out
         src = event.source
         host = src.host
-        self._progress(f"{src.topic}:{src.partition}", ts, now)
+        self._sources.observe(f"{src.topic}:{src.partition}", ts, now)
         if ts > self._newest:
             self._newest = ts
         late = ts < self._watermark
@@ -337,28 +336,13 @@ class SessionBook:
             return
         if ts is not None and not math.isfinite(ts):
             raise SessionInputError(f"watermark of {source}: time {ts} is not finite")
-        if idle:
-            self._source_idle.add(source)
-            self._source_seen[source] = now
-            if ts is not None:
-                self._progress(source, ts, now, keep_idle=True)
-        else:
-            self._source_idle.discard(source)
-            self._progress(source, -math.inf if ts is None else ts, now)
+        self._sources.mark(source, ts, idle, now)
 
     def hold(self, now: float) -> None:
         """Input stopped for a reason that is not the sources' (the broker is away): neither the
         stage's idle clock nor any source's silence counts this time."""
         self._last_input = now
-        for source in self._source_seen:
-            self._source_seen[source] = now
-
-    def _progress(self, source: str, ts: float, now: float, keep_idle: bool = False) -> None:
-        if ts > self._source_time.get(source, -math.inf) or source not in self._source_time:
-            self._source_time[source] = max(ts, self._source_time.get(source, -math.inf))
-        self._source_seen[source] = now
-        if not keep_idle:
-            self._source_idle.discard(source)
+        self._sources.hold(now)
 
     def tick(self, now: float, stage_input_at: float | None = None) -> list[Released | Closed]:
         """What is due without input: hosts gone idle stop holding the watermark; no input at all
@@ -398,20 +382,7 @@ class SessionBook:
         return closed is not None and _find_id(closed, eid)
 
     def _current_watermark(self, now: float | None) -> float:
-        if now is not None:
-            if self._first_input is None:
-                self._first_input = now
-            if now - self._first_input < self.config.watermark_grace_s:
-                # Hosts are learnt from their events: wait until every host that ships to this
-                # partition has shown up, or the first one's events would make the others late.
-                return self._watermark
-        idle, quiet = self.config.host_idle_s, self._source_idle
-        times = [t for s, t in self._source_time.items()
-                 if s not in quiet and (now is None or now - self._source_seen.get(s, now) < idle)]
-        if not times:
-            # every source is idle (or none is known): release what there is
-            return math.inf if self._source_time else self._watermark
-        return min(times) - self.config.allowed_lateness_s
+        return self._sources.watermark(now, self._watermark)
 
     def _release(self, now: float | None, everything: bool = False) -> list[Released | Closed]:
         out: list[Released | Closed] = []
@@ -643,8 +614,7 @@ class SessionBook:
                 bits[(o - low) >> 3] |= 1 << ((o - low) & 7)
             bitmap = bytes(bits)
         return _pack({"format": FORMAT, "next": self._next, "low": low, "buffered": bitmap,
-                      "source_time": {k: v for k, v in self._source_time.items() if v != -math.inf},
-                      "idle": sorted(self._source_idle), "watermark": None if self._watermark == -math.inf else self._watermark,
+                      **self._sources.to_state(), "watermark": None if self._watermark == -math.inf else self._watermark,
                       "newest": None if self._newest == -math.inf else self._newest})
 
     def _session_record(self, s: OpenSession) -> bytes:
@@ -720,8 +690,7 @@ class SessionBook:
         resume = committed
         if meta is not None:
             self._next = meta["next"]
-            self._source_time = dict(meta["source_time"])
-            self._source_idle = set(meta["idle"])
+            self._sources.from_state(meta)
             self._watermark = -math.inf if meta["watermark"] is None else meta["watermark"]
             self._newest = -math.inf if meta["newest"] is None else meta["newest"]
             low, bitmap = meta["low"], meta["buffered"]
