@@ -114,6 +114,7 @@ class Settings(BaseSettings):
         2.0, ge=0, description="event-time disorder tolerated: an event is judged once every active host's log has passed its time by this much")
     host_idle_s: float = Field(30.0, gt=0, description="a source (a host's logs-topic partition) silent this long (wall clock) no longer holds the watermark back")
     source_idle_s: float = Field(1.0, gt=0, description="parse reports a source idle once it has had no line for this long (its position at the end)")
+    outage_grace_s: float = Field(15.0, ge=0, description="after a broker outage, parse calls no source idle for this long (shippers reconnect with backoff)")
     watermark_grace_s: float = Field(2.0, ge=0, description="after a partition's first event (or a restore) its watermark waits this long (wall clock) for every host to show up")
     reorder_max_events: int = Field(100_000, ge=1, description="events a partition holds for reordering; past it the oldest are judged early")
     max_open_sessions: int = Field(500_000, ge=1, description="open sessions per input partition; past it the least recently active is closed (evicted)")

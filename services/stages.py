@@ -127,6 +127,7 @@ class ParseStage:
         self._events_partitions = settings.topic_partitions
         # tp -> [newest ts | None, last line (wall), sent (wall), pending, idle reported, read to its end]
         self._sources: dict[TP, list] = {}
+        self._idle_held_until = 0.0                # monotonic: no source falls idle before it
 
     # -- partition state: the dedup marks (services.state) --------------------------------
     def assign(self, tp: TP, entries: dict[bytes, bytes], committed: int | None) -> int | None:
@@ -234,6 +235,17 @@ class ParseStage:
         if state is not None:
             state[5] = True
 
+    def hold_idle(self, now: float) -> None:
+        """The shell says input stopped because the broker is away: the hosts did not go quiet.
+        No source is called idle until ``outage_grace_s`` after the broker is back, because
+        shippers reconnect with backoff (librdkafka's reconnect.backoff.max.ms is 10 s, Filebeat's
+        backoff.max 60 s): calling a host idle before its shipper is back would make its backlog
+        late for every session it touches."""
+        mono = time.monotonic()
+        self._idle_held_until = mono + self.settings.outage_grace_s
+        for state in self._sources.values():
+            state[1] = mono
+
     def output_partitions(self, counts: dict[str, int]) -> None:
         self._events_partitions = counts.get(self.settings.events_topic) or self._events_partitions
 
@@ -241,12 +253,13 @@ class ParseStage:
         """Watermark records of the sources that moved (or fell idle), to every events partition."""
         out: list[Out] = []
         idle_after = self.settings.source_idle_s
+        held = mono < self._idle_held_until
         for (topic, partition), state in self._sources.items():
             ts, last_line, sent, pending, idle, at_end = state
             if pending and mono - sent >= self.WATERMARK_EVERY_S:
                 mark = Watermark(source=f"{topic}:{partition}", ts=ts)
                 state[2], state[3] = mono, False
-            elif not pending and not idle and at_end and mono - last_line >= idle_after:
+            elif not pending and not idle and at_end and not held and mono - last_line >= idle_after:
                 mark = Watermark(source=f"{topic}:{partition}", ts=ts, idle=True)
                 state[4] = True
             else:

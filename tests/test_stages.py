@@ -139,6 +139,25 @@ def test_parse_announces_a_source_when_assigned_and_reports_it_idle(tmp_path, mo
     assert stage.tick(0.0) == []
 
 
+def test_parse_calls_no_source_idle_while_the_broker_is_away_and_just_after(tmp_path):
+    """A broker outage is not silence: every shipper reconnects with backoff, and a host called
+    idle before its shipper is back would have its backlog late for every session it touches."""
+    from services.settings import load_settings
+
+    settings = load_settings(kafka_bootstrap="127.0.0.1:9", state_dir=tmp_path, source_idle_s=0.2,
+                             outage_grace_s=0.6)
+    stage = ParseStage(settings)
+    stage.output_partitions({settings.events_topic: 1})
+    stage.assign(("logs.dn9", 0), {}, None)
+    stage.tick(0.0)
+    stage.at_end(("logs.dn9", 0))
+    stage.hold_idle(0.0)                          # the shell: no input, no broker
+    time.sleep(0.3)
+    assert stage.tick(0.0) == []                  # past source_idle_s, but within the grace
+    time.sleep(0.4)
+    assert [decode(o.value, Watermark).idle for o in stage.tick(0.0)] == [True]
+
+
 def test_dedup_marks_follow_the_partition_to_another_replica(tmp_path):
     from services.settings import load_settings
 

@@ -17,14 +17,12 @@ from confluent_kafka import KafkaException
 
 from models import artifacts
 from services import stages
-from services.cores.detect import SessionJudge, session_window
-from services.cores.parse import ParseConfig, ParseCore, load_catalog
-from services.cores.sessions import SessionConfig, sessions_in_order
-from services.records import WATERMARK_KEY, ParsedEvent, Source, decode, encode
+from services.records import WATERMARK_KEY, ParsedEvent, decode, encode
 from tests.kafkautil import consume, isolated_settings, record_count
 from tests.streamutil import (alerts_collector, lines_by_block, logwarden, settings_env, wait_until,
                               windows_collector)
 from toolkit import localkafka
+from toolkit.reference import windows_and_finals
 from toolkit.replay import deal_lines, ensure_topic
 
 pytestmark = pytest.mark.slow
@@ -71,25 +69,8 @@ def replay_hosts(settings, files: dict, rate: float | None = None, log=None) -> 
 
 
 def reference(settings, files: dict[str, Path], model: Path) -> tuple[dict, set]:
-    """Session windows (id -> window) and final alert ids of the same lines through the same
-    cores, without Kafka: an uninterrupted run."""
-    core = ParseCore(ParseConfig.load(settings.parse_config), catalog=load_catalog(settings.template_catalog))
-    events = []
-    for host, path in files.items():
-        offset = 0
-        with open(path, "rb") as fh:
-            for i, raw in enumerate(fh):
-                src = Source(host=host, topic=f"logs.{host}", partition=0, offset=i,
-                             file_path=str(Path(path).resolve()), file_offset=offset)
-                events += core.parse(raw.decode().rstrip("\r\n"), host, src, 0.0)
-                offset += len(raw)
-    config = SessionConfig(window_size=settings.window_size, session_gap_s=settings.session_gap_s,
-                           session_max_events=settings.session_max_events, idle_close_s=1e18)
-    closed = sessions_in_order(events, config)
-    windows = {w.window_id: w for w in (session_window(c, settings.time_window_s) for c in closed)}
-    judge = SessionJudge({"deeplog": ("v0001", artifacts.load(model, device="cpu"))})
-    finals = {a.alert_id for a in judge.judge(closed, now=0.0) if a.status == "final"}
-    return windows, finals
+    """Session windows (id -> window) and final alert ids of the uninterrupted run."""
+    return windows_and_finals(settings, files, {"deeplog": artifacts.load(model, device="cpu")})
 
 
 def assert_same_as_reference(windows, alerts, ref_windows, ref_finals):

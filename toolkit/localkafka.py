@@ -549,7 +549,7 @@ def up(files: RunFiles = RunFiles(), preferred_ports: tuple[int, int] = PREFERRE
         return broker
 
 
-def down(files: RunFiles = RunFiles()) -> bool:
+def down(files: RunFiles = RunFiles(), quiet: bool = False) -> bool:
     """Stop the local broker; True when one was running. Returns when no JVM of it is left."""
     with files.exclusive():
         running = _local_broker(files)
@@ -563,18 +563,21 @@ def down(files: RunFiles = RunFiles()) -> bool:
             stopped = True
         files.pid.unlink(missing_ok=True)
         files.bootstrap.unlink(missing_ok=True)
-        print("kafka: stopped" if stopped else "kafka: not running")
+        if not quiet:
+            print("kafka: stopped" if stopped else "kafka: not running")
         return stopped
 
 
-def status(files: RunFiles = RunFiles()) -> bool:
+def status(files: RunFiles = RunFiles(), quiet: bool = False) -> bool:
     running = _local_broker(files)
     if running is None:
-        print("kafka: not running")
+        if not quiet:
+            print("kafka: not running")
         return False
     answering = _answers(running.bootstrap, 3.0)
-    print(f"kafka: {running.bootstrap} pid {running.pid} "
-          f"{'answering' if answering else 'NOT answering'} (log {_shown(running.log_file)})")
+    if not quiet:
+        print(f"kafka: {running.bootstrap} pid {running.pid} "
+              f"{'answering' if answering else 'NOT answering'} (log {_shown(running.log_file)})")
     return answering
 
 
