@@ -371,3 +371,23 @@ def test_join_state_restores_from_its_changes():
     r.restore(log)
     assert r.flush() == j.flush()
     assert join_in_order([metric("q", 100, 1.0)], JoinConfig(steps=1))[0].metrics == {"cpu": [1.0]}
+
+
+def test_the_frontier_is_the_earliest_open_start_or_the_watermark_less_the_gap():
+    a = TraceAssembler(config())
+    assert a.frontier() == -math.inf
+    a.add(group("t", span("r", 3, 4)), now=0)
+    a.add(group("u", span("r2", 1, 2, parent="x")), now=0)       # rootless: stays open
+    a.add(group("w", span("k", 20, 21)), now=0)
+    a.advance(0)                                                  # watermark 21: "t" closed
+    assert "t" not in a.traces and a.frontier() == 1.0
+    a.add(group("u", span("early", 0.5, 0.6, parent="x")), now=0)
+    assert a.frontier() == 0.5
+    a.add(group("w", span("k2", 30, 31)), now=0)
+    a.advance(0)                                                  # watermark 31 < 2 + 50: "u" stays
+    assert a.frontier() == 0.5
+    a.add(group("w", span("k3", 60, 61)), now=0)
+    a.advance(0)                                                  # 61 > 2 + 50: "u" closed; "w" (61 + 5) open
+    assert sorted(a.traces) == ["w"] and a.frontier() == 20.0
+    a.advance(None)                                               # everything known: nothing more comes
+    assert a.frontier() == math.inf

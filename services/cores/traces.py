@@ -164,6 +164,7 @@ class TraceAssembler:
         self.traces: dict[str, OpenTrace] = {}
         self._due: list[tuple[float, str]] = []      # (due s, trace id), lazy: checked when popped
         self._age: list[tuple[int, str]] = []        # (last end ns, trace id), lazy: for eviction
+        self._starts: list[tuple[int, str]] = []     # (first start ns, trace id), lazy: the frontier
         self._closed: OrderedDict[str, int] = OrderedDict()     # trace id -> serial
         self._closed_serial = 0
         self.watermark_s = -math.inf                 # the highest finite watermark so far
@@ -201,6 +202,7 @@ class TraceAssembler:
         trace = self.traces.get(tid)
         if trace is None:
             trace = self.traces[tid] = OpenTrace(tid)
+        start_before = trace.first_start_ns
         added = False
         for s in group.spans:
             if trace.add(s):
@@ -211,6 +213,8 @@ class TraceAssembler:
             self._dirty.add(tid)
             heapq.heappush(self._due, (self._due_s(trace), tid))
             heapq.heappush(self._age, (trace.last_end_ns, tid))
+            if trace.first_start_ns != start_before:
+                heapq.heappush(self._starts, (trace.first_start_ns, tid))
 
     def mark(self, source: str, ts: float | None, idle: bool, now: float) -> None:
         """A Watermark record from upstream."""
@@ -249,11 +253,13 @@ class TraceAssembler:
             if trace is None or self._due_s(trace) != due_s:
                 continue
             out.append(self._close(tid, "complete" if trace.roots else "gap"))
-        if len(self._age) > 4 * len(self.traces) + 1024:      # lazy heaps: drop stale entries
+        if len(self._age) + len(self._starts) > 8 * len(self.traces) + 2048:     # lazy heaps: drop stale entries
             self._age = [(t.last_end_ns, tid) for tid, t in self.traces.items()]
             heapq.heapify(self._age)
             self._due = [(self._due_s(t), tid) for tid, t in self.traces.items()]
             heapq.heapify(self._due)
+            self._starts = [(t.first_start_ns, tid) for tid, t in self.traces.items()]
+            heapq.heapify(self._starts)
         return out
 
     def close_all(self, reason: str = "shutdown") -> list[Closed]:
@@ -265,8 +271,13 @@ class TraceAssembler:
         if self.sources_idle and not self.traces:
             return math.inf
         bound = self.watermark_s - self.config.trace_gap_s
-        if self.traces:
-            bound = min(bound, min(t.first_start_ns for t in self.traces.values()) / 1e9)
+        starts, traces = self._starts, self.traces
+        while starts:
+            start, tid = starts[0]
+            trace = traces.get(tid)
+            if trace is not None and trace.first_start_ns == start:
+                return min(bound, start / 1e9)
+            heapq.heappop(starts)
         return bound
 
     @property
@@ -364,6 +375,8 @@ class TraceAssembler:
         heapq.heapify(self._due)
         self._age = [(t.last_end_ns, tid) for tid, t in traces.items()]
         heapq.heapify(self._age)
+        self._starts = [(t.first_start_ns, tid) for tid, t in traces.items()]
+        heapq.heapify(self._starts)
         if meta is not None:
             self.clock.from_state(meta)
             self.watermark_s = -math.inf if meta["watermark"] is None else meta["watermark"]
