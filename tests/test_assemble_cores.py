@@ -206,6 +206,7 @@ def chunk_equals_reference(chunk, ref) -> None:
            (ref.entity, ref.service, ref.start, ref.end, ref.step_s)
     assert [None if t is None else msgspec.structs.asdict(t) for t in chunk.traces] == \
            [None if t is None else t.__dict__ for t in ref.traces]
+    assert chunk.logs == [(e.timestamp, e.template_id, e.template) for e in ref.logs]
     if chunk.metrics:
         assert chunk.metrics == ref.metrics
     else:       # an entity no metric sample named: the reference has every channel, all None
@@ -213,16 +214,19 @@ def chunk_equals_reference(chunk, ref) -> None:
 
 
 def expected_units(obs) -> set[tuple[str, int]]:
+    step_s = obs.options.step_s
     return {(pod, step) for pod in obs.entities()
-            for step in set(obs.metrics.get(pod, {})) | set(obs.traces.get(pod, {}))}
+            for step in set(obs.metrics.get(pod, {})) | set(obs.traces.get(pod, {}))
+            | {math.floor(e.timestamp / step_s) for e in obs.logs.get(pod, ())}}
 
 
-def stream(groups, metrics, jcfg: JoinConfig, metrics_first: bool = False, restore_at: int | None = None):
+def stream(groups, metrics, jcfg: JoinConfig, metrics_first: bool = False, restore_at: int | None = None, logs=()):
     """The assembler and the joiner as the stages run them: the assembler's frontier as a
     watermark source of the joiner, metric samples interleaved by time (or all first)."""
     a = TraceAssembler(config(trace_gap_s=10.0, allowed_lateness_s=1.0, step_s=jcfg.step_s))
     j = Joiner(jcfg)
-    events = [(m.timestamp, 1, m) for m in metrics] + [(g.spans[0].end_ns / 1e9, 0, g) for g in groups]
+    events = ([(m.timestamp, 1, m) for m in metrics] + [(g.spans[0].end_ns / 1e9, 0, g) for g in groups]
+              + [(x.events[0][0], 1, x) for x in logs])
     events.sort(key=lambda e: (e[1] != 1, 0) if metrics_first else (e[0], e[1]))
     chunks = []
     j.mark("spans:0", None, False, 0.0)              # announced: holds the join until it reports
@@ -264,6 +268,25 @@ def test_streamed_chunks_equal_the_reference_builder_on_a_real_slice(slice_dir, 
     for c, (pod, step) in zip(chunks, units):
         chunk_equals_reference(c, reference.chunk(pod, step))
     assert joiner.late == 0 and joiner.dropped == 0
+
+
+def test_with_logs_every_modality_of_a_chunk_equals_the_reference(datasets, tmp_path):
+    """A slice with log lines too (11:51-11:54; the day's logs start at 11:51): LogSamples as the
+    parse stage templates the lines, joined with metrics and traces."""
+    from tests.tracedata import log_samples
+
+    data = write_slice(datasets, tmp_path / "slice", start=1675079460, minutes=3, logs=True)
+    ref = read_observations(data, ChunkOptions(steps=STEPS))
+    logs = log_samples(data)
+    assert len(logs) > 1000 and ref.skipped_log_lines == 0
+    chunks, joiner = stream(span_groups(data), metric_samples(data),
+                            JoinConfig(steps=STEPS, lateness_s=2.0, grace_s=0.0, source_idle_s=1e9), logs=logs)
+    units = [(c.entity, round(c.end / 60) - 1) for c in chunks]
+    assert len(units) == len(set(units)) and set(units) == expected_units(ref)
+    assert sum(len(c.logs) for c in chunks) > 1000
+    for c, (pod, step) in zip(chunks, units):
+        chunk_equals_reference(c, ref.chunk(pod, step))
+    assert joiner.late == 0
 
 
 def test_chunks_wait_for_the_slowest_source_and_a_restore_changes_nothing(slice_dir, reference):

@@ -12,14 +12,14 @@ from collections import defaultdict
 from pathlib import Path
 
 from models.faults import service_of
-from models.microservices import read_metrics, read_traces
-from services.records import MetricSample, SpanGroup, SpanRecord
+from models.microservices import read_logs, read_metrics, read_traces
+from services.records import LogSample, MetricSample, SpanGroup, SpanRecord
 
 DAY = "trainticket_2023-01-30"
 SLICE_START = 1675078800          # 2023-01-30 11:40:00 UTC, in trace/11.csv.gz
 
 
-def write_slice(datasets: Path, out: Path, start: float = SLICE_START, minutes: int = 6) -> Path:
+def write_slice(datasets: Path, out: Path, start: float = SLICE_START, minutes: int = 6, logs: bool = False) -> Path:
     """Traces whose first span starts in [start, start + minutes) (all their spans) and every
     pod's metric rows stamped in [start, start + minutes + 1 min), in ``out``/trace, ``out``/metric.
 
@@ -58,7 +58,40 @@ def write_slice(datasets: Path, out: Path, start: float = SLICE_START, minutes: 
                 w = csv.writer(fh)
                 w.writerow(header)
                 w.writerows(kept)
+    if logs:            # the day's log CSVs (a file per minute, some minutes missing) of the slice
+        (out / "log").mkdir(parents=True, exist_ok=True)
+        with open(out / "log" / "slice.csv", "w", newline="") as dst:
+            w = csv.writer(dst)
+            for n, path in enumerate(sorted((day / "log").glob("*_log.csv.gz"))):
+                with gzip.open(path, "rt", newline="") as fh:
+                    reader = csv.reader(fh)
+                    header = next(reader)
+                    if n == 0:
+                        w.writerow(header)
+                    at = header.index("TimeUnixNano")
+                    w.writerows(r for r in reader if start * 1e9 <= int(r[at]) < end * 1e9)
     return out
+
+
+def log_samples(data: Path) -> list[LogSample]:
+    """The slice's log lines as the parse stage templates them (the reference's order: time, pod,
+    line), one LogSample per line."""
+    from services.cores.parse import ParseCore, ParseError
+    from services.records import Source
+
+    core = ParseCore()
+    records = sorted(read_logs(sorted((data / "log").glob("*.csv"))), key=lambda r: (r.timestamp, r.pod, r.message))
+    samples = []
+    for offset, r in enumerate(records):
+        source = Source(host=r.pod, topic="logs", partition=0, offset=offset, file_path=f"{r.pod}.log",
+                        file_offset=offset)
+        try:
+            event = core.parse(r.message, r.pod, source, r.timestamp)[0]
+        except ParseError:
+            continue
+        samples.append(LogSample(entity=r.pod, service=service_of(r.pod), events=[(r.timestamp, event.template_id)],
+                                 templates={event.template_id: event.template}, source=f"otlp_logs:0:{offset}"))
+    return samples
 
 
 def span_groups(data: Path, seed: int = 7, jitter_s: float = 0.5, sources: int = 3) -> list[SpanGroup]:
