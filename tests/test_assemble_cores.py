@@ -414,3 +414,65 @@ def test_the_frontier_is_the_earliest_open_start_or_the_watermark_less_the_gap()
     assert sorted(a.traces) == ["w"] and a.frontier() == 20.0
     a.advance(None)                                               # everything known: nothing more comes
     assert a.frontier() == math.inf
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage adapters (services.stages): records in, outputs / dead letters out, no broker
+def adapter(kind, **overrides):
+    from services import stages
+    from services.settings import load_settings
+
+    settings = load_settings(kafka_bootstrap="127.0.0.1:1", watermark_grace_s=0.0, trace_gap_s=5.0,
+                             trace_lateness_s=0.0, topic_partitions=2, **overrides)
+    return settings, stages.STAGES[kind](settings)
+
+
+def rec(topic, value, key=None, offset=0, partition=0):
+    from services.shell import Record
+
+    return Record(topic, partition, offset, key, value, 0)
+
+
+def test_assemble_stage_dead_letters_bad_records_and_sends_traces_samples_and_its_frontier():
+    from services.records import WATERMARK_KEY, TraceRecord, Watermark, decode, encode
+    from services.shell import Out, Reject
+
+    settings, stage = adapter("assemble")
+    t = settings.spans_topic
+    stage.assign((t, 0), {}, None)
+    good = [group("t1", span("r", 0, 1, pod="gw-1"), source="up:0:1"),
+            group("clock", span("k", 10, 20), source="up:0:2")]
+    batch = [rec(t, b"{not json", b"x", 0), rec(t, encode(group("b", span("x", 5, 4))), b"b", 1),
+             rec(t, b'{"source": "s", "ts": "late"}', WATERMARK_KEY, 2)]
+    batch += [rec(t, encode(g), g.trace_id.encode(), 3 + i) for i, g in enumerate(good)]
+    outs = stage.process(batch)
+    rejects = [(o.record.offset, o.reason) for o in outs if isinstance(o, Reject)]
+    assert rejects == [(0, "bad_spans"), (1, "bad_span"), (2, "bad_watermark")]
+    traces = [decode(o.value, TraceRecord) for o in outs if isinstance(o, Out) and o.topic == settings.traces_topic]
+    assert [tr.trace_id for tr in traces] == ["t1"]                # watermark 20 > 1 + 5
+    samples = [o for o in outs if isinstance(o, Out) and o.topic == settings.timeline_topic and o.key != WATERMARK_KEY]
+    assert [(o.key, msgspec.json.decode(o.value)["type"]) for o in samples] == [("gw-1", "traces")]
+    marks = [o for o in outs if isinstance(o, Out) and o.key == WATERMARK_KEY]
+    assert sorted(o.partition for o in marks) == [0, 1]            # to every timeline partition
+    assert decode(marks[0].value, Watermark) == Watermark(source=f"{t}:0", ts=10.0)   # "clock" starts at 10
+    entries = stage.changes()[(t, 0)]
+    assert any(k.startswith(b"T") for k in entries) and stage.commit_offset((t, 0), 5) == 5
+
+
+def test_join_stage_dead_letters_bad_items_and_cuts_chunks_keyed_by_entity():
+    from services.records import WATERMARK_KEY, ChunkRecord, Watermark, decode, encode
+    from services.shell import Out, Reject
+
+    settings, stage = adapter("join", chunk_steps=2, chunk_lateness_s=0.0)
+    t = settings.timeline_topic
+    stage.assign((t, 0), {}, None)
+    batch = [rec(t, b'{"type": "nonsense", "entity": "p"}', b"p", 0),
+             rec(t, encode(metric("", 100, 1.0)), b"", 1),
+             rec(t, encode(Watermark(source="spans:0", ts=1000.0)), WATERMARK_KEY, 2),
+             rec(t, encode(metric("p", 100, 1.0, source="m:0:1")), b"p", 3),
+             rec(t, encode(metric("p", 400, 2.0, source="m:0:2")), b"p", 4)]
+    outs = stage.process(batch)
+    assert [(o.record.offset, o.reason) for o in outs if isinstance(o, Reject)] == [(0, "bad_timeline"), (1, "bad_timeline")]
+    chunks = [decode(o.value, ChunkRecord) for o in outs if isinstance(o, Out)]
+    assert [(c.entity, c.end, c.metrics) for c in chunks] == [("p", 120.0, {"cpu": [None, 1.0]})]
+    assert [o.key for o in outs if isinstance(o, Out)] == ["p"]
