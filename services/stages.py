@@ -561,6 +561,7 @@ class AssembleStage:
         self._decode_mark = decoder(Watermark).decode
         self._timeline_partitions = s.topic_partitions
         self._sent: dict[TP, tuple[float, object]] = {}      # tp -> (monotonic sent, what was sent)
+        self._quiet_since: dict[TP, float] = {}              # tp -> monotonic of assignment, while it has no input
         self._late_seen = 0
 
     def _book(self, tp: TP):
@@ -582,11 +583,13 @@ class AssembleStage:
             log.error("assemble: %s[%d]: %s; starting empty", tp[0], tp[1], err)
             self.books[tp] = TraceAssembler(self.config, name=f"{tp[0]}:{tp[1]}")
         self._sent.pop(tp, None)          # announced at the next batch or tick
+        self._quiet_since[tp] = time.monotonic()
         return None
 
     def revoke(self, tp: TP) -> None:
         self.books.pop(tp, None)
         self._sent.pop(tp, None)
+        self._quiet_since.pop(tp, None)
 
     def changes(self) -> dict[TP, dict[bytes, bytes | None]]:
         return {tp: book.changes() for tp, book in self.books.items()}
@@ -616,6 +619,7 @@ class AssembleStage:
             tp = (rec.topic, rec.partition)
             book = self._book(tp)
             touched.add(tp)
+            self._quiet_since.pop(tp, None)
             try:
                 if rec.key == WATERMARK_KEY:
                     mark = self._decode_mark(rec.value or b"")
@@ -647,7 +651,12 @@ class AssembleStage:
         out: list[Out] = []
         for tp, book in sorted(self.books.items()):
             frontier = book.frontier()
-            idle = frontier == math.inf
+            # A partition that has had no input at all since it was assigned knows nothing of
+            # upstream progress: it holds the join for host_idle_s (spans may be on their way),
+            # then says it is idle, as a silent source does.
+            quiet = self._quiet_since.get(tp)
+            idle = frontier == math.inf or (quiet is not None and not book.open_traces
+                                             and mono - quiet >= self.settings.host_idle_s)
             what = "idle" if idle else (None if frontier == -math.inf else frontier)
             sent = self._sent.get(tp)
             if sent is not None:

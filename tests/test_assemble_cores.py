@@ -476,3 +476,30 @@ def test_join_stage_dead_letters_bad_items_and_cuts_chunks_keyed_by_entity():
     chunks = [decode(o.value, ChunkRecord) for o in outs if isinstance(o, Out)]
     assert [(c.entity, c.end, c.metrics) for c in chunks] == [("p", 120.0, {"cpu": [None, 1.0]})]
     assert [o.key for o in outs if isinstance(o, Out)] == ["p"]
+
+
+def test_an_assemble_partition_without_input_holds_the_join_for_host_idle_s_then_says_idle():
+    import time as _time
+
+    from services.records import WATERMARK_KEY, Watermark, decode
+
+    settings, stage = adapter("assemble", host_idle_s=0.3)
+    tp = (settings.spans_topic, 1)
+    stage.assign(tp, {}, None)
+
+    def marks():
+        return [decode(o.value, Watermark) for o in stage.tick(_time.time()) if o.key == WATERMARK_KEY]
+
+    assert marks()[0] == Watermark(source=f"{settings.spans_topic}:1", ts=None, idle=False)   # announced
+    _time.sleep(0.45)
+    assert marks()[0] == Watermark(source=f"{settings.spans_topic}:1", ts=None, idle=True)
+
+
+def test_a_group_or_sample_naming_no_stream_counts_as_its_input_partition():
+    a = TraceAssembler(config())
+    a.add(group("t", span("r", 0, 1), source="collector-7"), now=0, fallback_source="spans:3")
+    a.add(group("u", span("r", 0, 2), source="also odd"), now=0, fallback_source="spans:3")
+    assert list(a.clock.progress) == ["spans:3"]
+    j = Joiner()
+    j.add(metric("p", 100, 1.0, source="scrape of p"), 0, fallback_source="timeline:0")
+    assert list(j.clock.progress) == ["timeline:0"]

@@ -132,10 +132,12 @@ class Entity:
 
 
 def source_of(source: str, fallback: str) -> str:
+    """"<topic>:<partition>" of a sample's "<topic>:<partition>:<offset>" (else ``fallback``, the
+    timeline partition: one source per record would hold the watermark forever)."""
     head, sep, offset = source.rpartition(":")
     if sep and head and ":" in head and offset.isdigit():
         return head
-    return source or fallback
+    return fallback
 
 
 class Joiner:

@@ -120,11 +120,13 @@ def _row(s: SpanRecord) -> tuple:
 
 
 def source_of(group: SpanGroup, fallback: str) -> str:
-    """The upstream stream a group came from: "<topic>:<partition>" of its "<topic>:<partition>:<offset>"."""
+    """The upstream stream a group came from: "<topic>:<partition>" of its "<topic>:<partition>:<offset>"
+    (else ``fallback``: the input partition)."""
     head, sep, offset = group.source.rpartition(":")
     if sep and head and ":" in head and offset.isdigit():
         return head
-    return group.source or fallback
+    # any other form names no stream (one source per record would hold the watermark forever)
+    return fallback
 
 
 def trace_samples(spans: list[SpanRecord], trace_id: str, step_s: float) -> list[TraceSample]:
