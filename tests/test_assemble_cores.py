@@ -503,3 +503,15 @@ def test_a_group_or_sample_naming_no_stream_counts_as_its_input_partition():
     j = Joiner()
     j.add(metric("p", 100, 1.0, source="scrape of p"), 0, fallback_source="timeline:0")
     assert list(j.clock.progress) == ["timeline:0"]
+
+
+def test_a_rows_channels_in_several_samples_merge_and_a_replayed_log_sample_counts_once():
+    j = Joiner(JoinConfig(steps=1, lateness_s=0.0, grace_s=0.0))
+    j.add(MetricSample(entity="p", service="s", timestamp=100.0, values={"cpu": 1.0}, source="m:0:1"), 0)
+    j.add(MetricSample(entity="p", service="s", timestamp=100.0, values={"mem": 2.0}, source="m:0:2"), 0)
+    logs = LogSample(entity="p", service="s", events=[(70.0, "E1")], templates={"E1": "x"}, source="otlp_logs:0:9")
+    j.add(logs, 0)
+    j.add(logs, 0)                                    # at least once: the same record again
+    (chunk,) = j.flush()
+    assert chunk.metrics == {"cpu": [1.0], "mem": [2.0]} and chunk.logs == [(70.0, "E1", "x")]
+    assert j.duplicates == 1

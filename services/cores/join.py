@@ -92,7 +92,8 @@ class JoinConfig:
 
 
 class StepData:
-    __slots__ = ("metric_ts", "metric", "durations", "gaps", "errors", "trace_ids", "logs", "emitted", "stats")
+    __slots__ = ("metric_ts", "metric", "durations", "gaps", "errors", "trace_ids", "logs", "log_sources", "emitted",
+                 "stats")
 
     def __init__(self):
         self.metric_ts: float | None = None
@@ -102,6 +103,7 @@ class StepData:
         self.errors = 0
         self.trace_ids: set[str] = set()
         self.logs: list[tuple[float, str, str]] = []
+        self.log_sources: set[str] = set()       # the LogSamples in it (a replayed one is recognised)
         self.emitted = False
         # The step's TraceStatsRecord, computed once for the ``steps`` chunks that hold the step
         # (percentiles were most of the join's time), dropped when a trace sample is added.
@@ -109,13 +111,13 @@ class StepData:
 
     def pack(self) -> bytes:
         return _pack((self.metric_ts, self.metric, self.durations, self.gaps, self.errors, sorted(self.trace_ids),
-                      self.logs, self.emitted))
+                      self.logs, sorted(self.log_sources), self.emitted))
 
     @classmethod
     def unpack(cls, raw: bytes) -> "StepData":
         d = cls()
-        (d.metric_ts, d.metric, d.durations, d.gaps, d.errors, ids, logs, d.emitted) = _unpack(raw)
-        d.trace_ids = set(ids)
+        (d.metric_ts, d.metric, d.durations, d.gaps, d.errors, ids, logs, sources, d.emitted) = _unpack(raw)
+        d.trace_ids, d.log_sources = set(ids), set(sources)
         d.logs = [tuple(e) for e in logs]
         return d
 
@@ -183,17 +185,25 @@ class Joiner:
             entity = self._entity(item)
             for step, events in sorted(by_step.items()):
                 data = self._step(entity, step)
-                if data is not None:
-                    data.logs.extend(events)
-                    data.logs.sort(key=lambda e: e[0])      # by time; a sample's own order for ties
+                if data is None:
+                    continue
+                if item.source:
+                    if item.source in data.log_sources:
+                        self.duplicates += 1
+                        continue
+                    data.log_sources.add(item.source)
+                data.logs.extend(events)
+                data.logs.sort(key=lambda e: e[0])          # by time; a sample's own order for ties
             return
         entity = self._entity(item)
         data = self._step(entity, step)
         if data is None:
             return
         if kind is MetricSample:
-            if data.metric_ts is None or item.timestamp >= data.metric_ts:
+            if data.metric_ts is None or item.timestamp > data.metric_ts:
                 data.metric_ts, data.metric = item.timestamp, dict(item.values)
+            elif item.timestamp == data.metric_ts:      # one row's channels in several samples
+                data.metric.update(item.values)
             for channel in item.values:
                 if channel not in entity.channels:
                     entity.channels.append(channel)
