@@ -116,6 +116,7 @@ def test_a_real_slice_through_the_broker_gives_every_trace_and_every_chunk(kafka
     assert record_count(settings, settings.deadletter_topic) == 0
 
 
+@pytest.mark.slow
 def test_state_follows_its_partition_across_a_sigkill(kafka_bootstrap, slice_dir, tmp_path):
     """assemble and join (one process) are SIGKILLed mid-input and started again with another
     state directory (another machine): open traces and pending steps come back from the
