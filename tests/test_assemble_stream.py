@@ -14,7 +14,7 @@ import pytest
 
 from models.chunks import ChunkOptions, read_observations
 from services import stages
-from services.records import WATERMARK_KEY, ChunkRecord, TraceRecord, decode, encode
+from services.records import ChunkRecord, TraceRecord, decode, encode
 from services.shell import ensure_topics
 from tests.kafkautil import consume, isolated_settings, record_count
 from tests.streamutil import logwarden, settings_env, wait_until
