@@ -59,6 +59,13 @@ ALERT_LATENCY = Histogram("logwarden_alert_latency_seconds",
                           buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 FEEDBACK = Counter("logwarden_feedback_total", "operator feedback records applied", ["detector", "verdict"])
 
+# traces and chunks (assemble, join)
+OPEN_TRACES = Gauge("logwarden_open_traces", "traces open in the assemble stage")
+TRACES_CLOSED = Counter("logwarden_traces_closed_total", "traces assembled", ["reason"])
+LATE_SPANS = Counter("logwarden_late_spans_total", "spans that came after their trace had closed (counted, not added)")
+CHUNKS = Counter("logwarden_chunks_total", "chunks cut by the join stage")
+LATE_TIMELINE = Counter("logwarden_late_timeline_total", "timeline items for a step the join had already passed", ["kept"])
+
 
 def serve(bind: str, port: int) -> int:
     """Start the /metrics endpoint; returns the port (0 picks a free one, which is logged)."""

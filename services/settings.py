@@ -125,6 +125,16 @@ class Settings(BaseSettings):
     time_window_s: float = Field(60.0, gt=0, description="width of per-host time windows (no session key)")
     state_dir: Path = Field(Path(".run/state"), description="checkpoints of parser and window state")
 
+    # --- traces and chunks (assemble, join) ----------------------------------------------
+    trace_gap_s: float = Field(10.0, gt=0, description="event time with no span of a trace, after its root span ended, that closes it")
+    trace_root_wait_s: float = Field(300.0, gt=0, description="event time a trace without a root span waits for one after its last span (then closed as 'gap')")
+    trace_lateness_s: float = Field(2.0, ge=0, description="span-end disorder tolerated within one upstream partition of the spans topic")
+    max_open_traces: int = Field(100_000, ge=1, description="open traces per spans-topic partition; past it the least recently active is closed (evicted)")
+    step_s: float = Field(60.0, gt=0, description="time step of the per-entity timeline and chunks (models.chunks' step_s)")
+    chunk_steps: int = Field(10, ge=1, description="steps per chunk: the judged step and the ones before it")
+    metric_window_s: float = Field(60.0, ge=0, description="the interval a metric sample summarises, ending at its time (it goes to the step of the interval's middle)")
+    chunk_lateness_s: float = Field(5.0, ge=0, description="a step is cut into chunks once every timeline source has passed its end by this much")
+
     # --- detect --------------------------------------------------------------------------
     model_dir: Path = Field(Path("artifacts/models"), description="model versions: <dir>/<detector>/<version>/")
     device: Literal["auto", "cpu", "cuda"] = Field(

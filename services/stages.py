@@ -6,6 +6,9 @@
                                                                 sliding windows when LOGWARDEN_SLIDING_WINDOWS)
     FEEDBACK_TOPIC               --feedback-->  a new model version in MODEL_DIR (workers reload it)
     any bad record / output      ------------>  DEADLETTER_TOPIC (head of the bytes + size + sha256 + reason)
+    SPANS_TOPIC                  --assemble-->  TRACES_TOPIC   key = trace id   (one complete trace, in event time)
+                                            --> TIMELINE_TOPIC key = entity     (TraceSample per pod and step; Watermark)
+    TIMELINE_TOPIC               --join------>  CHUNKS_TOPIC   key = entity     (ChunkRecord per entity and step)
     every stateful stage         <----------->  <group>-changelog (compacted): its partition state
 
 A log line crosses the broker once after parsing: the sessions stage keeps each open session's
@@ -32,7 +35,8 @@ import msgspec
 from services import checkpoint, metrics
 from services.cores.dedup import FileMarks
 from services.cores.feedback import FEEDBACK_REASONS, FeedbackError
-from services.records import WATERMARK_KEY, Feedback, FilebeatDoc, ParsedEvent, Source, Watermark, decoder, encode
+from services.records import (WATERMARK_KEY, Feedback, FilebeatDoc, ParsedEvent, Source, SpanGroup, TimelineItem,
+                              Watermark, decoder, encode)
 from services.settings import Settings, UsageError, load_settings
 from services.shell import Out, Record, Reject, StageRunner, StageSpec, ensure_topics
 
@@ -543,8 +547,260 @@ class FeedbackStage:
 
 
 # ------------------------------------------------------------------------------------------
-STAGES = {"parse": ParseStage, "sessions": SessionsStage, "feedback": FeedbackStage}
-ALL_STAGES = ("parse", "sessions", "feedback")
+# assemble: spans (SpanGroups keyed by trace id) -> traces (one TraceRecord per trace, keyed by
+# trace id) + timeline (TraceSamples keyed by pod), and the partition's trace frontier as a
+# Watermark to every timeline partition (after the samples it covers): the join cuts a step only
+# once every trace that started in it has closed. Core: services.cores.traces.
+class AssembleStage:
+    name = "assemble"
+    dead_letter_reasons = ("bad_spans", "bad_span", "bad_watermark")
+    MARK_EVERY_S = 0.2          # a moved frontier is sent at most this often ...
+    MARK_HEARTBEAT_S = 5.0      # ... and an unmoved one this often (below host_idle_s: it keeps holding)
+
+    def __init__(self, settings: Settings):
+        from services.cores.traces import TraceConfig
+
+        self.settings = s = settings
+        self.config = TraceConfig(trace_gap_s=s.trace_gap_s, root_wait_s=s.trace_root_wait_s,
+                                  max_open_traces=s.max_open_traces, allowed_lateness_s=s.trace_lateness_s,
+                                  source_idle_s=s.host_idle_s, grace_s=s.watermark_grace_s, step_s=s.step_s)
+        self.books: dict[TP, object] = {}
+        self._decode = decoder(SpanGroup).decode
+        self._decode_mark = decoder(Watermark).decode
+        self._timeline_partitions = s.topic_partitions
+        self._sent: dict[TP, tuple[float, object]] = {}      # tp -> (monotonic sent, what was sent)
+        self._quiet_since: dict[TP, float] = {}              # tp -> monotonic of assignment, while it has no input
+        self._late_seen = 0
+
+    def _book(self, tp: TP):
+        book = self.books.get(tp)
+        if book is None:
+            from services.cores.traces import TraceAssembler
+
+            book = self.books[tp] = TraceAssembler(self.config, name=f"{tp[0]}:{tp[1]}")
+        return book
+
+    # -- partition state ------------------------------------------------------------------
+    def assign(self, tp: TP, entries: dict[bytes, bytes], committed: int | None) -> int | None:
+        from services.cores.traces import StateError, TraceAssembler
+
+        book = self.books[tp] = TraceAssembler(self.config, name=f"{tp[0]}:{tp[1]}")
+        try:
+            book.restore(entries)
+        except StateError as err:
+            log.error("assemble: %s[%d]: %s; starting empty", tp[0], tp[1], err)
+            self.books[tp] = TraceAssembler(self.config, name=f"{tp[0]}:{tp[1]}")
+        self._sent.pop(tp, None)          # announced at the next batch or tick
+        self._quiet_since[tp] = time.monotonic()
+        return None
+
+    def revoke(self, tp: TP) -> None:
+        self.books.pop(tp, None)
+        self._sent.pop(tp, None)
+        self._quiet_since.pop(tp, None)
+
+    def changes(self) -> dict[TP, dict[bytes, bytes | None]]:
+        return {tp: book.changes() for tp, book in self.books.items()}
+
+    def entries(self, tp: TP) -> dict[bytes, bytes]:
+        book = self.books.get(tp)
+        return book.entries() if book else {}
+
+    def commit_offset(self, tp: TP, processed: int) -> int:
+        return processed              # every span is state as soon as it is taken
+
+    def output_partitions(self, counts: dict[str, int]) -> None:
+        self._timeline_partitions = counts.get(self.settings.timeline_topic) or self._timeline_partitions
+
+    def hold_idle(self, now: float) -> None:
+        for book in self.books.values():
+            book.hold(now)
+
+    # -- records --------------------------------------------------------------------------
+    def process(self, batch: list[Record]) -> list[Out | Reject]:
+        from services.cores.traces import SpanInputError
+
+        out: list[Out | Reject] = []
+        now = time.time()
+        touched: set[TP] = set()
+        for rec in batch:
+            tp = (rec.topic, rec.partition)
+            book = self._book(tp)
+            touched.add(tp)
+            self._quiet_since.pop(tp, None)
+            try:
+                if rec.key == WATERMARK_KEY:
+                    mark = self._decode_mark(rec.value or b"")
+                    book.mark(mark.source, mark.ts, mark.idle, now)
+                    continue
+                book.add(self._decode(rec.value or b""), now, fallback_source=f"{rec.topic}:{rec.partition}")
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as err:
+                out.append(Reject(rec, "bad_watermark" if rec.key == WATERMARK_KEY else "bad_spans", str(err)[:300]))
+            except SpanInputError as err:
+                out.append(Reject(rec, err.reason, err.detail))
+        for tp in sorted(touched):
+            out += self._closed(self.books[tp].advance(now))
+        out += self._marks(time.monotonic())
+        return out
+
+    def _closed(self, closed) -> list[Out]:
+        traces, timeline = self.settings.traces_topic, self.settings.timeline_topic
+        outs: list[Out] = []
+        for c in closed:
+            metrics.TRACES_CLOSED.labels(c.trace.closed_reason).inc()
+            outs.append(Out(traces, encode(c.trace), c.trace.trace_id))
+            outs += [Out(timeline, encode(s), s.entity) for s in c.samples]
+        return outs
+
+    def _marks(self, mono: float) -> list[Out]:
+        """Each partition's frontier to every timeline partition, when it moved (or as a heartbeat)."""
+        import math
+
+        out: list[Out] = []
+        for tp, book in sorted(self.books.items()):
+            frontier = book.frontier()
+            # A partition that has had no input at all since it was assigned knows nothing of
+            # upstream progress: it holds the join for host_idle_s (spans may be on their way),
+            # then says it is idle, as a silent source does.
+            quiet = self._quiet_since.get(tp)
+            idle = frontier == math.inf or (quiet is not None and not book.open_traces
+                                             and mono - quiet >= self.settings.host_idle_s)
+            what = "idle" if idle else (None if frontier == -math.inf else frontier)
+            sent = self._sent.get(tp)
+            if sent is not None:
+                since, last = sent
+                if (last == what and mono - since < self.MARK_HEARTBEAT_S) or mono - since < self.MARK_EVERY_S:
+                    continue
+            self._sent[tp] = (mono, what)
+            mark = Watermark(source=book.name, ts=None if idle or what is None else frontier, idle=idle)
+            value = encode(mark)
+            out += [Out(self.settings.timeline_topic, value, WATERMARK_KEY, None, p)
+                    for p in range(self._timeline_partitions)]
+        return out
+
+    def tick(self, now: float) -> list[Out]:
+        out: list[Out] = []
+        for tp in sorted(self.books):
+            out += self._closed(self.books[tp].advance(now))
+        out += self._marks(time.monotonic())
+        books = list(self.books.values())
+        metrics.OPEN_TRACES.set(sum(b.open_traces for b in books))
+        late = sum(b.late_spans for b in books)
+        if late > self._late_seen:
+            metrics.LATE_SPANS.inc(late - self._late_seen)
+        self._late_seen = late
+        return out
+
+    def spec(self) -> StageSpec:
+        return StageSpec(self.name, [self.settings.spans_topic], self, stateful=True, co_partitioned=True,
+                         broadcast_topics=[self.settings.timeline_topic])
+
+
+# ------------------------------------------------------------------------------------------
+# join: timeline (MetricSample | TraceSample | LogSample keyed by entity, Watermarks) -> chunks
+# (ChunkRecord per (entity, step), keyed by entity). Core: services.cores.join.
+class JoinStage:
+    name = "join"
+    dead_letter_reasons = ("bad_timeline", "bad_watermark")
+
+    def __init__(self, settings: Settings):
+        from services.cores.join import JoinConfig
+
+        self.settings = s = settings
+        self.config = JoinConfig(step_s=s.step_s, steps=s.chunk_steps, metric_window_s=s.metric_window_s,
+                                 lateness_s=s.chunk_lateness_s, source_idle_s=s.host_idle_s, grace_s=s.watermark_grace_s)
+        self.books: dict[TP, object] = {}
+        self._decode = decoder(TimelineItem).decode
+        self._decode_mark = decoder(Watermark).decode
+        self._late_seen = self._dropped_seen = 0
+
+    def _book(self, tp: TP):
+        book = self.books.get(tp)
+        if book is None:
+            from services.cores.join import Joiner
+
+            book = self.books[tp] = Joiner(self.config)
+        return book
+
+    def assign(self, tp: TP, entries: dict[bytes, bytes], committed: int | None) -> int | None:
+        from services.cores.join import Joiner, StateError
+
+        book = self.books[tp] = Joiner(self.config)
+        try:
+            book.restore(entries)
+        except StateError as err:
+            log.error("join: %s[%d]: %s; starting empty", tp[0], tp[1], err)
+            self.books[tp] = Joiner(self.config)
+        return None
+
+    def revoke(self, tp: TP) -> None:
+        self.books.pop(tp, None)
+
+    def changes(self) -> dict[TP, dict[bytes, bytes | None]]:
+        return {tp: book.changes() for tp, book in self.books.items()}
+
+    def entries(self, tp: TP) -> dict[bytes, bytes]:
+        book = self.books.get(tp)
+        return book.entries() if book else {}
+
+    def commit_offset(self, tp: TP, processed: int) -> int:
+        return processed
+
+    def hold_idle(self, now: float) -> None:
+        for book in self.books.values():
+            book.hold(now)
+
+    def process(self, batch: list[Record]) -> list[Out | Reject]:
+        from services.cores.join import TimelineInputError
+
+        out: list[Out | Reject] = []
+        now = time.time()
+        touched: set[TP] = set()
+        for rec in batch:
+            tp = (rec.topic, rec.partition)
+            book = self._book(tp)
+            touched.add(tp)
+            try:
+                if rec.key == WATERMARK_KEY:
+                    mark = self._decode_mark(rec.value or b"")
+                    book.mark(mark.source, mark.ts, mark.idle, now)
+                    continue
+                book.add(self._decode(rec.value or b""), now, fallback_source=f"{rec.topic}:{rec.partition}")
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as err:
+                out.append(Reject(rec, "bad_watermark" if rec.key == WATERMARK_KEY else "bad_timeline", str(err)[:300]))
+            except TimelineInputError as err:
+                out.append(Reject(rec, err.reason, err.detail))
+        for tp in sorted(touched):
+            out += self._chunks(self.books[tp].advance(now))
+        return out
+
+    def _chunks(self, chunks) -> list[Out]:
+        if chunks:
+            metrics.CHUNKS.inc(len(chunks))
+        topic = self.settings.chunks_topic
+        return [Out(topic, encode(c), c.entity) for c in chunks]
+
+    def tick(self, now: float) -> list[Out]:
+        out: list[Out] = []
+        for tp in sorted(self.books):
+            out += self._chunks(self.books[tp].advance(now))
+        books = list(self.books.values())
+        late, dropped = sum(b.late for b in books), sum(b.dropped for b in books)
+        if late - dropped > self._late_seen - self._dropped_seen:
+            metrics.LATE_TIMELINE.labels("yes").inc((late - dropped) - (self._late_seen - self._dropped_seen))
+        if dropped > self._dropped_seen:
+            metrics.LATE_TIMELINE.labels("no").inc(dropped - self._dropped_seen)
+        self._late_seen, self._dropped_seen = late, dropped
+        return out
+
+    def spec(self) -> StageSpec:
+        return StageSpec(self.name, [self.settings.timeline_topic], self, stateful=True, co_partitioned=True)
+
+
+# ------------------------------------------------------------------------------------------
+STAGES = {"parse": ParseStage, "sessions": SessionsStage, "feedback": FeedbackStage,
+          "assemble": AssembleStage, "join": JoinStage}
+ALL_STAGES = ("parse", "sessions", "feedback", "assemble", "join")
 
 
 def build(stage: str, settings: Settings) -> StageSpec:
