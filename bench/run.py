@@ -90,13 +90,11 @@ def machine() -> dict:
 def provide_models(data: Path) -> dict[str, Path]:
     """detector -> trained model directory: the demo's cached models (trained the demo's way when
     missing). Without ATT-GRU (its training failing) DeepLog alone, the newest cached one."""
-    from models.data import read_block_labels
     from toolkit import demo
 
-    hdfs = data / "hdfs"
     cache = REPO_ROOT / ".cache" / "demo-models"
     try:
-        return demo.train_models(data, cache, set(read_block_labels(hdfs / "HDFS_20000_block_labels.csv")))
+        return demo.train_models(data, cache)
     except Exception as err:                      # ATT-GRU is trained after DeepLog
         print(f"bench: ATT-GRU model unavailable ({type(err).__name__}: {err}); DeepLog only", file=sys.stderr)
         deeplogs = sorted(cache.glob("deeplog-*/manifest.json"), key=lambda m: m.stat().st_mtime)
@@ -577,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=default_data_dir(), help="the shared datasets directory")
     p.add_argument("--only", help=f"comma-separated sections of {','.join(SECTIONS)} (default: all)")
     p.add_argument("--lines", type=int, default=400_000, help="HDFS lines for the e2e throughput run")
-    p.add_argument("--stage-seconds", type=float, default=180.0, help="cap on the window and detect runs of e2e")
+    p.add_argument("--stage-seconds", type=float, default=180.0, help="cap on the sessions and pass-through-of-events runs of e2e")
     p.add_argument("--whole-seconds", type=float, default=300.0, help="cap on the whole-pipeline run of e2e")
     p.add_argument("--render", action="store_true", help="only rewrite BENCHMARKS.md from bench/results.json")
     args = p.parse_args(argv)
