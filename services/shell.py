@@ -553,6 +553,11 @@ class StageRunner:
                 if ready is not None and not ready():
                     # e.g. detect without a model: leave the input in Kafka until it can be judged
                     self.produce(spec.core.tick(time.time()))
+                    if exit_when_idle and time.monotonic() - self.last_input >= exit_when_idle:
+                        # a stage that has nothing to judge with is idle too (`run all
+                        # --exit-when-idle` without a trace or chunk model must still end)
+                        log.info("%s: no model and idle for %.1f s, stopping", spec.name, exit_when_idle)
+                        break
                     self.stop.wait(0.5)
                     continue
                 msgs = self.next_batch(spec.batch_size, 0.2)
