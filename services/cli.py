@@ -29,7 +29,7 @@ COMMANDS = {
     "lab": "toolkit.lab:main",
 }
 
-STAGES = ("parse", "sessions", "feedback", "all")
+STAGES = ("parse", "sessions", "detect", "feedback", "all")     # services.stages.STAGES + "all" (test_compose checks)
 DETECTORS = ("deeplog", "attgru", "novelty", "pca", "tracelstm", "anofusion", "hades")   # models.artifacts.DETECTORS
 
 

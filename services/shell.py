@@ -542,8 +542,10 @@ class StageRunner:
         if spec.broadcast_topics:
             spec.core.output_partitions({t: topic_partition_count(self.settings, t) for t in spec.broadcast_topics})
         metrics.STAGE_INFO.labels(spec.name).set(1)
-        self.consumer.subscribe(subscription(spec.topics), on_assign=self._on_assign,
-                                on_revoke=self._on_revoke, on_lost=self._on_lost)
+        # Subscribed only once the core is ready: a member that joins the group but cannot judge
+        # yet (no model) would hold partitions a ready replica could take, and a group join first
+        # served by close() fails there ("Failed to get committed offsets").
+        subscribed = False
         last_commit = last_lag = time.monotonic()
         records_in: dict[str, object] = {}       # topic -> metric child
         ready = getattr(spec.core, "ready", None)
@@ -560,6 +562,10 @@ class StageRunner:
                         break
                     self.stop.wait(0.5)
                     continue
+                if not subscribed:
+                    self.consumer.subscribe(subscription(spec.topics), on_assign=self._on_assign,
+                                            on_revoke=self._on_revoke, on_lost=self._on_lost)
+                    subscribed = True
                 msgs = self.next_batch(spec.batch_size, 0.2)
                 started = time.perf_counter()
                 batch: list[Record] = []

@@ -260,9 +260,12 @@ def test_detect_stage_through_the_broker_gives_the_offline_verdicts(datasets, ka
     from models.tracelstm import TraceLSTM
     from services.cores.parse import ParseCore
     from services.shell import StageRunner, ensure_topics
-    from tests.kafkautil import consume, produce_values
+    from confluent_kafka import Producer
+
+    from tests.kafkautil import consume
 
     limit_cpu_threads()
+    timings = {"start": time.monotonic()}
     day = datasets / "trainticket_2023-01-30"
     # TraceLSTM: trained on the 16 h traces (seconds), judged on 17 h's first 150
     tracelstm = TraceLSTM(hidden=32, embedding=16, epochs=20, lr=1e-2, device="cpu")
@@ -282,6 +285,7 @@ def test_detect_stage_through_the_broker_gives_the_offline_verdicts(datasets, ka
     chunks = list(obs.chunks(judged))
     assert any(c.logs for c in chunks) and any(e.level for c in chunks for e in c.logs)
 
+    timings["trained"] = time.monotonic()
     trace_verdicts = tracelstm.score(traces)
     chunk_verdicts = anofusion.score(chunks)
     assert 0 < sum(v.anomalous for v in trace_verdicts) < len(traces)
@@ -301,23 +305,27 @@ def test_detect_stage_through_the_broker_gives_the_offline_verdicts(datasets, ka
     thread = threading.Thread(target=runner.run, daemon=True)
     thread.start()
     try:
-        for t in traces:
-            produce_values(settings, settings.traces_topic, [encode(trace_record(t))], key=t.trace_id)
-        produce_values(settings, settings.traces_topic, [b"not a trace"], key="bad")
+        producer = Producer(settings.kafka_config() | {"enable.idempotence": True, "linger.ms": 5})
+        for t in traces:                      # keyed as the assemble stage keys them
+            producer.produce(settings.traces_topic, encode(trace_record(t)), t.trace_id)
+        producer.produce(settings.traces_topic, b"not a trace", b"bad")
         for c in chunks:
-            produce_values(settings, settings.chunks_topic, [encode(chunk_record(c))], key=c.entity)
-        produce_values(settings, settings.chunks_topic, [b'{"chunk_id": "x"}'], key="bad")
+            producer.produce(settings.chunks_topic, encode(chunk_record(c)), c.entity)
+        producer.produce(settings.chunks_topic, b'{"chunk_id": "x"}', b"bad")
+        assert producer.flush(30) == 0
+        timings["produced"] = time.monotonic()
         flagged_traces = sum(v.anomalous for v in trace_verdicts)
         deadline = time.monotonic() + 90
         while True:
-            alerts = [decode(m.value(), Alert) for m in consume(settings, settings.alerts_topic, 1, timeout=5)]
+            alerts = [decode(m.value(), Alert) for m in consume(settings, settings.alerts_topic, 1, timeout=2)]
             per_trace = {a.key: a for a in alerts if a.modality == "traces" and a.kind != "episode"}
             finals = [a for a in alerts if a.modality == "chunks" and a.status == "final"]
             opened = {a.alert_id for a in alerts if a.modality == "chunks" and a.status == "open"}
             if (len(per_trace) >= flagged_traces and opened and opened <= {a.alert_id for a in finals}) \
                     or time.monotonic() > deadline:
                 break
-            time.sleep(1.0)
+            time.sleep(0.5)
+        timings["alerts"] = time.monotonic()
         letters = [decode(m.value(), DeadLetter) for m in consume(settings, settings.deadletter_topic, 2, timeout=30)]
     finally:
         stop.set()
@@ -332,3 +340,19 @@ def test_detect_stage_through_the_broker_gives_the_offline_verdicts(datasets, ka
     assert sum(a.anomalies for a in finals) == len(expected_chunks)
     assert {a.entity for a in finals} <= {c.entity for c in chunks}
     assert sorted(d.reason for d in letters) == ["bad_chunk", "bad_trace"]
+
+
+def test_logwarden_run_detect_without_a_model_waits_then_ends_when_idle(kafka_settings, tmp_path):
+    """The compose services' command: with no model the stage leaves input in Kafka, and
+    --exit-when-idle still ends it (as `run all --exit-when-idle` needs)."""
+    import subprocess
+
+    from tests.streamutil import settings_env
+
+    settings = kafka_settings.model_copy(update={"model_dir": tmp_path / "models", "state_dir": tmp_path / "state",
+                                                 "metrics_port": 0})
+    exe = Path(os.sys.executable).with_name("logwarden")
+    done = subprocess.run([str(exe), "run", "detect", "--exit-when-idle", "2"], env=settings_env(settings),
+                          capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "no trace or chunk model" in done.stderr
