@@ -88,6 +88,7 @@ def test_trace_verdicts_are_the_detectors_and_alerts_say_what_and_where(tracelst
         assert alert.entity == trace.spans[first.position].pod
         assert alert.details["anomalies"][0]["kind"] == first.kind
         assert "concurrent_siblings" in alert.details
+        assert alert.details["threshold"]["top_k"] == tracelstm_model.top_k
     dropped, slow = per_trace
     assert dropped.kind == "structural" and "db SELECT orders" in [e.template_id for e in dropped.expected]
     assert slow.kind == "response_time"
@@ -157,7 +158,7 @@ def test_chunk_episode_is_one_alert_per_fault_with_the_deviating_channels(anofus
     assert by_step[at["shift"]].details["channels"][0]["channel"].startswith("trace:")
     threshold = anofusion_model.variants["all"].threshold
     assert all(a.details["latest"]["threshold"] == threshold for a in opened)
-    assert all(a.score > threshold for a in finals)
+    assert all(a.score > threshold and a.details["threshold"] == threshold for a in finals)
 
 
 def test_episodes_survive_a_restore_from_the_changelog_entries(anofusion_model, faulty):

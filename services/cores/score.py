@@ -173,6 +173,7 @@ class Episode(msgspec.Struct, omit_defaults=True):
     hosts: list[str] = []
     first: dict[str, Any] = {}         # the first anomaly as AlertEvent fields
     updates: int = 0
+    threshold: Any = None              # what the detector's score was held against (see _threshold)
 
 
 _episode_codec = msgspec.json.Decoder(Episode)
@@ -199,6 +200,17 @@ def _plain(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def _threshold(detector, verdict: Verdict):
+    """What a verdict was held against: a chunk detector's score threshold; for TraceLSTM its
+    structural rule (top k, probability floor) — each response-time anomaly names its own
+    per-label interval in the alert's ``anomalies``."""
+    if "threshold" in verdict.details:
+        return _plain(verdict.details["threshold"])
+    rule = {name: getattr(detector, name) for name in ("top_k", "min_probability", "rt_confidence", "alarm_rate")
+            if hasattr(detector, name)}
+    return _plain(rule) or None
 
 
 def _doubling(n: int) -> bool:
@@ -334,7 +346,7 @@ class ScoreCore:
                     metrics.SCORE_SECONDS.labels(name).observe(time.perf_counter() - started)
                 metrics.WINDOWS_SCORED.labels(name, modality[:-1]).inc(len(todo))
                 for it, verdict in zip(todo, verdicts):
-                    out += self._alerts(name, version, modality, it, verdict)
+                    out += self._alerts(name, version, modality, it, verdict, detector)
         for tp in {(rec.topic, rec.partition) for rec in batch}:
             times = [it.event_time for its in items.values() for it in its if (it.record.topic, it.record.partition) == tp]
             if times and max(times) > self.clock.get(tp, -math.inf):
@@ -351,12 +363,14 @@ class ScoreCore:
         return out
 
     # -- alerts -----------------------------------------------------------------------------
-    def _alerts(self, name: str, version: str, modality: str, it: _Item, verdict: Verdict) -> list[Out]:
+    def _alerts(self, name: str, version: str, modality: str, it: _Item, verdict: Verdict, detector) -> list[Out]:
         if not verdict.anomalous:
             return []
         out = []
+        threshold = _threshold(detector, verdict)
         if modality == "traces":
             alert = self._trace_alert(name, version, it.item, verdict)
+            alert.details["threshold"] = threshold
             metrics.ALERTS.labels(name, "final").inc()
             out.append(Out(self.alerts_topic, encode(alert), alert.alert_id, it.record))
             entity, kinds = alert.entity, sorted({a.kind for a in verdict.anomalies})
@@ -380,7 +394,7 @@ class ScoreCore:
                          entity=entity, model_version=version, first_item=it.item_id, first_time=it.event_time,
                          last_time=it.event_time, count=1, score=score, kinds=kinds,
                          items=[(it.item_id, it.event_time, score)], channels=channels, hosts=sorted(hosts),
-                         first=first)
+                         first=first, threshold=threshold)
             episodes[(name, entity)] = ep
             status = "open"
         else:
@@ -421,6 +435,7 @@ class ScoreCore:
             "episode": {"first_item": ep.first_item, "start": ep.first_time, "last": ep.last_time,
                         "anomalous_items": ep.count, "closed_by": closed_by},
             "items": [{"id": i, "event_time": t, "score": s} for i, t, s in ep.items],
+            "threshold": ep.threshold,
         }
         if ep.modality == "chunks":
             details["channels"] = [{"channel": c, "deviation": d} for c, d in top]
