@@ -357,3 +357,21 @@ def test_logwarden_run_detect_without_a_model_waits_then_ends_when_idle(kafka_se
                           capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "no trace or chunk model" in done.stderr
+
+
+def test_alerts_tail_prints_entity_diagnosis_and_threshold(tracelstm_model, anofusion_model, faulty):
+    from services.alerts import format_alert
+
+    traces = anomalous_traces()
+    core = core_with(traces=tracelstm_model)
+    [per_trace, opened] = alerts_of(core.process(records(TRACES, [encode(trace_record(traces[1]))])))
+    text = format_alert(per_trace)
+    assert "entity    auth-0  (traces)" in text
+    assert "expected db SELECT orders|" in text and "expected  db SELECT orders (" in text
+    assert "threshold" in text and "(traces, episode)" in format_alert(opened)
+    obs, steps, at = faulty
+    chunk = obs.chunk(obs.entities()[0], at["spike"])
+    [episode] = alerts_of(core_with(chunks=anofusion_model).process(records(CHUNKS, [encode(chunk_record(chunk))])))
+    text = format_alert(episode)
+    assert f"entity    {chunk.entity}  (chunks, episode)" in text
+    assert "channel   metric:CpuUsageRate(%)" in text
