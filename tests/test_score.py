@@ -375,3 +375,31 @@ def test_alerts_tail_prints_entity_diagnosis_and_threshold(tracelstm_model, anof
     text = format_alert(episode)
     assert f"entity    {chunk.entity}  (chunks, episode)" in text
     assert "channel   metric:CpuUsageRate(%)" in text
+
+
+def test_a_detector_that_raises_leaves_no_half_counted_episode(tracelstm_model):
+    """The shell gives a batch that raised again record by record: the records before the one
+    that raises must not count twice in their episode."""
+    class Picky:
+        name, modality = "tracelstm", "traces"
+
+        def score(self, items):
+            if any(t.trace_id == "poison" for t in items):
+                raise RuntimeError("cannot judge this one")
+            return tracelstm_model.score(items)
+
+    served = {"traces": {"tracelstm": ("v0001", Picky())}}
+    core = ScoreCore(lambda: served, traces_topic=TRACES, chunks_topic=CHUNKS, alerts_topic=ALERTS)
+    broken = fresh(3, seed=31, get=False, concurrent=CONCURRENT)
+    for t in broken:
+        t.spans = [s for s in t.spans if s.operation != "SELECT orders"]
+    poison = dataclasses.replace(fresh(1, seed=32)[0], trace_id="poison")
+    batch = records(TRACES, [encode(trace_record(t)) for t in [*broken, poison]])
+    with pytest.raises(RuntimeError):
+        core.process(batch)
+    outs = []
+    for rec in batch[:-1]:                   # as StageRunner.process retries them
+        outs += core.process([rec])
+    episodes = [a for a in alerts_of(outs) if a.kind == "episode"]
+    assert [(a.status, a.anomalies) for a in episodes] == [("open", 1), ("update", 2)]
+    assert core.episodes[(TRACES, 0)][("tracelstm", "auth-0")].count == 3

@@ -334,6 +334,9 @@ class ScoreCore:
                     out.append(Reject(rec, "chunk_shape", problem))
                     continue
             items[item.modality].append(item)
+        # Every verdict first, state changes after: a detector that raises leaves no episode
+        # half-updated when the shell gives the batch again record by record.
+        judged = []
         for modality, todo in items.items():
             if not todo:
                 continue
@@ -344,9 +347,11 @@ class ScoreCore:
                     started = time.perf_counter()
                     verdicts += detector.score(part)
                     metrics.SCORE_SECONDS.labels(name).observe(time.perf_counter() - started)
-                metrics.WINDOWS_SCORED.labels(name, modality[:-1]).inc(len(todo))
-                for it, verdict in zip(todo, verdicts):
-                    out += self._alerts(name, version, modality, it, verdict, detector)
+                judged.append((modality, name, version, detector, todo, verdicts))
+        for modality, name, version, detector, todo, verdicts in judged:
+            metrics.WINDOWS_SCORED.labels(name, modality[:-1]).inc(len(todo))
+            for it, verdict in zip(todo, verdicts):
+                out += self._alerts(name, version, modality, it, verdict, detector)
         for tp in {(rec.topic, rec.partition) for rec in batch}:
             times = [it.event_time for its in items.values() for it in its if (it.record.topic, it.record.partition) == tp]
             if times and max(times) > self.clock.get(tp, -math.inf):
