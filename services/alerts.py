@@ -58,8 +58,37 @@ def _key_line(k: ExpectedKey) -> str:
     return f"{k.template_id:<10} {p}{text}"
 
 
+def _format_traces_or_chunks(alert: Alert) -> str:
+    """A trace's or an entity episode's alert (the detect stage, services.cores.score)."""
+    first = alert.first_anomaly
+    episode = alert.kind == "episode"
+    items = "traces" if alert.modality == "traces" else "chunks"
+    lines = [
+        f"{_when(alert.event_time)}  {alert.severity.upper():<8}  {alert.detector} {alert.model_version}  "
+        f"{alert.status}  score {alert.score:.3f}  alert {alert.alert_id}",
+        f"  entity    {alert.entity or '-'}  ({alert.modality}{', episode' if episode else ''})",
+        f"  key       {alert.key}",
+        f"  anomaly   {alert.anomalies} anomalous {items if episode else 'span(s)'}"
+        f"{' so far' if episode and alert.status != 'final' else ''}, detected {_when(alert.detection_time)}",
+    ]
+    if alert.modality == "traces":
+        lines.append(f"  span      {first.message} (position {first.position}): {first.template}")
+        if alert.expected:
+            lines.append("  expected  " + ", ".join(f"{k.template_id} ({k.probability:.3f})" if k.probability is not None
+                                                     else k.template_id for k in alert.expected))
+    for c in alert.details.get("channels") or []:
+        lines.append(f"  channel   {c['channel']}  deviation {c['deviation']:.2f}")
+    if not alert.details.get("channels") and first.template and alert.modality == "chunks":
+        lines.append(f"  channels  {first.template}")
+    if alert.details.get("threshold") is not None:
+        lines.append(f"  threshold {json.dumps(alert.details['threshold'])}")
+    return "\n".join(lines)
+
+
 def format_alert(alert: Alert) -> str:
     """One readable block per alert (no trailing newline)."""
+    if alert.modality != "logs":
+        return _format_traces_or_chunks(alert)
     first = alert.first_anomaly
     lines = [
         f"{_when(alert.event_time)}  {alert.severity.upper():<8}  {alert.detector} {alert.model_version}  "

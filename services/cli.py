@@ -29,7 +29,7 @@ COMMANDS = {
     "lab": "toolkit.lab:main",
 }
 
-STAGES = ("parse", "sessions", "feedback", "assemble", "join", "all")
+STAGES = ("parse", "sessions", "assemble", "join", "detect", "feedback", "all")     # services.stages.STAGES + "all" (test_compose checks)
 DETECTORS = ("deeplog", "attgru", "novelty", "pca", "tracelstm", "anofusion", "hades")   # models.artifacts.DETECTORS
 
 

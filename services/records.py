@@ -397,6 +397,9 @@ class ChunkRecord(Struct, omit_defaults=True):
     metrics: dict[str, list[float | None]] = {}
     traces: list[TraceStatsRecord | None] = []
     logs: list[tuple[float, str, str]] = []     # (event time, template id, template text)
+    # The level of each log event, parallel to ``logs`` (empty: none known). AnoFusion counts
+    # WARN/ERROR lines as a channel, so a chunk without them would be judged unlike evaluation's.
+    log_levels: list[str | None] = []
 
 
 # --------------------------------------------------------------------------------------------

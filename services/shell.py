@@ -542,8 +542,10 @@ class StageRunner:
         if spec.broadcast_topics:
             spec.core.output_partitions({t: topic_partition_count(self.settings, t) for t in spec.broadcast_topics})
         metrics.STAGE_INFO.labels(spec.name).set(1)
-        self.consumer.subscribe(subscription(spec.topics), on_assign=self._on_assign,
-                                on_revoke=self._on_revoke, on_lost=self._on_lost)
+        # Subscribed only once the core is ready: a member that joins the group but cannot judge
+        # yet (no model) would hold partitions a ready replica could take, and a group join first
+        # served by close() fails there ("Failed to get committed offsets").
+        subscribed = False
         last_commit = last_lag = time.monotonic()
         records_in: dict[str, object] = {}       # topic -> metric child
         ready = getattr(spec.core, "ready", None)
@@ -553,8 +555,17 @@ class StageRunner:
                 if ready is not None and not ready():
                     # e.g. detect without a model: leave the input in Kafka until it can be judged
                     self.produce(spec.core.tick(time.time()))
+                    if exit_when_idle and time.monotonic() - self.last_input >= exit_when_idle:
+                        # a stage that has nothing to judge with is idle too (`run all
+                        # --exit-when-idle` without a trace or chunk model must still end)
+                        log.info("%s: no model and idle for %.1f s, stopping", spec.name, exit_when_idle)
+                        break
                     self.stop.wait(0.5)
                     continue
+                if not subscribed:
+                    self.consumer.subscribe(subscription(spec.topics), on_assign=self._on_assign,
+                                            on_revoke=self._on_revoke, on_lost=self._on_lost)
+                    subscribed = True
                 msgs = self.next_batch(spec.batch_size, 0.2)
                 started = time.perf_counter()
                 batch: list[Record] = []

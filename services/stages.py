@@ -4,6 +4,8 @@
     EVENTS_TOPIC                 --sessions-->  ALERTS_TOPIC   key = alert id   (DeepLog, ATT-GRU: judged in event time)
                                             --> WINDOWS_TOPIC  key = session key (closed session / time windows;
                                                                 sliding windows when LOGWARDEN_SLIDING_WINDOWS)
+    TRACES_TOPIC + CHUNKS_TOPIC  --detect-->    ALERTS_TOPIC   key = alert id   (TraceLSTM per trace, AnoFusion
+                                                                per chunk; per-entity episodes)
     FEEDBACK_TOPIC               --feedback-->  a new model version in MODEL_DIR (workers reload it)
     any bad record / output      ------------>  DEADLETTER_TOPIC (head of the bytes + size + sha256 + reason)
     SPANS_TOPIC                  --assemble-->  TRACES_TOPIC   key = trace id   (one complete trace, in event time)
@@ -798,9 +800,82 @@ class JoinStage:
 
 
 # ------------------------------------------------------------------------------------------
+# detect: traces and chunks -> alerts (the core is services.cores.score)
+SERVED_DETECTORS = ("tracelstm", "anofusion", "hades")     # detectors of traces and chunks
+
+
+class DetectStage:
+    """TRACES_TOPIC + CHUNKS_TOPIC -> ScoreCore -> ALERTS_TOPIC. The newest version of each trace
+    and chunk detector in MODEL_DIR is served (CUDA when present) and reloaded when a newer one
+    appears; open episodes are partition state in the stage's changelog."""
+    name = "detect"
+
+    def __init__(self, settings: Settings):
+        from services.cores.detect import ModelSet
+        from services.cores.score import DEAD_LETTER_REASONS, ScoreCore
+
+        self.settings = settings
+        self.dead_letter_reasons = DEAD_LETTER_REASONS
+        self.models = ModelSet(settings.model_dir, settings.device, modality=None, detectors=SERVED_DETECTORS)
+        self.models.refresh()
+        if not self.models.loaded:
+            log.warning("detect: no trace or chunk model in %s yet: records wait in Kafka until one appears",
+                        settings.model_dir)
+        self._served: dict[str, dict] = {}
+        self._group()
+        self.core = ScoreCore(lambda: self._served, traces_topic=settings.traces_topic,
+                              chunks_topic=settings.chunks_topic, alerts_topic=settings.alerts_topic,
+                              batch_size=settings.detect_batch)
+        self._last_reload = time.monotonic()
+
+    def _group(self) -> None:
+        served: dict[str, dict] = {}
+        for name, (version, detector) in self.models.loaded.items():
+            served.setdefault(getattr(detector, "modality", "logs"), {})[name] = (version, detector)
+        self._served = served
+
+    def ready(self) -> bool:
+        return bool(self.models.loaded)
+
+    # the shell's StatefulCore calls, passed to the core
+    def assign(self, tp, entries, committed):
+        return self.core.assign(tp, entries, committed)
+
+    def revoke(self, tp) -> None:
+        self.core.revoke(tp)
+
+    def changes(self):
+        return self.core.changes()
+
+    def entries(self, tp):
+        return self.core.entries(tp)
+
+    def commit_offset(self, tp, processed: int) -> int:
+        return self.core.commit_offset(tp, processed)
+
+    def process(self, batch: list[Record]) -> list[Out | Reject]:
+        return self.core.process(batch)
+
+    def tick(self, now: float) -> list[Out]:
+        if time.monotonic() - self._last_reload >= self.settings.reload_check_s:
+            self._last_reload = time.monotonic()
+            if self.models.refresh():
+                self._group()
+        return self.core.tick(now)
+
+    def close(self) -> None:
+        self.models.close()
+
+    def spec(self) -> StageSpec:
+        return StageSpec(self.name, [self.settings.traces_topic, self.settings.chunks_topic], self, stateful=True,
+                         co_partitioned=False, batch_size=self.settings.detect_batch * 4)
+
+
+# ------------------------------------------------------------------------------------------
 STAGES = {"parse": ParseStage, "sessions": SessionsStage, "feedback": FeedbackStage,
-          "assemble": AssembleStage, "join": JoinStage}
-ALL_STAGES = ("parse", "sessions", "feedback", "assemble", "join")
+          "assemble": AssembleStage, "join": JoinStage, "detect": DetectStage}
+# in the order of the dataflow: `run all` starts them so
+ALL_STAGES = ("parse", "sessions", "assemble", "join", "detect", "feedback")
 
 
 def build(stage: str, settings: Settings) -> StageSpec:

@@ -276,6 +276,20 @@ def test_stages_wait_for_topics_and_detect_has_both_devices():
     assert "deploy" not in cpu
 
 
+def test_every_stage_service_runs_a_stage_logwarden_has():
+    """`logwarden run NAME` in compose must name a stage of services.stages (detect included: its
+    services read traces and chunks with the detect user's ACLs)."""
+    named = {name: stack.stage_of(s["command"]) for name, s in stage_services().items()}
+    assert {"parse", "sessions", "detect", "feedback"} <= set(named.values())
+    for name, stage in named.items():
+        assert stage == "all" or stage in stages.STAGES, f"{name} runs unknown stage {stage!r}"
+    for name in ("detect", "detect-cpu"):
+        assert environment(services()[name])["LOGWARDEN_SASL_USERNAME"] == "detect"
+    assert set(stages.ALL_STAGES) == set(stages.STAGES)
+    from services import cli
+    assert set(cli.STAGES) == set(stages.STAGES) | {"all"}, "`logwarden run` must accept every stage"
+
+
 def test_hadoop_cluster_roles():
     commands = [tuple(s["command"]) for s in services().values() if s.get("image") == "${HADOOP_IMAGE}"]
     assert commands.count(("hdfs", "namenode")) == 1

@@ -261,3 +261,41 @@ def test_security_init_sets_exactly_the_plan_and_says_which_password_is_missing(
     listed = cli(admin, "security", "acls")
     assert listed.returncode == 0
     assert f"User:operator\tWRITE\tTOPIC LITERAL {names.feedback_topic}" in listed.stdout.splitlines()
+
+
+@pytest.mark.slow
+def test_the_detect_stage_runs_as_detect_from_traces_to_alerts(secure, tmp_path):
+    """The detect user's ACLs grant the detect stage all it needs: read traces and chunks, its
+    group, changelog and restore group, write alerts and dead letters."""
+    from models import artifacts
+    from services.cores.score import trace_record
+    from services.records import Alert, DeadLetter, encode
+    from tests.test_tracelstm import fresh, train
+    from tests.tracegrammar import CONCURRENT
+
+    model = train()
+    model.save(tmp_path / "tracelstm")
+    artifacts.publish(tmp_path / "tracelstm", tmp_path / "models")
+    broken = fresh(1, seed=41, get=False, concurrent=CONCURRENT)[0]
+    broken.spans = [s for s in broken.spans if s.operation != "SELECT orders"]
+    assert model.score([broken])[0].anomalous
+    admin = as_admin(*secure)
+    producer = Producer(admin.kafka_config() | {"enable.idempotence": True})
+    producer.produce(admin.traces_topic, encode(trace_record(broken)), broken.trace_id)
+    producer.produce(admin.traces_topic, b"not a trace", b"bad")
+    assert producer.flush(30) == 0
+    stop = threading.Event()
+    settings = as_user(secure, "detect").model_copy(update={
+        "state_dir": tmp_path / "detect", "model_dir": tmp_path / "models", "device": "cpu"})
+    runner = threading.Thread(target=stages.run, args=(["detect"], settings), kwargs={"stop": stop})
+    runner.start()
+    try:
+        def alerts() -> list[Alert]:
+            return [decode(m.value(), Alert) for m in consume(admin, admin.alerts_topic, 10**6, 1)]
+        wait_until(lambda: any(a.key == broken.trace_id for a in alerts()), 90, every=1, what="the trace's alert")
+        letters = [decode(m.value(), DeadLetter) for m in consume(admin, admin.deadletter_topic, 1, 30)]
+    finally:
+        stop.set()
+        runner.join(60)
+    assert [d.reason for d in letters if d.stage == "detect"] == ["bad_trace"]
+    assert not runner.is_alive()
