@@ -368,7 +368,11 @@ class OtlpCore:
             self.parse_core = ParseCore()
         parse = self.parse_core.parse
         by_entity: dict[str, LogSample] = {}
-        for index, line in enumerate(log_lines(request)):
+        # Parsed in (time, entity, body) order, as models.chunks parses a data directory's logs:
+        # drain's mined templates depend on the order it sees lines in, so a replay in event
+        # time gives the templates the reference gives.
+        lines = sorted(log_lines(request), key=lambda l: (l.time_ns, l.entity, l.body))
+        for index, line in enumerate(lines):
             ts = line.time_ns / 1e9
             origin = Source(host=line.entity, topic=rec.topic, partition=rec.partition, offset=rec.offset,
                             file_path=f"otlp:{line.entity}", file_offset=index)
@@ -384,10 +388,7 @@ class OtlpCore:
             sample.events.append((ts, event.template_id))
             sample.templates[event.template_id] = event.template
             self.counters.logs += 1
-        samples = [by_entity[e] for e in sorted(by_entity)]
-        for sample in samples:
-            sample.events.sort()
-        return samples
+        return [by_entity[e] for e in sorted(by_entity)]
 
     def tick(self, now: float) -> list[Out]:
         return []
