@@ -106,9 +106,9 @@ def measure_signal(bootstrap: str, signal: str, traces: list[Path], metric_dir: 
         "items": items, "kafka_records": sum(counts.messages.values()), "output_records": decoded["records"],
         "replay": {unit: round(items / replay_s), "seconds": round(replay_s, 2)},
         "passthrough": {unit: round(pass_rate) if pass_rate else None, "records": passed["records"],
-                        "cpu_s": round(pass_cpu, 2), f"{unit}_per_cpu": round(items / pass_cpu) if pass_cpu else None},
+                        "cpu_s": round(pass_cpu, 2), unit.replace("_per_s", "_per_cpu_s"): round(items / pass_cpu) if pass_cpu else None},
         "otlp": {unit: round(otlp_rate) if otlp_rate else None, "cpu_s": round(otlp_cpu, 2),
-                 f"{unit}_per_cpu": round(items / otlp_cpu) if otlp_cpu else None},
+                 unit.replace("_per_s", "_per_cpu_s"): round(items / otlp_cpu) if otlp_cpu else None},
         "otlp_vs_passthrough": round(pass_rate / otlp_rate, 2) if pass_rate and otlp_rate else None,
         "otlp_vs_passthrough_cpu": round(otlp_cpu / pass_cpu, 2) if pass_cpu else None,
     }

@@ -150,3 +150,19 @@ def test_replay_arguments_are_checked_in_one_line(tmp_path):
     assert "--host" in fails("some.log")
     assert "go with --traces" in fails("some.log", "--host", "h", "--fast")
     assert "not a directory" in fails("--metrics", str(tmp_path / "nope"))
+
+
+def test_the_otlp_stage_is_registered_with_its_topics_and_reasons(tmp_path):
+    from services.cores.otlp import DEAD_LETTER_REASONS
+    from services.settings import Settings
+
+    settings = Settings(kafka_bootstrap="127.0.0.1:1", state_dir=tmp_path)
+    assert "otlp" in stages.STAGES and "otlp" in stages.ALL_STAGES
+    spec = stages.build("otlp", settings)
+    assert spec.name == "otlp"
+    assert spec.topics == [settings.otlp_spans_topic, settings.otlp_metrics_topic, settings.otlp_logs_topic]
+    assert set(spec.dead_letter_reasons) == set(DEAD_LETTER_REASONS)
+    assert spec.core.core.spans_topic == settings.spans_topic
+    assert spec.core.core.timeline_topic == settings.timeline_topic
+    for topic in ("OTLP_SPANS_TOPIC", "OTLP_METRICS_TOPIC", "OTLP_LOGS_TOPIC"):
+        assert f"{topic}" in stages.__doc__ and "--otlp-" in stages.__doc__
