@@ -335,3 +335,31 @@ def test_writer_batches_like_the_batch_processor(minute):
         ids = {s.trace_id.hex() for rs in ExportTraceServiceRequest.FromString(value).resource_spans
                for s in rs.scope_spans[0].spans}
         assert ids == {key.decode()}
+
+
+def test_speed_paces_batches_by_event_time_and_fast_does_not():
+    import time as _time
+
+    class Sink:
+        def __init__(self):
+            self.at = []
+
+        def produce(self, topic, value, key):
+            self.at.append(_time.monotonic())
+
+        def poll(self, timeout):
+            return 0
+
+    from services.settings import Settings
+    settings = Settings(kafka_bootstrap="127.0.0.1:1")
+    rows = [SpanRow(TRACE_ID, f"{i + 1:016x}", None, "p", "op", T0 + i * 10**9 // 2, T0 + i * 10**9 // 2 + 1)
+            for i in range(5)]                       # one span every 0.5 s of event time: 2 s in all
+    for speed, low, high in ((10.0, 0.18, 1.0), (None, 0.0, 0.1)):
+        sink = Sink()
+        writer = otlp_replay.OtlpWriter(sink, settings, pacer=otlp_replay.Pacer(speed))
+        started = _time.monotonic()
+        for row in rows:
+            writer.add(row.end_ns / 1e9, "spans", row)
+        writer.close()
+        assert len(sink.at) == 5                     # 0.5 s apart > the 200 ms batch timeout: 5 batches
+        assert low <= sink.at[-1] - started <= high, (speed, sink.at[-1] - started)
