@@ -363,3 +363,13 @@ def test_speed_paces_batches_by_event_time_and_fast_does_not():
         writer.close()
         assert len(sink.at) == 5                     # 0.5 s apart > the 200 ms batch timeout: 5 batches
         assert low <= sink.at[-1] - started <= high, (speed, sink.at[-1] - started)
+
+
+def test_log_records_without_a_valid_time_are_left_out_and_counted(datasets):
+    paths = [datasets / "trainticket_2023-01-30" / "log" / "12_00_log.csv.gz",
+             datasets / "trainticket_2023-01-30" / "log" / "12_01_log.csv.gz"]
+    counts = otlp_replay.ReplayCounts()
+    events = otlp_replay.log_records(paths, counts)
+    assert counts.bad_time_logs > 0
+    assert len(events) + counts.bad_time_logs == sum(1 for _ in read_logs(paths))
+    log_request([e[2] for e in events])          # every time left fits OTLP's unsigned nanoseconds

@@ -14,7 +14,8 @@ What a collector would write, and what this copies:
     (``CpuUsageRate(%)``...), so the channels on the timeline are the CSV's, as models.chunks
     reads them. front_service.csv (the gateway's view, no pod) is skipped, as there.
   * Logs as OTLP log records: body = the container's line (inside Docker's JSON),
-    time_unix_nano = observed_time_unix_nano = TimeUnixNano, the record's trace and span ids.
+    time_unix_nano = observed_time_unix_nano = TimeUnixNano, the record's trace and span ids;
+    a record whose TimeUnixNano is no time is left out and counted (log_records).
   * Batching as the batch processor's defaults do it: per signal, items are sent once 8192 have
     gathered or 200 ms (of event time) after the first of them; one batch is one export request
     with one ResourceX per pod, and one Kafka record (the exporter's default: no key; with
@@ -59,6 +60,7 @@ BATCH_SIZE = 8192            # the batch processor's send_batch_size default
 BATCH_TIMEOUT_S = 0.2        # and its timeout default
 ENCODINGS = ("otlp_proto", "otlp_json")
 NO_RECORDED_VALUE = 1
+MIN_TIME_S, MAX_TIME_S = 946_684_800, 4_102_444_800     # services.cores.otlp's bounds (2000-2100)
 
 
 @dataclass(slots=True)
@@ -87,6 +89,7 @@ class ReplayCounts:
     logs: int = 0
     messages: dict[str, int] = field(default_factory=lambda: {"spans": 0, "metrics": 0, "logs": 0})
     late_spans: int = 0
+    bad_time_logs: int = 0                 # log records whose time is no time: left out
     first_time: float | None = None
     last_time: float | None = None
 
@@ -251,10 +254,22 @@ def metric_rows(metric_dir: Path) -> list[tuple[float, str, MetricRow]]:
     return events
 
 
-def log_records(paths: list[Path]) -> list[tuple[float, str, object]]:
+def log_records(paths: list[Path], counts: ReplayCounts | None = None) -> list[tuple[float, str, object]]:
+    """(time, "logs", record) by (time, pod, line). Records whose TimeUnixNano is no time (79 of
+    2023-01-30's, all ERROR lines of one pod at 12:01, carry Go's zero time.Time as
+    -6795364578871345152) are left out and counted in ``bad_time_logs``: OTLP's times are unsigned,
+    and models.chunks, timing them by the same field, puts them in no chunk either."""
     from models.microservices import read_logs
 
-    records = sorted(read_logs(paths), key=lambda r: (r.timestamp, r.pod, r.message))
+    records, bad = [], 0
+    for r in read_logs(paths):
+        if MIN_TIME_S <= r.timestamp <= MAX_TIME_S:
+            records.append(r)
+        else:
+            bad += 1
+    if counts is not None:
+        counts.bad_time_logs += bad
+    records.sort(key=lambda r: (r.timestamp, r.pod, r.message))
     return [(r.timestamp, "logs", r) for r in records]
 
 
@@ -266,7 +281,7 @@ def timeline(traces: list[Path], metrics: Path | None, logs: list[Path],
     if metrics is not None:
         streams.append(metric_rows(metrics))
     if logs:
-        streams.append(log_records(logs))
+        streams.append(log_records(logs, counts))
     return heapq.merge(*streams, key=lambda e: e[0])
 
 
@@ -406,6 +421,8 @@ def replay_otlp(settings: Settings, traces: Iterable[str | Path] = (), metrics: 
     finally:
         if bar is not None:
             bar.close()
+    if counts.bad_time_logs:
+        log.warning("replay: %d log records have no valid TimeUnixNano; left out", counts.bad_time_logs)
     if counts.late_spans:
         log.warning("replay: %d spans ended before spans already sent (trace files out of time order)",
                     counts.late_spans)

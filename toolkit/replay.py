@@ -537,5 +537,7 @@ def _main_otlp(args) -> int:
     m = counts.messages
     print(f"replay: {counts.spans} spans, {counts.metric_points} metric points ({counts.metric_rows} rows), "
           f"{counts.logs} log records in {m['spans'] + m['metrics'] + m['logs']} OTLP records "
-          f"({args.encoding}) in {elapsed:.1f} s", file=sys.stderr)
+          f"({args.encoding}) in {elapsed:.1f} s"
+          + (f"; {counts.bad_time_logs} log records without a valid time left out" if counts.bad_time_logs else ""),
+          file=sys.stderr)
     return 0
