@@ -113,7 +113,10 @@ class Settings(BaseSettings):
     allowed_lateness_s: float = Field(
         2.0, ge=0, description="event-time disorder tolerated: an event is judged once every active host's log has passed its time by this much")
     host_idle_s: float = Field(30.0, gt=0, description="a source (a host's logs-topic partition) silent this long (wall clock) no longer holds the watermark back")
-    source_idle_s: float = Field(1.0, gt=0, description="parse reports a source idle once it has had no line for this long (its position at the end)")
+    # Longer than a shipper's normal silence: Filebeat checks a quiet file again only after its
+    # backoff (backoff.max, 10 s by default), so a host can be silent 10 s and then send lines of
+    # those 10 s; called idle sooner, those lines would come after the watermark (late).
+    source_idle_s: float = Field(15.0, gt=0, description="parse reports a source idle once it has had no line for this long (its position at the end); more than Filebeat's backoff.max (10 s)")
     outage_grace_s: float = Field(15.0, ge=0, description="after a broker outage, parse calls no source idle for this long (shippers reconnect with backoff)")
     watermark_grace_s: float = Field(2.0, ge=0, description="after a partition's first event (or a restore) its watermark waits this long (wall clock) for every host to show up")
     reorder_max_events: int = Field(100_000, ge=1, description="events a partition holds for reordering; past it the oldest are judged early")

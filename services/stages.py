@@ -231,6 +231,7 @@ class ParseStage:
         return out
 
     WATERMARK_EVERY_S = 0.02     # a source's progress is sent at most this often
+    EMPTY_SIBLING_IDLE_S = 1.0   # an empty partition of a topic whose host ships (_watermarks)
 
     def at_end(self, tp: TP) -> None:
         """The shell read ``tp`` to its end: the source may fall idle now (not while it has a
@@ -258,12 +259,19 @@ class ParseStage:
         out: list[Out] = []
         idle_after = self.settings.source_idle_s
         held = mono < self._idle_held_until
+        # A host's shipper keys its records by file (Filebeat), so most partitions of its topic
+        # never get a line: a partition with nothing while a sibling has lines is not a shipper
+        # in backoff, and waits only EMPTY_SIBLING_IDLE_S (not source_idle_s) before it stops
+        # holding the watermark back. A topic with no line at all waits the full source_idle_s:
+        # its host may just be starting.
+        shipping = {topic for (topic, _), state in self._sources.items() if state[0] is not None}
         for (topic, partition), state in self._sources.items():
             ts, last_line, sent, pending, idle, at_end = state
+            quiet_for = idle_after if ts is not None or topic not in shipping else self.EMPTY_SIBLING_IDLE_S
             if pending and mono - sent >= self.WATERMARK_EVERY_S:
                 mark = Watermark(source=f"{topic}:{partition}", ts=ts)
                 state[2], state[3] = mono, False
-            elif not pending and not idle and at_end and not held and mono - last_line >= idle_after:
+            elif not pending and not idle and at_end and not held and mono - last_line >= quiet_for:
                 mark = Watermark(source=f"{topic}:{partition}", ts=ts, idle=True)
                 state[4] = True
             else:

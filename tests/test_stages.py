@@ -139,6 +139,27 @@ def test_parse_announces_a_source_when_assigned_and_reports_it_idle(tmp_path, mo
     assert stage.tick(0.0) == []
 
 
+def test_an_empty_partition_beside_a_shipping_one_stops_holding_the_watermark_soon(tmp_path, monkeypatch):
+    """Filebeat keys a host's records by file, so most partitions of its topic stay empty: they
+    must not hold the watermark back for source_idle_s (a shipper's backoff), while a topic with
+    no line at all still does (its host may be starting)."""
+    from services.settings import load_settings
+
+    monkeypatch.setattr(ParseStage, "EMPTY_SIBLING_IDLE_S", 0.3)
+    settings = load_settings(kafka_bootstrap="127.0.0.1:9", state_dir=tmp_path, source_idle_s=30.0)
+    stage = ParseStage(settings)
+    stage.output_partitions({settings.events_topic: 1})
+    for tp in (("logs.dn1", 0), ("logs.dn1", 1), ("logs.dn2", 0)):
+        stage.assign(tp, {}, None)
+        stage.at_end(tp)
+    stage.process([Record("logs.dn1", 0, 0, None, filebeat(0), 1000)])
+    stage.at_end(("logs.dn1", 0))
+    stage.tick(0.0)
+    time.sleep(0.4)
+    idle = [decode(o.value, Watermark).source for o in stage.tick(0.0) if decode(o.value, Watermark).idle]
+    assert idle == ["logs.dn1:1"]       # dn1:0 has lines (30 s), dn2 has none anywhere (30 s)
+
+
 def test_parse_calls_no_source_idle_while_the_broker_is_away_and_just_after(tmp_path):
     """A broker outage is not silence: every shipper reconnects with backoff, and a host called
     idle before its shipper is back would have its backlog late for every session it touches."""

@@ -402,6 +402,10 @@ class SessionBook:
             out += self._apply(entry)
         if limit != math.inf and limit > self._watermark:
             self._watermark = limit
+        if not buffer and len(self._buffered_offsets) == 0:
+            # A set keeps its largest table when emptied: after a burst (a backlog, a restore)
+            # the two would hold megabytes for good. Fresh ones cost nothing when small.
+            self._buffered_ids, self._buffered_offsets = set(), set()
         out += self._close_expired()
         return out
 
