@@ -9,9 +9,9 @@ Input: TrainTicket 2023-01-30 (``trainticket_2023-01-30/``): the trace files of 
 
   replay      `logwarden replay --fast` (toolkit.otlp_replay.replay_otlp, otlp_proto, batched as
               the Collector's batch processor): items / wall time until every record is acked;
-  passthrough a stage (the same shell, services.shell.StageRunner) whose core copies each input
-              record to an output topic unchanged: the cost of consuming and producing the same
-              Kafka records with no decoding;
+  passthrough bench.passthrough's pass-through core in the same shell (services.shell.StageRunner):
+              each input record to an output topic unchanged, the cost of consuming and producing
+              the same Kafka records with no decoding;
   otlp        the otlp stage (services.stages.OtlpStage) on the same input topic.
 
 A stage's rate is items / (last - first Kafka CreateTime of its output records): start-up and the
@@ -33,22 +33,8 @@ import uuid
 from pathlib import Path
 
 from bench.e2e_bench import create_time_span
-from services.shell import Out, Record, StageRunner, StageSpec
-
-
-class PassThrough:
-    """Copies every record to ``topic`` unchanged: the shell's own cost."""
-    name = "passthrough"
-
-    def __init__(self, topic: str):
-        self.topic = topic
-
-    def process(self, batch: list[Record]) -> list[Out]:
-        topic = self.topic
-        return [Out(topic, rec.value, rec.key, rec) for rec in batch]
-
-    def tick(self, now: float) -> list[Out]:
-        return []
+from bench.passthrough import PassThroughCore
+from services.shell import StageRunner, StageSpec
 
 
 def _settings(bootstrap: str, run_id: str):
@@ -94,7 +80,8 @@ def measure_signal(bootstrap: str, signal: str, traces: list[Path], metric_dir: 
     conf = settings.kafka_config()
 
     passthrough_topic = f"{settings.group_prefix}.passthrough"
-    pass_cpu = _run_stage(settings, StageSpec("passthrough", [source], PassThrough(passthrough_topic), batch_size=200))
+    pass_cpu = _run_stage(settings, StageSpec("passthrough", [source], PassThroughCore("passthrough", passthrough_topic),
+                                                 batch_size=200))
     passed = create_time_span(conf, passthrough_topic)
 
     otlp_cpu = _run_stage(settings, stages.build("otlp", settings))
