@@ -42,7 +42,10 @@ What comes out:
            ``observed_time_unix_nano``): the clock of the collector's record, not the line's
            own (TrainTicket's lines carry UTC+8 times without a date). A body the parse core
            rejects (e.g. no header where one is required) is skipped and counted
-           (``skipped_logs``); an empty body is skipped.
+           (``skipped_logs``); an empty body is skipped. Mined template ids depend on the order
+           drain sees lines in: read in event time (one logs partition, records in time order,
+           as the replay writes them) they equal models.chunks' for the same data; spread over
+           partitions, a few differ (a test measured 86-90% the same on the fault-free minute).
 
 The entity (OpenTelemetry's resource semantic conventions, most specific first):
 ``k8s.pod.name``, else ``host.name``, else ``service.instance.id``, else the service itself. The
