@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 SECTION = "otlp"
-HOURS = ("11",)
-COMMAND = "python -m bench.otlp_bench --data ../shared/datasets --hours 11"
+HOURS = ("11", "12")
+COMMAND = "python -m bench.otlp_bench --data ../shared/datasets --hours 11 12"
 
 
 def _flat(prefix: str, tree) -> dict:

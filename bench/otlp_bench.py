@@ -60,6 +60,21 @@ def _run_stage(settings, spec: StageSpec, idle_s: float = 3.0) -> float:
     return time.process_time() - started
 
 
+def _span(conf: dict, topic: str, tries: int = 10) -> dict:
+    """create_time_span, waiting out a fresh topic's leader election (NOT_LEADER_FOR_PARTITION
+    on a broker started for the run)."""
+    from confluent_kafka import KafkaException
+
+    for attempt in range(tries):
+        try:
+            return create_time_span(conf, topic)
+        except KafkaException:
+            if attempt == tries - 1:
+                raise
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
+
+
 def _rate(items: int, span: dict) -> float | None:
     if span["first_ms"] is None or span["last_ms"] <= span["first_ms"]:
         return None
@@ -80,13 +95,15 @@ def measure_signal(bootstrap: str, signal: str, traces: list[Path], metric_dir: 
     conf = settings.kafka_config()
 
     passthrough_topic = f"{settings.group_prefix}.passthrough"
+    from services.shell import ensure_topics
+    ensure_topics(settings, extra=[passthrough_topic])      # not auto-created mid-run
     pass_cpu = _run_stage(settings, StageSpec("passthrough", [source], PassThroughCore("passthrough", passthrough_topic),
                                                  batch_size=200))
-    passed = create_time_span(conf, passthrough_topic)
+    passed = _span(conf, passthrough_topic)
 
     otlp_cpu = _run_stage(settings, stages.build("otlp", settings))
     output = settings.spans_topic if signal == "spans" else settings.timeline_topic
-    decoded = create_time_span(conf, output)
+    decoded = _span(conf, output)
     pass_rate, otlp_rate = _rate(items, passed), _rate(items, decoded)
     unit = "spans_per_s" if signal == "spans" else "points_per_s"
     return {
