@@ -29,7 +29,7 @@ COMMANDS = {
     "lab": "toolkit.lab:main",
 }
 
-STAGES = ("parse", "sessions", "assemble", "join", "detect", "feedback", "all")     # services.stages.STAGES + "all" (test_compose checks)
+STAGES = ("parse", "sessions", "otlp", "assemble", "join", "detect", "feedback", "all")     # services.stages.STAGES + "all" (test_compose checks)
 DETECTORS = ("deeplog", "attgru", "novelty", "pca", "tracelstm", "anofusion", "hades")   # models.artifacts.DETECTORS
 
 
@@ -65,9 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
-    s = sub.add_parser("replay", help="produce log files to logs.<host> as Filebeat would")
-    s.add_argument("files", nargs="+", metavar="FILE")
-    s.add_argument("--host", required=True, help="host name: records go to logs.<host>")
+    s = sub.add_parser("replay", help="produce log files to logs.<host> as Filebeat would, or "
+                                      "TrainTicket CSVs to the otlp_* topics as an OpenTelemetry Collector would")
+    s.add_argument("files", nargs="*", metavar="FILE", help="log files (Filebeat replay, with --host)")
+    s.add_argument("--host", help="host name: records go to logs.<host>")
+    s.add_argument("--traces", nargs="+", metavar="FILE_OR_DIR", help="TrainTicket trace CSVs (plain or .gz) as OTLP spans")
+    s.add_argument("--metrics", metavar="DIR", help="TrainTicket metric/ folder as OTLP gauges per pod")
+    s.add_argument("--logs", nargs="+", metavar="FILE_OR_DIR", help="TrainTicket log CSVs as OTLP log records")
+    pace = s.add_mutually_exclusive_group()
+    pace.add_argument("--speed", type=_positive(float), help="OTLP replay: event time runs S times as fast (default 1)")
+    pace.add_argument("--fast", action="store_true", help="OTLP replay: as fast as the broker takes it")
+    s.add_argument("--encoding", choices=("otlp_proto", "otlp_json"), default="otlp_proto",
+                   help="the Kafka exporter's encoding (default otlp_proto)")
+    s.add_argument("--by-trace-id", action="store_true",
+                   help="one record per trace keyed by its id (the exporter's partition_traces_by_id)")
     s.add_argument("--rate", type=_positive(float), help="lines per second (default: as fast as possible)")
     s.add_argument("--follow", action="store_true", help="keep reading appended lines, like tail -F")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")

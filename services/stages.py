@@ -1,16 +1,23 @@
 """The dataflow, in one place: which topic feeds which stage and what comes out.
 
-    logs.<host>  (LOGS_PATTERN)  --parse-->     EVENTS_TOPIC   key = session key (blk_..., application_..., else host)
+  logs
+    logs.<host>  (LOGS_PATTERN)  --parse-->     EVENTS_TOPIC   key = session key (blk_..., application_..., else host);
+                                                               + a Watermark per source to every partition
     EVENTS_TOPIC                 --sessions-->  ALERTS_TOPIC   key = alert id   (DeepLog, ATT-GRU: judged in event time)
                                             --> WINDOWS_TOPIC  key = session key (closed session / time windows;
                                                                 sliding windows when LOGWARDEN_SLIDING_WINDOWS)
-    TRACES_TOPIC + CHUNKS_TOPIC  --detect-->    ALERTS_TOPIC   key = alert id   (TraceLSTM per trace, AnoFusion
-                                                                per chunk; per-entity episodes)
-    FEEDBACK_TOPIC               --feedback-->  a new model version in MODEL_DIR (workers reload it)
-    any bad record / output      ------------>  DEADLETTER_TOPIC (head of the bytes + size + sha256 + reason)
+  traces, metrics, logs of services (the Collector's Kafka exporter, otlp_proto or otlp_json)
+    OTLP_SPANS_TOPIC             --otlp------>  SPANS_TOPIC    key = trace id   (SpanGroup: a record's spans of one trace)
+    OTLP_METRICS_TOPIC           --otlp------>  TIMELINE_TOPIC key = entity     (MetricSample per pod / host and time)
+    OTLP_LOGS_TOPIC              --otlp------>  TIMELINE_TOPIC key = entity     (LogSample: template ids by the parse core)
     SPANS_TOPIC                  --assemble-->  TRACES_TOPIC   key = trace id   (one complete trace, in event time)
                                             --> TIMELINE_TOPIC key = entity     (TraceSample per pod and step; Watermark)
     TIMELINE_TOPIC               --join------>  CHUNKS_TOPIC   key = entity     (ChunkRecord per entity and step)
+    TRACES_TOPIC + CHUNKS_TOPIC  --detect-->    ALERTS_TOPIC   key = alert id   (TraceLSTM per trace, AnoFusion
+                                                                per chunk; per-entity episodes)
+  every modality
+    FEEDBACK_TOPIC               --feedback-->  a new model version in MODEL_DIR (workers reload it)
+    any bad record / output      ------------>  DEADLETTER_TOPIC (head of the bytes + size + sha256 + reason)
     every stateful stage         <----------->  <group>-changelog (compacted): its partition state
 
 A log line crosses the broker once after parsing: the sessions stage keeps each open session's
@@ -18,7 +25,7 @@ events (and so the h keys DeepLog judges the next one from) as partition state, 
 event as the watermark releases it, in event-time order.
 
 Each stage below is a thin adapter from a batch of Kafka `Record`s to a pure core
-(services.cores: parse, dedup, sessions, detect, feedback), run by the one shell
+(services.cores: parse, dedup, sessions, detect, otlp, traces, join, score, feedback), run by the one shell
 (services.shell). `logwarden run all` runs every stage in one process, each in its own thread
 with its own consumer group member.
 """
@@ -871,11 +878,63 @@ class DetectStage:
                          co_partitioned=False, batch_size=self.settings.detect_batch * 4)
 
 
+# otlp: the OpenTelemetry Collector's Kafka exporter records -> spans (by trace id) and the
+# per-entity timeline (services.cores.otlp says what is decoded and how)
+class OtlpStage:
+    name = "otlp"
+
+    def __init__(self, settings: Settings):
+        from services.cores.otlp import DEAD_LETTER_REASONS, OtlpCore
+        from services.cores.parse import ParseConfig, ParseCore, ParseStateError, load_catalog
+
+        self.settings = settings
+        self.dead_letter_reasons = DEAD_LETTER_REASONS
+        # The log bodies get the parse stage's templates: its configuration and catalog, and
+        # its own miner saved locally (template ids come from template text, as in parse).
+        catalog = load_catalog(settings.template_catalog) if settings.template_catalog else None
+        parse_core = ParseCore(ParseConfig.load(settings.parse_config), catalog=catalog,
+                               frozen=settings.freeze_templates)
+        replica = settings.instance_id or socket.gethostname()
+        self.miner_path = Path(settings.state_dir) / "otlp" / f"{settings.group('otlp')}-{replica}.miner"
+        saved = checkpoint.load(self.miner_path)
+        if saved:
+            try:
+                parse_core.restore(saved[0])
+            except ParseStateError as err:
+                log.warning("otlp: discarding the saved miner (%s)", err)
+        self.core = OtlpCore({settings.otlp_spans_topic: "spans", settings.otlp_metrics_topic: "metrics",
+                              settings.otlp_logs_topic: "logs"}, settings.spans_topic, settings.timeline_topic,
+                             parse_core)
+        self._last_miner_save = time.monotonic()
+        self._logs_seen = 0
+
+    def process(self, batch: list[Record]) -> list[Out | Reject]:
+        return self.core.process(batch)
+
+    def tick(self, now: float) -> list[Out]:
+        if self.core.counters.logs != self._logs_seen and time.monotonic() - self._last_miner_save >= PARSE_CHECKPOINT_S:
+            self._save_miner()
+        return []
+
+    def _save_miner(self) -> None:
+        checkpoint.save(self.miner_path, self.core.parse_core.snapshot(), {})
+        self._last_miner_save, self._logs_seen = time.monotonic(), self.core.counters.logs
+
+    def close(self) -> None:
+        if self.core.counters.logs:
+            self._save_miner()
+
+    def spec(self) -> StageSpec:
+        s = self.settings
+        return StageSpec(self.name, [s.otlp_spans_topic, s.otlp_metrics_topic, s.otlp_logs_topic], self,
+                         batch_size=200, dead_letter_reasons=self.dead_letter_reasons)
+
+
 # ------------------------------------------------------------------------------------------
-STAGES = {"parse": ParseStage, "sessions": SessionsStage, "feedback": FeedbackStage,
+STAGES = {"parse": ParseStage, "sessions": SessionsStage, "feedback": FeedbackStage, "otlp": OtlpStage,
           "assemble": AssembleStage, "join": JoinStage, "detect": DetectStage}
 # in the order of the dataflow: `run all` starts them so
-ALL_STAGES = ("parse", "sessions", "assemble", "join", "detect", "feedback")
+ALL_STAGES = ("parse", "sessions", "otlp", "assemble", "join", "detect", "feedback")
 
 
 def build(stage: str, settings: Settings) -> StageSpec:
@@ -889,7 +948,10 @@ def run(stages: list[str], settings: Settings, exit_when_idle: float | None = No
         stop: threading.Event | None = None) -> None:
     """Run stages until stopped (SIGTERM/SIGINT, `stop`, or idle for exit_when_idle seconds)."""
     stop = stop or threading.Event()
-    ensure_topics(settings)
+    # The Collector's topics may not exist before its first export: created here, a subscription
+    # to them starts at once instead of waiting for the consumer's next metadata refresh.
+    otlp_inputs = [settings.otlp_spans_topic, settings.otlp_metrics_topic, settings.otlp_logs_topic]
+    ensure_topics(settings, extra=otlp_inputs if "otlp" in stages else ())
     runners = [StageRunner(settings, build(name, settings), stop) for name in stages]
     if len(runners) == 1:
         runners[0].run(exit_when_idle)

@@ -1,5 +1,7 @@
 """`logwarden replay FILE... --host NAME`: produce log files to ``logs.<host>`` exactly as
 Filebeat 8.x's filestream input + Kafka output (codec.json) would, one record per line.
+(`logwarden replay --traces ... [--metrics DIR] [--logs ...]` is the other replay: TrainTicket's
+CSVs as an OpenTelemetry Collector writes them to Kafka, toolkit/otlp_replay.py.)
 
 It is how users backfill history and how the demo, tests and benchmarks feed the pipeline, so
 the per-line path is kept minimal: the JSON document is assembled from pre-encoded pieces around
@@ -435,8 +437,19 @@ def replay_file(settings: Settings, path, host: str, **options) -> int:
 
 
 def main(args) -> int:
-    """`logwarden replay FILE... --host NAME [--rate R] [--follow] [--no-progress]`."""
+    """`logwarden replay FILE... --host NAME [--rate R] [--follow] [--no-progress]`, or the OTLP
+    replay of TrainTicket CSVs (toolkit.otlp_replay): `--traces ... [--metrics DIR] [--logs ...]
+    [--speed S | --fast]`."""
     from confluent_kafka import KafkaException
+    otlp = bool(getattr(args, "traces", None) or getattr(args, "metrics", None) or getattr(args, "logs", None))
+    if otlp:
+        return _main_otlp(args)
+    if getattr(args, "speed", None) or getattr(args, "fast", False) or getattr(args, "by_trace_id", False):
+        raise UsageError("--speed, --fast and --by-trace-id go with --traces, --metrics or --logs")
+    if not args.files:
+        raise UsageError("replay: give log FILEs with --host NAME, or --traces/--metrics/--logs")
+    if not args.host:
+        raise UsageError("replay: log FILEs need --host NAME (records go to logs.<host>)")
     settings = load_settings()
     started = time.monotonic()
     progress = not args.no_progress and sys.stderr.isatty()
@@ -499,3 +512,32 @@ def replay_hosts(settings: Settings, files: dict[str, Path], rate: float | None 
     if errors:
         raise errors[0]
     return sum(counts)
+
+
+def _main_otlp(args) -> int:
+    from confluent_kafka import KafkaException
+
+    from toolkit.otlp_replay import replay_otlp
+    if args.files or args.host:
+        raise UsageError("replay: log FILEs/--host (Filebeat) and --traces/--metrics/--logs (OTLP) are separate replays")
+    if args.rate or args.follow:
+        raise UsageError("--rate and --follow are for log FILEs; the OTLP replay paces by --speed or --fast")
+    settings = load_settings()
+    started = time.monotonic()
+    progress = not args.no_progress and sys.stderr.isatty()
+    try:
+        counts = replay_otlp(settings, args.traces or (), args.metrics, args.logs or (),
+                             speed=None if args.fast else (args.speed or 1.0), encoding=args.encoding,
+                             by_trace_id=args.by_trace_id, progress=progress)
+    except KafkaException as err:
+        raise UsageError(f"Kafka at {settings.bootstrap()}: {err.args[0].str()}") from None
+    except DeliveryFailed as err:
+        raise UsageError(f"Kafka at {settings.bootstrap()}: {err}") from None
+    elapsed = time.monotonic() - started
+    m = counts.messages
+    print(f"replay: {counts.spans} spans, {counts.metric_points} metric points ({counts.metric_rows} rows), "
+          f"{counts.logs} log records in {m['spans'] + m['metrics'] + m['logs']} OTLP records "
+          f"({args.encoding}) in {elapsed:.1f} s"
+          + (f"; {counts.bad_time_logs} log records without a valid time left out" if counts.bad_time_logs else ""),
+          file=sys.stderr)
+    return 0
