@@ -27,6 +27,7 @@ COMMANDS = {
     "topics": "services.shell:topics_main",
     "security": "services.security:main",
     "lab": "toolkit.lab:main",
+    "scrape": "services.scrape:main",
 }
 
 STAGES = ("parse", "sessions", "otlp", "assemble", "join", "detect", "feedback", "all")     # services.stages.STAGES + "all" (test_compose checks)
@@ -170,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("security", help="Kafka users and ACLs (services/security.py)")
     s.add_argument("action", choices=("init", "acls"),
                    help="init: SCRAM users and ACLs (as an admin); acls: print the ACLs")
+    s = sub.add_parser("scrape", help="Prometheus-format endpoints (Hadoop's /prom) -> OTLP metrics on the "
+                                      "otlp_metrics topic, as the Collector's prometheus receiver would")
+    from services.scrape import add_arguments as scrape_arguments
+    scrape_arguments(s)
+
     s = sub.add_parser("lab", help="a live HDFS cluster from Maven Central jars: up, down, record a data set, watch it live")
     a = s.add_subparsers(dest="action", required=True, parser_class=_Parser)
     for action, text in (("up", "start the cluster in .run/lab (make lab-up)"), ("down", "stop it (make lab-down)"),

@@ -155,7 +155,7 @@ def test_sums_are_values_histograms_are_skipped_and_point_attributes_name_the_ch
     [out] = outputs(request.SerializeToString(), "in.metrics", the_core)
     sample = decode(out.value, MetricSample)
     assert (sample.entity, sample.service, sample.timestamp) == ("dn1", "unknown_service", T0 / 1e9)
-    assert sample.values == {"bytes_read": 42.0, "cpu{state=user}": 0.5, "cpu{state=system}": None}
+    assert sample.values == {"bytes_read": 42.0, "cpu{state=\"user\"}": 0.5, "cpu{state=\"system\"}": None}
     assert the_core.counters.skipped_points == 1 and the_core.counters.points == 3
 
 

@@ -32,7 +32,7 @@ What comes out:
   metrics  one ``MetricSample`` per (entity, timestamp) of the gauges and sums in the record
            (a sum's points are values like a gauge's: a counter's running total). The channel is
            the metric name, with the point's attributes in Prometheus style when it has any
-           (``name{k=v,...}``, keys sorted). A point flagged "no recorded value" (or NaN / inf)
+           (``name{k="v",...}``, keys sorted: promtext.Sample.series, the lab CSVs' column names). A point flagged "no recorded value" (or NaN / inf)
            gives None. Histograms, exponential histograms and summaries carry no single value:
            they are skipped (counted in ``skipped_points``).
   logs     one ``LogSample`` per entity per record: each log record's body line is mapped to a
@@ -80,6 +80,7 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from services.cores.promtext import Sample
 from services.records import LogSample, MetricSample, Source, SpanGroup, SpanRecord, encode
 from services.shell import BadRecord, Out, Record, Reject
 
@@ -236,8 +237,9 @@ def spans_of(request, source: str) -> list[SpanGroup]:
 def _channel(name: str, attributes) -> str:
     if not attributes:
         return name
-    labels = sorted((kv.key, any_value_text(kv.value) or "") for kv in attributes)
-    return name + "{" + ",".join(f"{k}={v}" for k, v in labels) + "}"
+    # exactly promtext.Sample.series(): the lab's metric CSVs (what Hades trains on) name a
+    # series so, and a model must find its channels under the same names in the stream
+    return Sample(name, {kv.key: any_value_text(kv.value) or "" for kv in attributes}, 0.0).series()
 
 
 def _point_value(point) -> float | None:
