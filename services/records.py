@@ -369,6 +369,7 @@ class LogSample(Struct, tag="logs", omit_defaults=True):
     events: list[tuple[float, str]]
     templates: dict[str, str]
     source: str = ""                   # "<topic>:<partition>:<first offset>" (replays)
+    levels: list[str | None] = []      # each event's log level (parse's), aligned with events; [] = not known
 
 
 TimelineItem = MetricSample | TraceSample | LogSample

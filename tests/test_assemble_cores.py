@@ -207,6 +207,8 @@ def chunk_equals_reference(chunk, ref) -> None:
     assert [None if t is None else msgspec.structs.asdict(t) for t in chunk.traces] == \
            [None if t is None else t.__dict__ for t in ref.traces]
     assert chunk.logs == [(e.timestamp, e.template_id, e.template) for e in ref.logs]
+    # and each event's level (AnoFusion's WARN/ERROR channel), as the reference parses it
+    assert (chunk.log_levels or [None] * len(chunk.logs)) == [e.level for e in ref.logs]
     if chunk.metrics:
         assert chunk.metrics == ref.metrics
     else:       # an entity no metric sample named: the reference has every channel, all None
@@ -284,6 +286,7 @@ def test_with_logs_every_modality_of_a_chunk_equals_the_reference(datasets, tmp_
     units = [(c.entity, round(c.end / 60) - 1) for c in chunks]
     assert len(units) == len(set(units)) and set(units) == expected_units(ref)
     assert sum(len(c.logs) for c in chunks) > 1000
+    assert sum(level in ("WARN", "ERROR") for c in chunks for level in c.log_levels) > 0   # levels do reach chunks
     for c, (pod, step) in zip(chunks, units):
         chunk_equals_reference(c, ref.chunk(pod, step))
     assert joiner.late == 0

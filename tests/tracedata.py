@@ -89,7 +89,7 @@ def log_samples(data: Path) -> list[LogSample]:
             event = core.parse(r.message, r.pod, source, r.timestamp)[0]
         except ParseError:
             continue
-        samples.append(LogSample(entity=r.pod, service=service_of(r.pod), events=[(r.timestamp, event.template_id)],
+        samples.append(LogSample(entity=r.pod, service=service_of(r.pod), events=[(r.timestamp, event.template_id)], levels=[event.level],
                                  templates={event.template_id: event.template}, source=f"otlp_logs:0:{offset}"))
     return samples
 

@@ -102,7 +102,7 @@ class StepData:
         self.gaps: list[float] = []
         self.errors = 0
         self.trace_ids: set[str] = set()
-        self.logs: list[tuple[float, str, str]] = []
+        self.logs: list[tuple] = []     # (time, template id, template, level)
         self.log_sources: set[str] = set()       # the LogSamples in it (a replayed one is recognised)
         self.emitted = False
         # The step's TraceStatsRecord, computed once for the ``steps`` chunks that hold the step
@@ -180,8 +180,10 @@ class Joiner:
                 return
             self.clock.observe(source_of(item.source, fallback_source), max(ts for ts, _ in item.events), now)
             by_step: dict[int, list] = {}
-            for ts, template_id in item.events:
-                by_step.setdefault(c.step_of(ts), []).append((ts, template_id, item.templates.get(template_id, "")))
+            levels = item.levels if len(item.levels) == len(item.events) else [None] * len(item.events)
+            for (ts, template_id), level in zip(item.events, levels):
+                # the level rides along (AnoFusion's WARN/ERROR channel): the chunk gives it as log_levels
+                by_step.setdefault(c.step_of(ts), []).append((ts, template_id, item.templates.get(template_id, ""), level))
             entity = self._entity(item)
             for step, events in sorted(by_step.items()):
                 data = self._step(entity, step)
@@ -310,10 +312,13 @@ class Joiner:
                                            p99_ms=s.p99_ms, gap_p50_ms=s.gap_p50_ms, gap_p90_ms=s.gap_p90_ms,
                                            gap_p99_ms=s.gap_p99_ms)
             traces.append(d.stats)
-        logs = [e for d in window if d is not None for e in d.logs]
+        events = [e for d in window if d is not None for e in d.logs]
+        logs = [(e[0], e[1], e[2]) for e in events]
+        levels = [e[3] if len(e) > 3 else None for e in events]      # (state from before levels: 3-tuples)
         start, end = first * c.step_s, (step + 1) * c.step_s
         return ChunkRecord(chunk_id=stable_id(entity.name, start, end), entity=entity.name, service=entity.service,
-                           start=start, end=end, step_s=c.step_s, metrics=metrics, traces=traces, logs=logs)
+                           start=start, end=end, step_s=c.step_s, metrics=metrics, traces=traces, logs=logs,
+                           log_levels=levels if any(level is not None for level in levels) else [])
 
     def _prune(self, entity: Entity) -> None:
         oldest = entity.due_through - self.config.steps + 2

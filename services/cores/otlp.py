@@ -392,6 +392,7 @@ class OtlpCore:
                 sample = by_entity[line.entity] = LogSample(entity=line.entity, service=line.service, events=[],
                                                             templates={}, source=source)
             sample.events.append((ts, event.template_id))
+            sample.levels.append(event.level)
             sample.templates[event.template_id] = event.template
             self.counters.logs += 1
         return [by_entity[e] for e in sorted(by_entity)]
