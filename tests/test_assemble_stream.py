@@ -192,3 +192,31 @@ def test_state_follows_its_partition_across_a_sigkill(kafka_bootstrap, slice_dir
         for m in topic_records:
             r = decode(m.value(), record_type)
             assert seen.setdefault(key(r), r) == r
+
+
+@pytest.mark.slow
+def test_replayed_otlp_through_otlp_assemble_and_join_gives_every_trace_and_chunk(kafka_bootstrap, slice_dir, tmp_path):
+    """The whole multimodal path on a real slice: `logwarden replay --traces --metrics --fast` writes
+    OTLP as a Collector would, and the otlp, assemble and join stages make of it exactly the
+    traces (one per distinct trace id, span sets equal) and chunks the reference builder makes."""
+    from toolkit.otlp_replay import replay_otlp
+
+    settings = stream_settings(kafka_bootstrap, tmp_path)
+    ensure_topics(settings, extra=[settings.otlp_spans_topic, settings.otlp_metrics_topic, settings.otlp_logs_topic])
+    stop = threading.Event()
+    runner = threading.Thread(target=stages.run, args=(["otlp", "assemble", "join"], settings), kwargs={"stop": stop},
+                              daemon=True)
+    runner.start()
+    try:
+        wait_until(lambda: announced(settings), 90, what="assemble's watermark announcements")
+        counts = replay_otlp(settings, [slice_dir / "trace"], slice_dir / "metric", speed=None)
+        want = truth(slice_dir)
+        ref = read_observations(slice_dir, ChunkOptions(steps=STEPS, modalities=("metrics", "traces")))
+        traces = consume(settings, settings.traces_topic, len(want), timeout=120, settle=1.0)
+        chunks = consume(settings, settings.chunks_topic, len(expected_units(ref)), timeout=120, settle=1.0)
+    finally:
+        stop.set()
+        runner.join(60)
+    assert counts.spans == sum(len(s) for s in want.values())
+    check_outputs(settings, slice_dir, traces, chunks, exact=True)
+    assert record_count(settings, settings.deadletter_topic) == 0
