@@ -564,7 +564,9 @@ class AssembleStage:
     name = "assemble"
     dead_letter_reasons = ("bad_spans", "bad_span", "bad_watermark")
     MARK_EVERY_S = 0.2          # a moved frontier is sent at most this often ...
-    MARK_HEARTBEAT_S = 5.0      # ... and an unmoved one this often (below host_idle_s: it keeps holding)
+    MARK_HEARTBEAT_S = 5.0      # ... and an unmoved one this often, at most a third of host_idle_s:
+    #                             the join drops a writer silent for host_idle_s, so a heartbeat at
+    #                             5 s with host_idle_s=3 s let it cut steps a held frontier still covered
 
     def __init__(self, settings: Settings):
         from services.cores.traces import TraceConfig
@@ -666,6 +668,7 @@ class AssembleStage:
         import math
 
         out: list[Out] = []
+        heartbeat_s = min(self.MARK_HEARTBEAT_S, self.settings.host_idle_s / 3)
         for tp, book in sorted(self.books.items()):
             frontier = book.frontier()
             # A partition that has had no input at all since it was assigned knows nothing of
@@ -678,7 +681,7 @@ class AssembleStage:
             sent = self._sent.get(tp)
             if sent is not None:
                 since, last = sent
-                if (last == what and mono - since < self.MARK_HEARTBEAT_S) or mono - since < self.MARK_EVERY_S:
+                if (last == what and mono - since < heartbeat_s) or mono - since < self.MARK_EVERY_S:
                     continue
             self._sent[tp] = (mono, what)
             mark = Watermark(source=book.name, ts=None if idle or what is None else frontier, idle=idle)

@@ -300,6 +300,48 @@ def test_chunks_wait_for_the_slowest_source_and_a_restore_changes_nothing(slice_
     assert restored == plain
 
 
+def test_a_pause_past_source_idle_s_lets_open_traces_go_which_a_replay_from_before_it_closes_whole():
+    """Why tests/test_assemble_stream.py's crash test keeps its input's pause under host_idle_s
+    (it failed 1 run in 8 on a loaded machine with host_idle_s=3 s). A pause shorter than
+    source_idle_s keeps an open trace open. A longer one makes the source idle (by design): the
+    assembler lets the open trace go, partial ("gap"), and reports itself idle, so the join cuts
+    the chunk with it. That is a wall-clock decision: a stage SIGKILLed before its next
+    checkpoint restores the trace open, replays, and closes it whole — a different TraceRecord and
+    TraceSample for the same trace id, and the join, recognising the replay by trace id, keeps the
+    partial one it had."""
+    cfg = config(source_idle_s=3.0)
+    before_pause = group("t", span("c1", 10, 11, parent="r", pod="pod-b"))
+    after_pause = group("t", span("r", 9.5, 12, pod="pod-a"), span("c2", 11, 11.5, parent="r", pod="pod-b"))
+    a = TraceAssembler(cfg)
+    a.add(before_pause, now=0.0)
+    assert a.advance(0.0) == []
+    checkpoint = a.entries()                                  # the last checkpoint before the crash
+    assert a.advance(2.9) == [] and a.open_traces == 1 and a.frontier() == 11 - 5  # a short pause: held
+    (partial,) = a.advance(3.5)                               # silent for source_idle_s: idle
+    assert (partial.trace.closed_reason, len(partial.trace.spans)) == ("gap", 1) and a.frontier() == math.inf
+
+    replayed = TraceAssembler(cfg)                            # SIGKILL, restore, replay
+    replayed.restore(checkpoint)
+    assert replayed.open_traces == 1
+    replayed.add(after_pause, now=100.0)
+    (whole,) = replayed.advance(None)
+    assert (whole.trace.closed_reason, len(whole.trace.spans)) == ("complete", 3)
+    assert whole.trace != partial.trace                       # not "the same record again"
+
+    j = Joiner(JoinConfig(steps=3, lateness_s=0.0, grace_s=0.0, source_idle_s=3.0))
+    j.mark("spans:0", None, False, 0.0)
+    for sample in partial.samples:
+        j.add(sample, 3.5)
+    j.mark("spans:0", None, True, 3.5)                         # the partition said idle
+    (chunk,) = j.advance(3.5)
+    assert (chunk.entity, chunk.traces[-1].spans) == ("pod-b", 1)
+    for sample in whole.samples:                              # the restarted stage's samples
+        j.add(sample, 110.0)
+    assert j.duplicates == 1                                  # pod-b's: a replay by its trace id
+    whole_b = next(s for s in whole.samples if s.entity == "pod-b")
+    assert len(whole_b.durations_ms) == 2 and chunk.traces[-1].spans != len(whole_b.durations_ms)
+
+
 def metric(entity, ts, cpu, source="m:0:0") -> MetricSample:
     return MetricSample(entity=entity, service="svc", timestamp=ts, values={"cpu": cpu}, source=source)
 
@@ -518,3 +560,36 @@ def test_a_rows_channels_in_several_samples_merge_and_a_replayed_log_sample_coun
     (chunk,) = j.flush()
     assert chunk.metrics == {"cpu": [1.0], "mem": [2.0]} and chunk.logs == [(70.0, "E1", "x")]
     assert j.duplicates == 1
+
+
+def test_an_unmoved_frontier_is_sent_again_within_host_idle_s_so_the_join_keeps_holding():
+    """The join lets a writer silent for host_idle_s stop holding the watermark; an assemble
+    partition whose frontier is held by an open trace must be heard again before that (its
+    heartbeat was a fixed 5 s, longer than the stream tests' host_idle_s of 3 s)."""
+    import time as _time
+
+    from services.records import WATERMARK_KEY, Watermark, decode, encode
+
+    settings, stage = adapter("assemble", host_idle_s=0.9)
+    t = settings.spans_topic
+    stage.assign((t, 0), {}, None)
+    held = group("open", span("c", 10, 11, parent="lost"), source="up:0:1")       # rootless: stays open
+    first = [decode(o.value, Watermark) for o in stage.process([rec(t, encode(held), b"open")])
+             if o.key == WATERMARK_KEY and o.partition == 0]
+    assert first == [Watermark(source=f"{t}:0", ts=6.0)]       # watermark 11 - gap 5
+    j = Joiner(JoinConfig(steps=1, lateness_s=0.0, grace_s=0.0, source_idle_s=settings.host_idle_s))
+    j.mark(first[0].source, first[0].ts, False, _time.time())
+    upstream_alive = rec(t, encode(Watermark(source="up:0", ts=11.0)), WATERMARK_KEY)   # no progress
+    heard = []
+    deadline = _time.time() + 2 * settings.host_idle_s
+    while _time.time() < deadline:
+        j.add(metric("p", 95, 1.0), _time.time())              # step 1 ...
+        j.add(metric("p", 500, 1.0), _time.time())             # ... and the metrics far ahead of it
+        for o in stage.process([upstream_alive]):
+            if o.key == WATERMARK_KEY and o.partition == 0:
+                mark = decode(o.value, Watermark)
+                heard.append(mark)
+                j.mark(mark.source, mark.ts, mark.idle, _time.time())
+        assert j.advance(_time.time()) == []                   # step 1 waits for the open trace
+        _time.sleep(0.05)
+    assert len(heard) >= 2 and all(m == first[0] for m in heard)

@@ -14,7 +14,7 @@ import pytest
 
 from models.chunks import ChunkOptions, read_observations
 from services import stages
-from services.records import ChunkRecord, TraceRecord, decode, encode
+from services.records import WATERMARK_KEY, ChunkRecord, TraceRecord, Watermark, decode, encode
 from services.shell import ensure_topics
 from tests.kafkautil import consume, isolated_settings, record_count
 from tests.streamutil import logwarden, settings_env, wait_until
@@ -22,6 +22,9 @@ from tests.test_assemble_cores import chunk_equals_reference, expected_units, tr
 from tests.tracedata import metric_samples, span_groups, write_slice
 
 STEPS = 5
+# The crash test's host_idle_s: longer than any pause of its input before the crash (see there),
+# short enough that the last steps, which wait for the sources to fall idle, come within the test.
+PAUSE_PROOF_IDLE_S = 15.0
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +123,18 @@ def test_a_real_slice_through_the_broker_gives_every_trace_and_every_chunk(kafka
 def test_state_follows_its_partition_across_a_sigkill(kafka_bootstrap, slice_dir, tmp_path):
     """assemble and join (one process) are SIGKILLed mid-input and started again with another
     state directory (another machine): open traces and pending steps come back from the
-    changelogs; every trace and chunk is still there, replays recognisable by their ids."""
-    settings = stream_settings(kafka_bootstrap, tmp_path)
+    changelogs; every trace and chunk is still there, replays recognisable by their ids.
+
+    The input pauses between the halves (the wait for a first chunk, the checkpoints, the
+    restart). A source silent for host_idle_s is idle by design: the assembler then lets every
+    open trace go (partial, reason "gap") — a wall-clock decision that a replay from a checkpoint
+    taken before it does not repeat, so the restarted stage closes the same trace whole, a second,
+    different TraceRecord and TraceSample (the join keeps the first: a chunk with the partial
+    trace). With host_idle_s=3 s a loaded machine paused longer than that before the crash (1 run
+    in 8 under 2 busy loops). host_idle_s here is well above any pause this test makes, and the
+    test checks that no source had gone idle before the crash, so it tests what it says: a crash
+    with traces still open."""
+    settings = stream_settings(kafka_bootstrap, tmp_path, host_idle_s=PAUSE_PROOF_IDLE_S)
     ensure_topics(settings)
     env = settings_env(settings)
     log = tmp_path / "stages.log"
@@ -154,6 +167,10 @@ def test_state_follows_its_partition_across_a_sigkill(kafka_bootstrap, slice_dir
         second.send_signal(signal.SIGKILL)
         first.wait(10)
         second.wait(10)
+        idle_before_crash = [w for m in read_all(settings, settings.timeline_topic) if m.key() == WATERMARK_KEY
+                             for w in [decode(m.value(), Watermark)] if w.idle]
+        assert not idle_before_crash, (f"the input paused longer than host_idle_s={settings.host_idle_s} s before "
+                                       f"the crash (idle: {idle_before_crash[:3]}): no trace was open any more")
         env2 = settings_env(settings, LOGWARDEN_STATE_DIR=str(tmp_path / "state-elsewhere"))
         first = logwarden("run", "assemble", env=env2, log=log)
         second = logwarden("run", "join", env=env2, log=log)
