@@ -238,9 +238,11 @@ def parse_cases(rng: random.Random, n: int, host: str, path: str, *, max_line_by
 # ------------------------------------------------------------------------------------------
 # the events topic (what the sessions stage reads)
 def _mutated(event: dict, **changes) -> dict:
+    """A copy of ``event`` with ``changes`` (field path with "/" -> value; _DELETE removes it:
+    the wire names hold dots, "source/log.offset")."""
     doc = json.loads(json.dumps(event))
-    for dotted, value in changes.items():
-        node, parts = doc, dotted.split(".")
+    for path, value in changes.items():
+        node, parts = doc, path.split("/")
         for part in parts[:-1]:
             node = node[part]
         if value is _DELETE:
@@ -254,12 +256,6 @@ def event_kinds() -> list[Kind]:
     """Every malformed events-topic record the sessions stage must dead-letter. Builders get
     (rng, a real event as a dict). An event that differs from a real one only in a field must
     not be taken for it: each carries an event id of its own."""
-
-    def bad(**changes):
-        def build(rng, ev):
-            changes.setdefault("event_id", f"fuzz{rng.getrandbits(48):012x}")
-            return json.dumps(_mutated(ev, **changes)).encode()
-        return build
 
     def with_changes(pick):
         def build(rng, ev):
@@ -298,8 +294,8 @@ def event_kinds() -> list[Kind]:
         K("hostless_key_not_host", "bad_event", 1, with_changes(lambda rng: {"keys": [], "key": "not-the-host"})),
         K("params_not_strings", "bad_event", 1, with_changes(lambda rng: {"params": rng.choice([[1, 2], "a", [None]])})),
         K("source_not_object", "bad_event", 1, with_changes(lambda rng: {"source": rng.choice([None, "logs.dn1", 3])})),
-        K("source_offset_string", "bad_event", 1, with_changes(lambda rng: {"source.offset": "12"})),
-        K("source_file_offset_string", "bad_event", 1, with_changes(lambda rng: {"source.log.offset": "12"})),
+        K("source_offset_string", "bad_event", 1, with_changes(lambda rng: {"source/offset": "12"})),
+        K("source_file_offset_string", "bad_event", 1, with_changes(lambda rng: {"source/log.offset": "12"})),
         # watermark records (the WATERMARK_KEY key)
         K("watermark_not_json", "bad_watermark", 2, lambda rng, ev: rng.choice([b"", b"{", b"watermark", b"\xff"])),
         K("watermark_not_object", "bad_watermark", 1, lambda rng, ev: rng.choice([b"null", b"[1]", b"7"])),
