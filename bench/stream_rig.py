@@ -63,6 +63,20 @@ def environment(settings, **extra: str) -> dict[str, str]:
     return env | settings.environment() | extra
 
 
+def process_memory_mb(pid: int) -> tuple[float, float] | None:
+    """(RSS, peak RSS) of a process in MiB from /proc (VmRSS, VmHWM: the kernel's high-water
+    mark, so no spike between two readings is missed); None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    try:
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    except (KeyError, ValueError):
+        return None
+
+
 class Stage:
     """`python -m services.cli run STAGE` with these settings, its output in ``log``."""
 
@@ -81,16 +95,7 @@ class Stage:
         return self.proc.poll() is None
 
     def memory_mb(self) -> tuple[float, float] | None:
-        """(RSS, peak RSS) in MiB from /proc (VmRSS, VmHWM); None once the process is gone."""
-        try:
-            text = Path(f"/proc/{self.pid}/status").read_text()
-        except OSError:
-            return None
-        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        try:
-            return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
-        except (KeyError, ValueError):
-            return None
+        return process_memory_mb(self.pid)
 
     def log_has(self, pattern: str) -> bool:
         return self.log.exists() and re.search(pattern, self.log.read_text(errors="replace")) is not None
