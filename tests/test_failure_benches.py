@@ -31,7 +31,7 @@ def test_failure_table_has_a_row_per_scenario_and_the_command():
               "scenarios": {"clean": _scenario(), "broker_sigkill": _scenario(copies=7)}}
     text = "\n".join(eval_failures.render({"failures.report": report}))
     assert "`python -m bench.eval_failures --lines 9`" in text
-    assert "| broker_sigkill | 0 / 0 / 7 (of 10) |" in text and "| clean |" in text
+    assert "| broker_sigkill | none | 0 / 0 / 7 (of 10) |" in text and "| clean | none |" in text
     assert "Not measured." in "\n".join(eval_failures.render({}))
     json.dumps(report)
 
