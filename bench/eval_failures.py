@@ -22,6 +22,7 @@ One broker of its own for all scenarios, each scenario with its own topics and g
                    machines); parse is SIGKILLed at 3,000 events and started again; at 6,000
                    events sessions replica 1 is SIGKILLed and replica 2 is assigned its
                    partitions (restored from the changelog).
+  parse_sigkill, sessions_failover   (with --only) each of stage_failover's two faults alone.
 
 Per scenario, by id against toolkit.reference (the same lines through the same cores without
 Kafka): **lost** (in the reference, never produced), **duplicated** (produced but not in the
@@ -52,6 +53,7 @@ NEEDS_MODELS = False
 COMMAND = "python -m bench.eval_failures --data ../shared/datasets"
 HOSTS = ["dn1", "dn2", "dn3"]
 SCENARIOS = ("clean", "broker_sigterm", "broker_sigkill", "stage_failover")
+EXTRA_SCENARIOS = ("parse_sigkill", "sessions_failover")     # stage_failover's two faults apart (--only)
 RATE = 500                  # lines/s per host
 IDLE_CLOSE_S = 30.0
 OUTAGE_S = 4.0
@@ -109,7 +111,7 @@ def run_scenario(name: str, broker, data: Path, workdir: Path, model: Path, samp
         ensure_topic(settings, f"logs.{host}")
     logs = workdir / run_id / "logs"
     env = environment(settings)
-    if name == "stage_failover":
+    if name in ("stage_failover", "parse_sigkill", "sessions_failover"):
         stages = [Stage("parse", env, logs / "parse.log")] + [
             Stage("sessions", environment(settings, LOGWARDEN_STATE_DIR=str(workdir / run_id / f"machine-{n}"),
                                           LOGWARDEN_INSTANCE_ID=f"machine-{n}"), logs / f"sessions-{n}.log")
@@ -124,7 +126,7 @@ def run_scenario(name: str, broker, data: Path, workdir: Path, model: Path, samp
         wait_for(lambda: all(f"logs.{h}[" in (parse.log.read_text().split("parse: assigned")[-1]
                                               if parse.log_has("parse: assigned") else "") for h in files),
                  120, "parse to hold every host topic")
-        if name == "stage_failover":
+        if len(stages) > 1:
             wait_for(lambda: all(s.log_has("sessions: assigned") for s in stages[1:]), 120, "both sessions replicas")
         started = time.time()
         replay = _Replay(settings, files)
@@ -138,12 +140,13 @@ def run_scenario(name: str, broker, data: Path, workdir: Path, model: Path, samp
             time.sleep(OUTAGE_S)
             broker = localkafka.start(workdir / "broker", port, controller_port=controller, die_with_parent=True)
             fault["broker_back_s"] = round(time.time() - started, 2)
-        elif name == "stage_failover":
+        if name in ("stage_failover", "parse_sigkill"):
             wait_for(lambda: events() > 3000, 120, "parse to make progress")
             parse.stop(signal.SIGKILL)
             fault["parse_killed_s"] = round(time.time() - started, 2)
             stages[0] = parse = Stage("parse", env, logs / "parse.log")
-            wait_for(lambda: events() > 6000, 120, "restarted parse to make progress")
+        if name in ("stage_failover", "sessions_failover"):
+            wait_for(lambda: events() > 6000, 120, "parse to make progress")
             stages[1].stop(signal.SIGKILL)
             killed.append(stages[1])
             fault["sessions_replica_killed_s"] = round(time.time() - started, 2)
@@ -337,9 +340,12 @@ def render_report(rep: dict) -> list[str]:
 def _fault(f: dict) -> str:
     if "broker_back_s" in f:
         return f"broker down {f['broker_back_s'] - f['at_s']:.1f} s (signal at {f['at_s']:.1f} s, back at {f['broker_back_s']:.1f} s)"
+    said = []
     if "parse_killed_s" in f:
-        return f"parse SIGKILL at {f['parse_killed_s']:.1f} s, sessions replica 1 SIGKILL at {f['sessions_replica_killed_s']:.1f} s"
-    return "none"
+        said.append(f"parse SIGKILL at {f['parse_killed_s']:.1f} s (restarted)")
+    if "sessions_replica_killed_s" in f:
+        said.append(f"sessions replica 1 SIGKILL at {f['sessions_replica_killed_s']:.1f} s (replica 2 takes over)")
+    return ", ".join(said) or "none"
 
 
 # bench.run plugin interface
@@ -362,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=Path("bench/failures.json"))
     args = ap.parse_args(argv)
     scenarios = ("clean", *[s for s in args.only.split(",") if s and s != "clean"])
+    unknown = set(scenarios) - set(SCENARIOS) - set(EXTRA_SCENARIOS)
+    if unknown:
+        ap.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     report = evaluate(args.data, args.lines, scenarios)
     save_report(report, args.json)
     print("\n".join(render_report(report)))
