@@ -63,7 +63,7 @@ class LogRef(Struct):
 
 
 class HostRef(Struct):
-    name: str
+    name: Annotated[str, Meta(min_length=1)]    # a line of no host cannot be told apart or keyed
 
 
 class FilebeatDoc(Struct):
@@ -73,7 +73,8 @@ class FilebeatDoc(Struct):
     message: str
     host: HostRef
     log: LogRef
-    timestamp: datetime = field(name="@timestamp")
+    # Filebeat writes UTC with a Z; a time without a zone would be read in this machine's zone
+    timestamp: Annotated[datetime, Meta(tz=True)] = field(name="@timestamp")
 
 
 # --------------------------------------------------------------------------------------------

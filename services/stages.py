@@ -66,27 +66,43 @@ def classify_envelope(value: bytes) -> tuple[str, str] | FilebeatDoc:
     except RecursionError:
         return "too_deep", "JSON nested deeper than the decoder follows"
     except msgspec.ValidationError as err:
-        text = str(err)
-        if text.startswith("Expected `object`, got"):
-            return "not_json_object", f"JSON value is not an object ({text.removeprefix('Expected `object`, got ')})"
-        if "missing required field `message`" in text and "$." not in text:
-            return "missing_message", "Filebeat record has no 'message'"
-        if "$.log.offset" in text:
-            return "bad_offset", f"log.offset: {text.split(' - at ')[0]}"
-        if "$.@timestamp" in text:
-            return "bad_timestamp", f"@timestamp: {text.split(' - at ')[0]}"
-        if "$.message" in text:
-            return "bad_message", f"message: {text.split(' - at ')[0]}"
-        if "$.host" in text or "missing required field `host`" in text:
-            return "bad_host", f"host.name: {text[:120]}"
-        return "bad_envelope", text[:200]
+        # msgspec checks fields as it reads: a record can fail a field check before the decoder
+        # reaches what makes it no JSON at all ("{}}" is "missing message" to it). Only on this
+        # error path is it read again, untyped, to tell the two apart.
+        try:
+            msgspec.json.decode(value)
+        except RecursionError:
+            return "too_deep", "JSON nested deeper than the decoder follows"
+        except msgspec.DecodeError as not_json:
+            return _not_json(not_json)
+        return _invalid_field(str(err))
     except msgspec.DecodeError as err:          # (ValidationError is one too: caught above)
-        text = str(err)
-        if "UTF-8" in text:
-            return "not_utf8", "invalid UTF-8"
-        if "truncated" in text:
-            return "truncated_json", "the JSON ends before it is complete"
-        return "not_json", f"not JSON: {text[:120]}"
+        return _not_json(err)
+
+
+def _invalid_field(text: str) -> tuple[str, str]:
+    if text.startswith("Expected `object`, got") and " - at `$" not in text:    # the document itself
+        return "not_json_object", f"JSON value is not an object ({text.removeprefix('Expected `object`, got ')})"
+    if "missing required field `message`" in text and "$." not in text:
+        return "missing_message", "Filebeat record has no 'message'"
+    if "$.log.offset" in text:
+        return "bad_offset", f"log.offset: {text.split(' - at ')[0]}"
+    if "$.@timestamp" in text:
+        return "bad_timestamp", f"@timestamp: {text.split(' - at ')[0]}"
+    if "$.message" in text:
+        return "bad_message", f"message: {text.split(' - at ')[0]}"
+    if "$.host" in text or "missing required field `host`" in text:
+        return "bad_host", f"host.name: {text[:120]}"
+    return "bad_envelope", text[:200]
+
+
+def _not_json(err: msgspec.DecodeError) -> tuple[str, str]:
+    text = str(err)
+    if "UTF-8" in text:
+        return "not_utf8", "invalid UTF-8"
+    if "truncated" in text:
+        return "truncated_json", "the JSON ends before it is complete"
+    return "not_json", f"not JSON: {text[:120]}"
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")   # not \t \n \r: multiline stack traces

@@ -51,6 +51,17 @@ def without(field) -> bytes:
     (changed(("@timestamp",), 1226262918), "bad_timestamp"),
     (without("@timestamp"), "bad_envelope"),
     (without("log"), "bad_envelope"),
+    # found by tests/test_fuzz.py: a mistyped field is not a mistyped document, a record that
+    # is no JSON stays "not JSON" though msgspec meets a field error first, no host is no host,
+    # and a time without a zone would be read in the stage machine's zone
+    (changed(("host",), "dn1"), "bad_host"),
+    (changed(("host",), None), "bad_host"),
+    (changed(("log",), []), "bad_envelope"),
+    (b"{}}", "not_json"),
+    (b'{"message": 5}}', "not_json"),
+    (changed(("host", "name"), ""), "bad_host"),
+    (changed(("@timestamp",), "2008-11-09T20:35:18.123"), "bad_timestamp"),
+    (changed(("@timestamp",), "2008-11-09 20:35:18"), "bad_timestamp"),
 ])
 def test_envelope_rejections_name_their_reason(value, reason):
     got = classify_envelope(value)
