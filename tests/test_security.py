@@ -129,6 +129,41 @@ def test_only_the_operator_may_write_feedback_and_filebeat_only_host_topics():
     assert all(b.permission_type == AclPermissionType.ALLOW and b.host == "*" for bs in plan.values() for b in bs)
 
 
+def test_the_collector_may_only_write_and_describe_its_three_topics():
+    settings = Settings()
+    grants = {(b.operation, b.restype, b.resource_pattern_type, b.name) for b in security.plan(settings)["otel-collector"]}
+    assert grants == {(op, ResourceType.TOPIC, ResourcePatternType.LITERAL, topic)
+                      for op in (AclOperation.WRITE, AclOperation.DESCRIBE)
+                      for topic in ("otlp_spans", "otlp_metrics", "otlp_logs")}
+    assert security.collector_topics(settings) == ["otlp_spans", "otlp_metrics", "otlp_logs"]
+    assert security.password_variable("otel-collector") == "OTEL_COLLECTOR_KAFKA_PASSWORD"
+
+
+@pytest.mark.parametrize("stage", ["otlp", "assemble", "join"])
+def test_a_multimodal_stage_user_gets_exactly_the_topics_its_stage_uses(stage, tmp_path):
+    """Read: the stage's input topics (its StageSpec), in its group; write: what its core
+    produces and dead letters; a changelog (and restore group) only for a stateful stage."""
+    from services.state import changelog_topic
+
+    s = Settings(state_dir=tmp_path)
+    spec = stages.build(stage, s)
+    plan = security.plan(s)[stage]
+
+    def named(op, restype=ResourceType.TOPIC):
+        return {b.name for b in plan if b.operation == op and b.restype == restype}
+
+    changelog = {changelog_topic(s.group(stage))} if spec.stateful else set()
+    outputs = {"otlp": {s.spans_topic, s.timeline_topic}, "assemble": {s.traces_topic, s.timeline_topic},
+               "join": {s.chunks_topic}}[stage]
+    assert named(AclOperation.READ) == set(spec.topics) | changelog
+    assert named(AclOperation.WRITE) == outputs | {s.deadletter_topic} | changelog
+    assert set(spec.broadcast_topics) <= outputs
+    assert named(AclOperation.CREATE) == changelog
+    assert named(AclOperation.READ, ResourceType.GROUP) == {s.group(stage)}
+    assert s.feedback_topic not in named(AclOperation.WRITE)
+    assert spec.stateful == (stage != "otlp")
+
+
 # --------------------------------------------------------------------------------------------
 # through the secure broker
 @pytest.mark.slow
