@@ -4,9 +4,14 @@ and consumer groups it uses (brokers with KRaft's StandardAuthorizer deny everyt
     filebeat   writes (and auto-creates) the host topics logs.<host>; nothing else
     logstash   reads the host topics in its archive group
     parse      host topics -> EVENTS_TOPIC            sessions  EVENTS_TOPIC -> ALERTS_TOPIC, WINDOWS_TOPIC
+    otlp       OTLP_{SPANS,METRICS,LOGS}_TOPIC -> SPANS_TOPIC, TIMELINE_TOPIC (stateless)
+    assemble   SPANS_TOPIC -> TRACES_TOPIC, TIMELINE_TOPIC       join  TIMELINE_TOPIC -> CHUNKS_TOPIC
     detect     TRACES_TOPIC, CHUNKS_TOPIC -> ALERTS   feedback  FEEDBACK_TOPIC (+ ALERTS_TOPIC, to check
                                                                  an alert id) -> model versions
     (each stateful stage also owns its changelog topic <group>-changelog and <group>.* groups)
+    otel-collector  the OpenTelemetry Collector's Kafka exporter: writes OTLP_SPANS_TOPIC,
+               OTLP_METRICS_TOPIC, OTLP_LOGS_TOPIC and nothing else (no group, no other topic: it is
+               the one door for services' telemetry, so a stolen login can forge telemetry only)
     operator   the only writer of FEEDBACK_TOPIC (feedback retrains the model: an open feedback
                topic would let anyone teach it to ignore an attack); reads ALERTS_TOPIC
                (`alerts tail`, `feedback`); describes topics and groups (`stack check`)
@@ -38,14 +43,24 @@ USERS = {
     "logstash": "the archive",
     "parse": "the parse stage",
     "sessions": "the sessions stage (sessions and sessions-cpu): logs judged in event time",
+    "otlp": "the otlp stage: the Collector's OTLP records -> spans and the per-entity timeline",
+    "assemble": "the assemble stage: spans -> complete traces (+ trace samples on the timeline)",
+    "join": "the join stage: the timeline -> per-entity chunks",
     "detect": "the detect stage (detect and detect-cpu): traces and chunks",
     "feedback": "the feedback stage",
     "operator": "people: `logwarden feedback`, `alerts tail`, `stack check`",
+    "otel-collector": "the OpenTelemetry Collector (docker-compose.yml's otel-collector): OTLP in",
 }
 
 
+def collector_topics(settings: Settings) -> list[str]:
+    """The topics the Collector's Kafka exporter writes (traces, metrics, logs): the otlp stage's input."""
+    return [settings.otlp_spans_topic, settings.otlp_metrics_topic, settings.otlp_logs_topic]
+
+
 def password_variable(user: str) -> str:
-    return f"{user.upper()}_KAFKA_PASSWORD"
+    """otel-collector -> OTEL_COLLECTOR_KAFKA_PASSWORD (a variable name has no '-')."""
+    return f"{user.upper().replace('-', '_')}_KAFKA_PASSWORD"
 
 
 _REGEX_SYNTAX = set(".^$*+?{}[]|()\\")
@@ -115,6 +130,15 @@ def plan(settings: Settings) -> dict[str, list]:
         "sessions": logwarden_user("sessions", topics("sessions", [s.events_topic], READ)
                                    + topics("sessions", [s.windows_topic, s.alerts_topic, s.deadletter_topic], WRITE)
                                    + changelog("sessions")),
+        "otlp": logwarden_user("otlp", topics("otlp", collector_topics(s), READ, DESCRIBE)
+                               + topics("otlp", [s.spans_topic, s.timeline_topic, s.deadletter_topic], WRITE)
+                               + group("otlp", s.group("otlp"), READ)),
+        "assemble": logwarden_user("assemble", topics("assemble", [s.spans_topic], READ)
+                                   + topics("assemble", [s.traces_topic, s.timeline_topic, s.deadletter_topic], WRITE)
+                                   + changelog("assemble")),
+        "join": logwarden_user("join", topics("join", [s.timeline_topic], READ)
+                               + topics("join", [s.chunks_topic, s.deadletter_topic], WRITE)
+                               + changelog("join")),
         "detect": logwarden_user("detect", topics("detect", [s.traces_topic, s.chunks_topic], READ)
                                  + topics("detect", [s.alerts_topic, s.deadletter_topic], WRITE)
                                  + changelog("detect")),
@@ -131,6 +155,9 @@ def plan(settings: Settings) -> dict[str, list]:
                                    + host_topics("operator", DESCRIBE)
                                    + group("operator", f"{s.group_prefix}.", DESCRIBE, prefixed=True)
                                    + group("operator", ARCHIVE_GROUP, DESCRIBE)),
+        # Not a logwarden user: it checks no topic of ours, and topics-init creates its three
+        # (no CREATE). DESCRIBE: the exporter reads their metadata (partitions, leaders).
+        "otel-collector": topics("otel-collector", collector_topics(s), WRITE, DESCRIBE),
     }
 
 

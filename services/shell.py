@@ -216,7 +216,10 @@ def topic_partition_count(settings: Settings, topic: str) -> int | None:
 
 
 def topics_main(args) -> int:
-    ensure_topics(load_settings())
+    """`logwarden topics create`: logwarden's topics and the Collector's (otlp_*), so that neither
+    the Collector nor the otlp stage needs the right to create topics on a locked-down cluster."""
+    s = load_settings()
+    ensure_topics(s, extra=[s.otlp_spans_topic, s.otlp_metrics_topic, s.otlp_logs_topic])
     return 0
 
 

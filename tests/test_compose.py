@@ -252,6 +252,9 @@ def test_the_compose_settings_are_valid_values():
 
 
 ONE_SHOT = {"certs-init", "topics-init", "operator"}   # run to completion (operator: `docker compose run`)
+# Long-running services whose image has nothing a healthcheck could run (no shell, no HTTP
+# client): Prometheus scrapes their own metrics instead, so `up` of that job is their health.
+NO_HEALTHCHECK_CLIENT = {"otel-collector": "otel-collector"}   # service -> its Prometheus job
 
 
 def test_restart_policies_and_healthchecks():
@@ -261,6 +264,11 @@ def test_restart_policies_and_healthchecks():
             continue
         assert s.get("restart") in LONG_RUNNING_RESTART, f"{name} has no restart policy"
         check = s.get("healthcheck") or {}
+        if name in NO_HEALTHCHECK_CLIENT:
+            jobs = {j["job_name"]: j for j in prometheus_config()["scrape_configs"]}
+            targets = [t for sc in jobs[NO_HEALTHCHECK_CLIENT[name]]["static_configs"] for t in sc["targets"]]
+            assert check.get("disable") and any(t.startswith(f"{name}:") for t in targets), name
+            continue
         assert check.get("test") and not check.get("disable"), f"{name} has no healthcheck"
 
 
@@ -445,7 +453,7 @@ def test_no_password_has_a_default_and_every_ui_listens_on_ui_bind():
         for port in s.get("ports") or []:
             assert str(port).startswith("${UI_BIND}:"), f"{name} publishes {port} on every address"
             uis += 1
-    assert uis == 4   # NameNode, ResourceManager, Prometheus, Grafana
+    assert uis == 6   # NameNode, ResourceManager, Prometheus, Grafana, the Collector's OTLP gRPC + HTTP
 
 
 # ------------------------------------------------------------------------------------------
@@ -521,6 +529,110 @@ def test_dockerfile_base_is_the_pinned_python_of_pyproject():
     requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
     minimum = tuple(int(x) for x in re.search(r">=\s*(\d+)\.(\d+)", requires).groups())
     assert (int(version.group(1)), int(version.group(2))) >= minimum
+
+
+# ------------------------------------------------------------------------------------------
+# The OpenTelemetry Collector: OTLP and the Hadoop daemons' /prom in, the otlp stage's topics out
+COLLECTOR_FILE = REPO / "otel" / "collector.yaml"
+HADOOP_HTTP_PORT = {"hdfs namenode": 9870, "hdfs datanode": 9864, "yarn resourcemanager": 8088,
+                    "yarn nodemanager": 8042}   # Hadoop 3's default web ports, where /prom is served
+
+
+@lru_cache(maxsize=1)
+def collector_config() -> dict:
+    return yaml.safe_load(COLLECTOR_FILE.read_text())
+
+
+@lru_cache(maxsize=1)
+def prometheus_config() -> dict:
+    return yaml.safe_load((REPO / "prometheus" / "prometheus.yml").read_text())
+
+
+def test_collector_image_config_and_login_are_compose_s():
+    collector = services()["otel-collector"]
+    assert dotenv()["OTEL_COLLECTOR_IMAGE"].startswith("otel/opentelemetry-collector-contrib:")
+    mounted = {target: source for source, target, ro in mounts(collector) if ro}
+    [config_path] = [arg.split("=", 1)[1] for arg in collector["command"] if arg.startswith("--config=")]
+    assert mounted[config_path] == "./otel/collector.yaml"
+    env = environment(collector)
+    assert env["KAFKA_USERNAME"] == "otel-collector"
+    assert REQUIRED.match(env["KAFKA_PASSWORD"])["name"] == security.password_variable("otel-collector")
+    assert mounted["/etc/logwarden/kafka-ca"] == "kafka-ca" and env["KAFKA_CA"].startswith("/etc/logwarden/kafka-ca/")
+    # Its user, ACLs and topics exist before it exports.
+    assert collector["depends_on"]["topics-init"]["condition"] == "service_completed_successfully"
+    init_env = environment(services()["topics-init"])
+    assert REQUIRED.match(init_env["OTEL_COLLECTOR_KAFKA_PASSWORD"])["name"] == "OTEL_COLLECTOR_KAFKA_PASSWORD"
+
+
+def test_collector_writes_only_the_three_otlp_topics_with_scram_over_tls():
+    config, settings = collector_config(), Settings()
+    assert set(config["exporters"]) == {"kafka"}
+    kafka = config["exporters"]["kafka"]
+    topics = {signal: kafka[signal]["topic"] for signal in ("traces", "metrics", "logs")}
+    assert topics == {"traces": settings.otlp_spans_topic, "metrics": settings.otlp_metrics_topic,
+                      "logs": settings.otlp_logs_topic}
+    assert list(topics.values()) == security.collector_topics(settings)
+    assert {kafka[signal]["encoding"] for signal in topics} <= {"otlp_proto", "otlp_json"}   # what otlp reads
+    # Nothing may choose another topic per record (its ACLs would refuse it: lost telemetry).
+    assert not any(key.startswith("topic_from") for key in kafka)
+    assert not any(key.startswith("topic_from") for signal in topics for key in kafka[signal])
+    assert "topic" not in kafka and "encoding" not in kafka
+    assert kafka["producer"]["allow_auto_topic_creation"] is False       # topics-init creates them
+    sasl = kafka["auth"]["sasl"]
+    assert sasl == {"mechanism": "SCRAM-SHA-512", "username": "${env:KAFKA_USERNAME}",
+                    "password": "${env:KAFKA_PASSWORD}"}
+    assert kafka["tls"] == {"ca_file": "${env:KAFKA_CA}"}                # verified TLS, compose's CA
+    assert set(kafka["brokers"]) == set(dotenv()["KAFKA_BOOTSTRAP"].split(","))
+    pipelines = config["service"]["pipelines"]
+    assert set(pipelines) == {"traces", "metrics", "logs"}
+    assert all(p["exporters"] == ["kafka"] for p in pipelines.values())
+    assert "prometheus" in pipelines["metrics"]["receivers"]
+    assert all("otlp" in p["receivers"] for p in pipelines.values())
+
+
+def test_collector_scrapes_every_hadoop_daemon_s_prom_endpoint_that_compose_enables():
+    hadoop = {name: " ".join(s["command"]) for name, s in services().items() if s.get("image") == "${HADOOP_IMAGE}"}
+    for name in hadoop:
+        assert environment(services()[name])["CORE-SITE.XML_hadoop.prometheus.endpoint.enabled"] == "true", name
+    jobs = collector_config()["receivers"]["prometheus"]["config"]["scrape_configs"]
+    scraped = {}
+    for job in jobs:
+        assert job["metrics_path"] == "/prom", job["job_name"]
+        # The job is the resource's service.name: the daemon's role.
+        for target in (t for sc in job["static_configs"] for t in sc["targets"]):
+            host, port = target.rsplit(":", 1)
+            assert hadoop[host].split()[-1] == job["job_name"], target
+            scraped[host] = int(port)
+        # instance (service.instance.id, the otlp stage's entity) is the bare host name
+        [relabel] = job["relabel_configs"]
+        assert relabel["source_labels"] == ["__address__"] and relabel["target_label"] == "instance"
+        assert re.fullmatch(relabel["regex"], "datanode1:9864").group(1) == "datanode1"
+        assert {"action": "labeldrop", "regex": "hostname"} in job["metric_relabel_configs"]
+    assert scraped == {name: HADOOP_HTTP_PORT[command] for name, command in hadoop.items()}
+
+
+def test_collector_receives_otlp_on_ui_bind_only_and_prometheus_scrapes_it():
+    protocols = collector_config()["receivers"]["otlp"]["protocols"]
+    ports = {int(p["endpoint"].rsplit(":", 1)[1]) for p in protocols.values()}
+    assert ports == {4317, 4318}
+    published = [str(p) for p in services()["otel-collector"]["ports"]]
+    assert sorted(published) == sorted(f"${{UI_BIND}}:{p}:{p}" for p in ports)
+    reader = collector_config()["service"]["telemetry"]["metrics"]["readers"][0]["pull"]["exporter"]["prometheus"]
+    jobs = {j["job_name"]: j for j in prometheus_config()["scrape_configs"]}
+    assert jobs["otel-collector"]["static_configs"][0]["targets"] == [f"otel-collector:{reader['port']}"]
+    assert reader["host"] == "0.0.0.0"
+
+
+def test_the_multimodal_stage_services_run_their_stages_as_their_users():
+    """otlp, assemble and join run as compose services like the log stages, each as its own user."""
+    for name in ("otlp", "assemble", "join"):
+        s = stage_services()[name]
+        assert stack.stage_of(s["command"]) == name and name in stages.STAGES
+        env = environment(s)
+        assert env["LOGWARDEN_SASL_USERNAME"] == name and name in security.USERS
+        assert not profiles(s)                  # CPU stages: on under every profile set
+        assert s["depends_on"]["topics-init"]["condition"] == "service_completed_successfully"
+        assert "9400" in " ".join(s["healthcheck"]["test"])
 
 
 # ------------------------------------------------------------------------------------------

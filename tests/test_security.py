@@ -129,6 +129,41 @@ def test_only_the_operator_may_write_feedback_and_filebeat_only_host_topics():
     assert all(b.permission_type == AclPermissionType.ALLOW and b.host == "*" for bs in plan.values() for b in bs)
 
 
+def test_the_collector_may_only_write_and_describe_its_three_topics():
+    settings = Settings()
+    grants = {(b.operation, b.restype, b.resource_pattern_type, b.name) for b in security.plan(settings)["otel-collector"]}
+    assert grants == {(op, ResourceType.TOPIC, ResourcePatternType.LITERAL, topic)
+                      for op in (AclOperation.WRITE, AclOperation.DESCRIBE)
+                      for topic in ("otlp_spans", "otlp_metrics", "otlp_logs")}
+    assert security.collector_topics(settings) == ["otlp_spans", "otlp_metrics", "otlp_logs"]
+    assert security.password_variable("otel-collector") == "OTEL_COLLECTOR_KAFKA_PASSWORD"
+
+
+@pytest.mark.parametrize("stage", ["otlp", "assemble", "join"])
+def test_a_multimodal_stage_user_gets_exactly_the_topics_its_stage_uses(stage, tmp_path):
+    """Read: the stage's input topics (its StageSpec), in its group; write: what its core
+    produces and dead letters; a changelog (and restore group) only for a stateful stage."""
+    from services.state import changelog_topic
+
+    s = Settings(state_dir=tmp_path)
+    spec = stages.build(stage, s)
+    plan = security.plan(s)[stage]
+
+    def named(op, restype=ResourceType.TOPIC):
+        return {b.name for b in plan if b.operation == op and b.restype == restype}
+
+    changelog = {changelog_topic(s.group(stage))} if spec.stateful else set()
+    outputs = {"otlp": {s.spans_topic, s.timeline_topic}, "assemble": {s.traces_topic, s.timeline_topic},
+               "join": {s.chunks_topic}}[stage]
+    assert named(AclOperation.READ) == set(spec.topics) | changelog
+    assert named(AclOperation.WRITE) == outputs | {s.deadletter_topic} | changelog
+    assert set(spec.broadcast_topics) <= outputs
+    assert named(AclOperation.CREATE) == changelog
+    assert named(AclOperation.READ, ResourceType.GROUP) == {s.group(stage)}
+    assert s.feedback_topic not in named(AclOperation.WRITE)
+    assert spec.stateful == (stage != "otlp")
+
+
 # --------------------------------------------------------------------------------------------
 # through the secure broker
 @pytest.mark.slow
@@ -291,7 +326,9 @@ def test_the_detect_stage_runs_as_detect_from_traces_to_alerts(secure, tmp_path)
     runner.start()
     try:
         def alerts() -> list[Alert]:
-            return [decode(m.value(), Alert) for m in consume(admin, admin.alerts_topic, 10**6, 1)]
+            # (the topic is this module's: test_acls_deny_each_user's probe is on it too)
+            return [decode(m.value(), Alert) for m in consume(admin, admin.alerts_topic, 10**6, 1)
+                    if m.value() != b"probe"]
         wait_until(lambda: any(a.key == broken.trace_id for a in alerts()), 90, every=1, what="the trace's alert")
         letters = [decode(m.value(), DeadLetter) for m in consume(admin, admin.deadletter_topic, 1, 30)]
     finally:
@@ -299,3 +336,55 @@ def test_the_detect_stage_runs_as_detect_from_traces_to_alerts(secure, tmp_path)
         runner.join(60)
     assert [d.reason for d in letters if d.stage == "detect"] == ["bad_trace"]
     assert not runner.is_alive()
+
+
+@pytest.mark.slow
+def test_collector_spans_become_traces_with_each_stage_as_its_own_user(secure, tmp_path):
+    """What compose's otel-collector writes, as its user, reaches logwarden.traces through otlp and
+    assemble running as theirs (join beside them, reading the timeline): the ACLs of the
+    multimodal stages grant all they need, and the collector's user nothing beyond its topics."""
+    from toolkit.otlp_replay import SpanRow, span_request
+
+    from services.records import DeadLetter, TraceRecord
+
+    names = secure[1]
+    admin = as_admin(*secure)
+    created = cli(admin, "topics", "create")                 # what topics-init runs: the otlp_* topics too
+    assert created.returncode == 0, created.stderr
+    collector = as_user(secure, "otel-collector")
+    assert denied(collector, names.spans_topic) and denied(collector, names.feedback_topic)
+    assert denied(collector, names.events_topic)
+    assert denied(as_user(secure, "otlp"), names.otlp_spans_topic)        # reads it, may not forge it
+
+    t0 = 1_675_036_800 * 10**9
+    traces = {f"{n:032x}": [SpanRow(f"{n:032x}", f"{n:08x}00000001", None, "ts-order-service-0", "GET /order",
+                                    t0 + n * 10**9, t0 + n * 10**9 + 5 * 10**6),
+                            SpanRow(f"{n:032x}", f"{n:08x}00000002", f"{n:08x}00000001", "ts-db-0", "SELECT orders",
+                                    t0 + n * 10**9 + 10**6, t0 + n * 10**9 + 4 * 10**6)]
+              for n in (1, 2)}
+    stop = threading.Event()
+    overrides = {"host_idle_s": 2.0, "watermark_grace_s": 0.5, "trace_gap_s": 1.0, "trace_lateness_s": 0.5,
+                 "topic_partitions": 1, "metrics_port": 0}
+    runners = [threading.Thread(target=stages.run, kwargs={"stop": stop}, daemon=True, args=(
+        [stage], as_user(secure, stage).model_copy(update={"state_dir": tmp_path / stage, **overrides})))
+        for stage in ("otlp", "assemble", "join")]
+    for runner in runners:
+        runner.start()
+    try:
+        for spans in traces.values():                          # one export request per trace
+            produce_values(collector, names.otlp_spans_topic, [span_request(spans).SerializeToString()])
+        def ours() -> list[TraceRecord]:       # (the module's traces topic has the detect test's too)
+            return [decode(m.value(), TraceRecord) for m in consume(admin, admin.traces_topic, 10**6, 1)
+                    if m.key() is not None and m.key().decode() in traces]
+        wait_until(lambda: len(ours()) >= len(traces), 90, every=1, what="the collector's traces")
+        got = ours()
+        letters = consume(admin, admin.deadletter_topic, 1, timeout=2)
+    finally:
+        stop.set()
+        for runner in runners:
+            runner.join(60)
+    assert {t.trace_id: {s.span_id for s in t.spans} for t in got} == {
+        tid: {s.span_id for s in spans} for tid, spans in traces.items()}
+    assert all(t.closed_reason == "complete" for t in got)
+    assert not [d for d in (decode(m.value(), DeadLetter) for m in letters) if d.stage in ("otlp", "assemble", "join")]
+    assert not any(r.is_alive() for r in runners)
