@@ -885,3 +885,32 @@ def _refuse(args, names) -> None:
     for name in names:
         if getattr(args, name, None):
             raise UsageError(f"--{name.replace('_', '-')} does not apply to --detector hades")
+
+
+# --------------------------------------------------------------------------------------------
+# serving: one alert per entity and fault episode
+def episode_alerts(chunks: Seq[Chunk], verdicts: Seq[Verdict]) -> list[dict]:
+    """Flagged chunks grouped into episodes: per entity, flagged chunks whose windows overlap or
+    touch form one episode (sliding chunks of one fault flag several neighbours; an operator
+    wants one alert). Each alert: the entity, the episode's span, its peak score, the modality
+    its verdicts name most often, and the metrics and log events ranked first most often."""
+    flagged = sorted(((c, v) for c, v in zip(chunks, verdicts) if v.anomalous), key=lambda cv: (cv[0].entity, cv[0].start))
+    episodes: list[list[tuple[Chunk, Verdict]]] = []
+    for chunk, verdict in flagged:
+        last = episodes[-1][-1][0] if episodes else None
+        if last is not None and last.entity == chunk.entity and chunk.start <= max(c.end for c, _ in episodes[-1]):
+            episodes[-1].append((chunk, verdict))
+        else:
+            episodes.append([(chunk, verdict)])
+    alerts = []
+    for members in episodes:
+        modalities = Counter(v.details.get("modality") for _, v in members)
+        metrics = Counter(m["metric"] for _, v in members for m in v.details.get("metrics", [])[:1])
+        events = Counter((e["template_id"], e["template"]) for _, v in members for e in v.details.get("log_events", [])[:1])
+        peak = max(members, key=lambda cv: cv[1].score)
+        alerts.append({"entity": members[0][0].entity, "service": members[0][0].service,
+                       "start": members[0][0].start, "end": max(c.end for c, _ in members), "chunks": len(members),
+                       "score": round(peak[1].score, 4), "modality": modalities.most_common(1)[0][0],
+                       "metrics": [m for m, _ in metrics.most_common(3)],
+                       "log_events": [{"template_id": t, "template": text} for (t, text), _ in events.most_common(3)]})
+    return alerts

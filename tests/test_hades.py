@@ -274,3 +274,17 @@ def test_cli_errors_are_one_line(recordings, tmp_path):
         done = run_cli(*argv)
         assert done.returncode == 2, (argv, done.stderr)
         assert expected in done.stderr and len(done.stderr.strip().splitlines()) == 1, (argv, done.stderr)
+
+
+def test_one_alert_per_entity_and_fault_episode(trained, other_day):
+    from models.hades import episode_alerts
+
+    chunks, _, at = other_day
+    alerts = episode_alerts(chunks, trained.score(chunks))
+    assert len(alerts) == 3, alerts
+    by_start = sorted(alerts, key=lambda a: a["start"])
+    assert [a["modality"] for a in by_start] == ["logs", "metrics", "logs+metrics"]
+    for alert, kind in zip(by_start, ("log", "metric", "both")):
+        assert alert["entity"] == POD_A_OTHER_DAY
+        assert alert["start"] < (at[kind] + 4) * STEP and alert["end"] > at[kind] * STEP
+    assert by_start[1]["metrics"][0] == "CpuUsageRate(%)" and by_start[0]["log_events"][0]["template_id"] == "Tfail"
