@@ -432,11 +432,12 @@ class Hades(Detector):
         return np.nan_to_num(np.clip(z, -self.clip, self.clip), nan=0.0), present
 
     def _log_arrays(self, chunks: Seq[Chunk]):
-        """events (B, T, L, E), their mask, extras (B, T, 3)."""
-        T, L, E = self.steps, self.max_events, self.embedding
-        events = np.zeros((len(chunks), T, L, E), dtype=np.float32)
-        mask = np.zeros((len(chunks), T, L), dtype=bool)
+        """Event rows (B, T, L) into a table of event embeddings (row 0: no event), the table
+        (U + 1, E), extras (B, T, 3)."""
+        T, L = self.steps, self.max_events
+        index = np.zeros((len(chunks), T, L), dtype=np.int64)
         extras = np.zeros((len(chunks), T, LOG_EXTRAS), dtype=np.float32)
+        rows: dict[str, int] = {}
         for b, chunk in enumerate(chunks):
             per_step: dict[int, list] = defaultdict(list)
             for event in chunk.logs:
@@ -449,20 +450,32 @@ class Hades(Detector):
                 # more events than L: an evenly spaced, time-ordered sample (deterministic)
                 chosen = step_events if n <= L else [step_events[int(i * n / L)] for i in range(L)]
                 for i, event in enumerate(chosen):
-                    events[b, t, i] = self.embedder.vector(event.template or event.template_id)
-                    mask[b, t, i] = True
-        return events, mask, extras
+                    index[b, t, i] = rows.setdefault(event.template or event.template_id, len(rows) + 1)
+        table = np.zeros((len(rows) + 1, self.embedding), dtype=np.float32)
+        for text, row in rows.items():
+            table[row] = self.embedder.vector(text)
+        return index, table, extras
 
-    def _batch(self, chunks: Seq[Chunk], variant: str) -> dict[str, torch.Tensor]:
-        batch: dict[str, torch.Tensor] = {}
+    def _features(self, chunks: Seq[Chunk], variant: str) -> dict[str, torch.Tensor]:
+        """Every input the variant's network reads, for all ``chunks`` at once (computed once per
+        chunk set: training draws its batches from them)."""
+        features: dict[str, torch.Tensor] = {}
         if variant in ("both", "metrics"):
             z, present = self._metric_z(chunks)
-            batch["metrics"] = torch.as_tensor(z, dtype=torch.float32)
-            batch["metric_present"] = torch.as_tensor(present)
+            features["metrics"] = torch.as_tensor(z, dtype=torch.float32)
+            features["metric_present"] = torch.as_tensor(present)
         if variant in ("both", "logs"):
-            events, mask, extras = self._log_arrays(chunks)
-            batch["events"], batch["event_mask"] = torch.as_tensor(events), torch.as_tensor(mask)
-            batch["log_extras"] = torch.as_tensor(extras)
+            index, table, extras = self._log_arrays(chunks)
+            features["event_index"], features["event_table"] = torch.as_tensor(index), torch.as_tensor(table)
+            features["log_extras"] = torch.as_tensor(extras)
+        return features
+
+    def _slice(self, features: dict[str, torch.Tensor], index) -> dict[str, torch.Tensor]:
+        batch = {k: v[index].to(self.device) for k, v in features.items() if k != "event_table"}
+        if "event_index" in batch:
+            rows = batch.pop("event_index")
+            batch["events"] = features["event_table"].to(self.device)[rows]
+            batch["event_mask"] = rows > 0
         return batch
 
     # ---------------------------------------------------------------------------------------
@@ -561,9 +574,10 @@ class Hades(Detector):
                     math.ceil(per_epoch * self.batch_size / len(pool)))])
                 yield [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(per_epoch)]
 
+        features = self._features(chunks, variant)
+
         def loss_of(index: np.ndarray, targets: np.ndarray) -> torch.Tensor:
-            batch = {k: v.to(self.device) for k, v in self._batch([chunks[i] for i in index], variant).items()}
-            logits = net(batch)[0]
+            logits = net(self._slice(features, torch.as_tensor(index)))[0]
             return loss_fn(logits, torch.as_tensor(targets, device=self.device))
 
         def step(loss: torch.Tensor) -> float:
@@ -586,7 +600,7 @@ class Hades(Detector):
             if len(unlabelled) > self.max_pseudo:      # a seeded sample bounds the training time
                 unlabelled = np.sort(rng.choice(unlabelled, self.max_pseudo, replace=False))
             net.eval()
-            probs = self._probabilities(net, variant, [chunks[i] for i in unlabelled])
+            probs = self._probabilities(net, variant, features=self._subset(features, unlabelled))
             net.train()
             confident = probs.max(1) >= self.pseudo_confidence
             pseudo = unlabelled[confident]
@@ -612,13 +626,20 @@ class Hades(Detector):
 
     # ---------------------------------------------------------------------------------------
     # scoring
+    @staticmethod
+    def _subset(features: dict[str, torch.Tensor], index: np.ndarray) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(index)
+        return {k: (v if k == "event_table" else v[index]) for k, v in features.items()}
+
     @torch.no_grad()
-    def _probabilities(self, net: _Net, variant: str, chunks: Seq[Chunk], details: bool = False):
-        out = np.zeros((len(chunks), 2))
+    def _probabilities(self, net: _Net, variant: str, chunks: Seq[Chunk] = (), details: bool = False,
+                       features: dict[str, torch.Tensor] | None = None):
+        features = self._features(chunks, variant) if features is None else features
+        count = len(next(v for k, v in features.items() if k != "event_table"))
+        out = np.zeros((count, 2))
         weights, winners = [], []
-        for i in range(0, len(chunks), self.score_batch):
-            batch = {k: v.to(self.device) for k, v in self._batch(chunks[i:i + self.score_batch], variant).items()}
-            logits, w, win = net(batch)
+        for i in range(0, count, self.score_batch):
+            logits, w, win = net(self._slice(features, slice(i, i + self.score_batch)))
             out[i:i + len(logits)] = torch.softmax(logits.double(), -1).cpu().numpy()
             if details:
                 weights.append(w.cpu().numpy())
