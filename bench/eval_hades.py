@@ -91,7 +91,7 @@ class MetricsZ:
         return self
 
     def _scores(self, chunks):
-        z, present = self.hades._metric_z(chunks)
+        z, present, _ = self.hades._metric_z(chunks)
         return np.where(present[:, -1], np.abs(z[:, -1]), 0.0).max(1)
 
     def flag(self, chunks):

@@ -68,14 +68,14 @@ def test_encoder_shapes():
     net = _Net("both", aspects, T, E, hidden=8, metric_hidden=4, max_events=L)
     batch = {"metrics": torch.randn(B, T, M), "metric_present": torch.ones(B, T, M, dtype=torch.bool),
              "events": torch.randn(B, T, L, E), "event_mask": torch.zeros(B, T, L, dtype=torch.bool),
-             "log_extras": torch.zeros(B, T, 3)}
+             "log_extras": torch.zeros(B, T, 3), "metric_level": torch.zeros(B, M)}
     batch["event_mask"][0, 2, :3] = True                       # one step of one chunk holds logs
     batch["metric_present"][1, :, 2] = False                   # a metric absent from one chunk
     logits, weights, winners = net(batch)
     assert logits.shape == (B, 2) and weights.shape == (B, 2 * T) and winners.shape == (B, M)
     assert torch.allclose(weights.sum(1), torch.ones(B))
     assert winners[1, 2] == 0                                  # an absent metric never wins the max
-    steps, _ = net.metrics(batch["metrics"], batch["metric_present"])
+    steps, _ = net.metrics(batch["metrics"], batch["metric_present"], batch["metric_level"])
     assert steps.shape == (B, T, 8)
     assert net.logs(batch["events"], batch["event_mask"], batch["log_extras"]).shape == (B, T, 8)
     assert set(_Net("logs", aspects, T, E, 8, 4, L)(batch)[0].shape) == {B, 2}
