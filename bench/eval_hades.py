@@ -261,6 +261,35 @@ def table(counts: dict) -> list[str]:
     return out
 
 
+def render(results: dict) -> list[str]:
+    """The BENCHMARKS.md tables of a results JSON (``--json``)."""
+    out = []
+    if "lab" in results:
+        r = results["lab"]
+        T = r["steps"]
+        data = r[f"T{T}.data"]
+        out += [f"Lab recordings (train on one, judge the other, both directions summed), T={T} steps of "
+                f"{r['step_s']:g} s, {r['fraction']:g} of the training chunks labelled. Judged per direction: "
+                + "; ".join(f"{d['judged']['chunks']} chunks ({d['judged']['abnormal']} abnormal; "
+                            f"{d['judged']['distinct']} non-overlapping, {d['judged']['distinct_abnormal']} abnormal)"
+                            for d in data) + ".", ""]
+        out += table(r[f"T{T}"]) + [""]
+        lengths = sorted(int(k[1:]) for k in r if k.startswith("T") and "." not in k and k[1:].isdigit())
+        out += ["Chunk length (Hades semi-supervised, both directions summed):", "",
+                "| T (steps) | seconds | precision | recall | F1 |", "| ---: | ---: | ---: | ---: | ---: |"]
+        for length in lengths:
+            c = r[f"T{length}"]["hades_both"]
+            out.append(f"| {length} | {length * r['step_s']:g} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} |")
+        out.append("")
+    if "trainticket" in results:
+        r = results["trainticket"]
+        out += [f"TrainTicket 2023-01-30 (two folds of time blocks, summed), T={r['steps']} steps of {r['step_s']:g} s, "
+                f"{r['fraction']:g} labelled. Fold A: train {r['foldA']['train']}, judged {r['foldA']['judged']}; "
+                f"fold B: train {r['foldB']['train']}, judged {r['foldB']['judged']}.", ""]
+        out += table(r["summed"]) + [""]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.eval_hades", description=__doc__.splitlines()[0])
     p.add_argument("--lab", type=Path, nargs=2, metavar="RECORDING", help="two lab recordings")
@@ -270,7 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", type=int, nargs="*", default=[3, 12], help="chunk lengths of the sensitivity study (lab)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", type=Path)
+    p.add_argument("--render", type=Path, nargs="+", metavar="JSON", help="print the tables of results files")
     args = p.parse_args(argv)
+    if args.render:
+        for path in args.render:
+            print("\n".join(render(json.loads(path.read_text()))))
+        return 0
     from models.base import limit_cpu_threads
 
     limit_cpu_threads()
