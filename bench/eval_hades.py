@@ -91,8 +91,13 @@ class MetricsZ:
         return self
 
     def _scores(self, chunks):
-        z, present, _ = self.hades._metric_z(chunks)
-        return np.where(present[:, -1], np.abs(z[:, -1]), 0.0).max(1)
+        # unclipped robust units (the network's inputs are clipped: a threshold among clipped
+        # scores equals the clip and flags nothing)
+        h = self.hades
+        values = h._metric_values(chunks)[:, -1]
+        rows = h._rows(chunks)
+        z = np.abs((values - h.center[rows]) / h.scale[rows])
+        return np.nan_to_num(z, nan=0.0).max(1) if z.shape[1] else np.zeros(len(chunks))
 
     def flag(self, chunks):
         return list(self._scores(chunks) > self.threshold)
