@@ -288,3 +288,54 @@ def test_one_alert_per_entity_and_fault_episode(trained, other_day):
         assert alert["entity"] == POD_A_OTHER_DAY
         assert alert["start"] < (at[kind] + 4) * STEP and alert["end"] > at[kind] * STEP
     assert by_start[1]["metrics"][0] == "CpuUsageRate(%)" and by_start[0]["log_events"][0]["template_id"] == "Tfail"
+
+
+@pytest.mark.slow
+def test_the_detect_stage_serves_hades_through_the_broker_with_the_offline_verdicts(trained, other_day, kafka_settings,
+                                                                                     tmp_path):
+    """Chunks as the join stage writes them (ChunkRecords keyed by entity) through the real broker
+    and the detect stage: its Hades episodes hold exactly the chunks and scores offline `score` gives."""
+    import threading
+    import time
+
+    from confluent_kafka import Producer
+
+    from models import artifacts
+    from services import stages
+    from services.cores.score import chunk_record
+    from services.records import Alert, decode, encode
+    from services.shell import StageRunner, ensure_topics
+    from tests.kafkautil import consume
+
+    chunks, _, _ = other_day
+    verdicts = trained.score(chunks)
+    expected = {chunk_record(c).chunk_id: v.score for c, v in zip(chunks, verdicts) if v.anomalous}
+    assert 0 < len(expected) < len(chunks)
+    trained.save(tmp_path / "hades")
+    artifacts.publish(tmp_path / "hades", tmp_path / "models")
+    settings = kafka_settings.model_copy(update={"model_dir": tmp_path / "models", "device": "cpu", "detect_batch": 16,
+                                                 "state_dir": tmp_path / "state"})
+    ensure_topics(settings)
+    spec = stages.build("detect", settings)
+    spec.core.core.episode_idle_s = 3.0       # the episodes still open when input ends close soon after
+    stop = threading.Event()
+    thread = threading.Thread(target=StageRunner(settings, spec, stop).run, daemon=True)
+    thread.start()
+    try:
+        producer = Producer(settings.kafka_config() | {"enable.idempotence": True, "linger.ms": 5})
+        for c in chunks:
+            producer.produce(settings.chunks_topic, encode(chunk_record(c)), c.entity)
+        assert producer.flush(30) == 0
+        deadline = time.monotonic() + 120
+        while True:
+            alerts = [decode(m.value(), Alert) for m in consume(settings, settings.alerts_topic, 1, timeout=2)]
+            finals = [a for a in alerts if a.detector == "hades" and a.status == "final"]
+            seen = {i["id"]: i["score"] for a in finals for i in a.details["items"]}
+            if len(seen) >= len(expected) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert seen == expected
+    assert all(a.modality == "chunks" and a.entity == POD_A_OTHER_DAY for a in finals)
