@@ -81,7 +81,7 @@ def test_e2e_bench_through_the_broker_gives_every_key(kafka_bootstrap, datasets,
     assert result["passthrough_events"]["records"] == result["passthrough_events"]["outputs"] == parse["outputs"]
     sessions = result["sessions"]
     assert sessions["records"] == parse["outputs"] and "records_per_s" in sessions
-    assert 0 < sessions["session_windows"] <= blocks
+    assert 0 <= sessions["session_windows"] <= blocks      # (sessions may still be open when it stops: see whole)
     assert not any(result[k]["capped"] for k in ("passthrough", "drain3_peer", "parse", "passthrough_events", "sessions"))
     for chain, hops in (("passthrough_chain", 3), ("passthrough_chain2", 2)):
         assert result[chain]["completed"] and result[chain]["hops"] == hops and result[chain]["records_per_s"] > 0
