@@ -102,6 +102,24 @@ def test_a_late_event_is_counted_placed_in_event_time_and_not_judged_early():
     assert c.session.late == 1
 
 
+def test_a_session_id_is_its_earliest_events_whatever_order_the_events_came_in():
+    # A replica that re-reads a partition after a failover can see a session's earliest event
+    # late; the window (and alert) ids must still be those of an uninterrupted run.
+    config = SessionConfig(allowed_lateness_s=0.0, host_idle_s=10.0, idle_close_s=1e9, **NO_GRACE)
+    a, b, c = event("blk_1", 10, "dn2", 0, "A"), event("blk_1", 20, "dn1", 0, "B"), event("blk_1", 30, "dn1", 1, "C")
+    in_order = SessionBook(config)
+    run(in_order, [(0, a), (1, b), (2, c)], now=0.0)
+    (expected,) = closed(in_order.close_all())
+    late_first = SessionBook(config)
+    run(late_first, [(0, b), (1, c)], now=0.0)
+    late_first.tick(now=100.0)
+    run(late_first, [(2, a)], now=100.0)             # A, the earliest, comes last: late
+    assert late_first.late_events == 1
+    (got,) = closed(late_first.close_all())
+    assert [s.template_id for s in got.steps] == ["A", "B", "C"]
+    assert got.session.session_id == expected.session.session_id == stable_id("blk_1", a.event_id)
+
+
 def test_sessions_close_on_gap_max_events_and_time_windows_on_their_end():
     book = SessionBook(SessionConfig(session_gap_s=100.0, session_max_events=3, time_window_s=60.0,
                                      allowed_lateness_s=0.0, **NO_GRACE))

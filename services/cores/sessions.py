@@ -445,6 +445,11 @@ class SessionBook:
         step_rows.append((order, new))
         step_rows.sort(key=lambda pair: pair[0])
         ids = bytes(session.ids) + entry[6]
+        if step_rows[0][1] is new and not session.time_window:
+            # A session's id is its earliest event's, whatever order its events came in: a
+            # replica that re-reads a partition after a failover may see them in another order
+            # (the window and alert ids must equal an uninterrupted run's).
+            session.sid = bytes.fromhex(stable_id(session.key, entry[7]))
         session.rows, session.ids, session.n = bytearray(), bytearray(), 0
         first = step_rows[0][1].timestamp
         session.first_ts = first
