@@ -19,7 +19,7 @@ from toolkit.lab import cluster as lab
 from toolkit.lab.faults import Injector, PlannedFault, halt
 from toolkit.lab.live import metrics_record
 from toolkit.lab.scrape import MetricsRecorder
-from toolkit.lab.workload import Workload, WorkloadConfig
+from toolkit.lab.workload import WebHdfs, Workload, WorkloadConfig
 from toolkit.localkafka import _cmdline, _pid_alive
 from toolkit.replay import ensure_topic, logs_topic, replay_files
 
@@ -109,3 +109,40 @@ def test_a_live_cluster_ships_logs_and_metrics_and_a_killed_datanode_shows_in_bo
         lab.stop(cluster)
     assert lab.processes(cluster.base) == []
     assert mentioning(cluster.base) == [], "a process of the test's cluster outlived it"
+
+
+@pytest.mark.slow
+def test_a_filled_volume_takes_its_datanode_out_of_placement_until_the_fault_ends(tmp_path):
+    lab.check_jars()
+    cluster = lab.create(tmp_path / "cluster")
+    injector = None
+
+    def remaining(host: str) -> int:
+        return int(lab.jmx(cluster.daemons[host], "Hadoop:service=DataNode,name=FSDatasetState*").get("Remaining", -1))
+
+    try:
+        lab.start(cluster, die_with_parent=True, timeout=150)
+        client = WebHdfs(cluster.namenode.http, timeout=20.0)
+        # each data directory is a disk of VOLUME_BYTES to its DataNode, whatever the real disk holds
+        wait_until(lambda: lab.VOLUME_BYTES < remaining("dn1") <= lab.VOLUMES * lab.VOLUME_BYTES, 30,
+                   what="dn1 reporting its two small volumes")
+        injector = Injector(cluster, [PlannedFault("fill_volume", 0.0, 30.0, "dn1")], tmp_path / "faults.json", time.time())
+        injector.start()
+        wait_until(lambda: 0 <= remaining("dn1") < lab.BLOCK_SIZE, 30, every=1, what="dn1 full (its next du)")
+        balloons = list(Path(cluster.base).glob("dn1/data*/current/BP-*/lab-fill"))
+        assert len(balloons) == lab.VOLUMES
+        log = cluster.namenode.log_file
+        seen = len(log.read_text())
+        client.create("/lab/while-full", b"x" * 200_000)      # written, with one replica fewer
+        wait_until(lambda: "Failed to place enough replicas" in log.read_text()[seen:], 15, every=1,
+                   what="the NameNode unable to place a replica")
+        injector.join(60)
+        assert not injector.is_alive() and injector.errors == []
+        assert not any(b.exists() for b in balloons)
+        wait_until(lambda: remaining("dn1") > lab.VOLUME_BYTES, 30, every=1, what="dn1's space back")
+        (fault,) = read_faults(tmp_path / "faults.json")
+        assert (fault.kind, fault.target) == ("fill_volume", "dn1")
+    finally:
+        halt(injector)
+        lab.stop(cluster)
+    assert lab.processes(cluster.base) == []

@@ -60,6 +60,11 @@ NAMENODE = "nn1"
 DATANODES = ("dn1", "dn2")
 VOLUMES = 2                                   # data directories per DataNode
 BLOCK_SIZE = 1 << 20                          # HDFS' smallest allowed block size
+# Each data directory is a disk of this size to its DataNode: dfs.datanode.du.reserved is set to
+# the real disk's size less this, so its capacity is this and its free space this less what the
+# block pool holds (FsVolumeImpl.getAvailable), whatever else the shared disk holds. A volume can
+# then be filled for real (the fill_volume fault) with this much, not the whole disk.
+VOLUME_BYTES = 256 << 20
 REPLICATION = 2
 NAMENODE_CLASS = "org.apache.hadoop.hdfs.server.namenode.NameNode"
 DATANODE_CLASS = "org.apache.hadoop.hdfs.server.datanode.DataNode"
@@ -248,6 +253,7 @@ def _hdfs_site(cluster: Cluster, daemon: Daemon) -> dict[str, object]:
         }
     return common | {
         "dfs.datanode.data.dir": ",".join(daemon.data_dirs),
+        "dfs.datanode.du.reserved": reserved_bytes(daemon.data_dirs[0]),
         "dfs.datanode.address": f"{HOST}:{daemon.ports['data']}",
         "dfs.datanode.http.address": f"{HOST}:{daemon.ports['http']}",
         "dfs.datanode.ipc.address": f"{HOST}:{daemon.ports['ipc']}",
@@ -290,6 +296,21 @@ def create(base: str | Path, datanodes: tuple[str, ...] = DATANODES) -> Cluster:
     _format_namenode(cluster)
     cluster.save()
     return cluster
+
+
+def reserved_bytes(data_dir: str) -> int:
+    """dfs.datanode.du.reserved that leaves ``data_dir``'s DataNode VOLUME_BYTES free.
+
+    The DataNode's free space is min(capacity - its use, df's available - (reserved - the disk's
+    other use)), with capacity = df's size - reserved (FsVolumeImpl.getAvailable). df's size
+    counts the blocks only root may use and its available does not: reserved = used + available
+    - VOLUME_BYTES makes the second term VOLUME_BYTES - its use, however the rest of the shared
+    disk fills or empties (while it has more than that free)."""
+    path = Path(data_dir)
+    while not path.exists():
+        path = path.parent
+    fs = os.statvfs(path)
+    return max(0, (fs.f_blocks - fs.f_bfree + fs.f_bavail) * fs.f_frsize - VOLUME_BYTES)
 
 
 def write_config(cluster: Cluster, daemon: Daemon) -> None:

@@ -15,14 +15,17 @@ code reads lab and TrainTicket labels.
     fail_volume           replace the DataNode's second data directory by a plain file (the disk
                           is gone); at the end put it back and restart the DataNode, which is how
                           an operator returns a replaced disk to service
+    fill_volume           fill each data directory of the DataNode with a file in its block pool
+                          (allocated, not sparse) until 64 KiB are left, less than a block: its
+                          next du (every 10 s) counts it as used, the NameNode stops placing
+                          replicas there and writes run short of replicas; deleted at the end.
+                          Each data directory is a disk of toolkit.lab.cluster.VOLUME_BYTES to
+                          its DataNode (dfs.datanode.du.reserved), so the shared disk is never
+                          filled: the fault allocates at most that much per directory.
     cut_namenode_clients  drop the link between HDFS clients and the NameNode's client RPC port
                           (toolkit.lab.relay): open connections are reset, new ones refused; the
                           DataNodes' heartbeats (service RPC port) keep flowing. Target: nn1
 
-Not here: filling a volume. A DataNode's free space is its file system's, and this machine's
-volumes live on one shared disk that the lab must not fill; HDFS's reserved-space settings
-cannot fake a small disk without also reading the disk's real free space (see the report of
-issue 16).
 
 A schedule (``parse_schedule``) is a small text spec, on the command line or in a file (one entry
 per line, ``#`` comments):
@@ -42,6 +45,7 @@ restored, a failed volume put back and its DataNode restarted, a killed DataNode
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import random
@@ -74,11 +78,13 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("corrupt_replica", 30.0, "datanode", "overwrite bytes of a block replica on disk, then read its file"),
     Kind("delete_replica", 40.0, "datanode", "delete a block replica's files from disk"),
     Kind("fail_volume", 40.0, "datanode", "replace a data directory by a file; restore and restart at the end"),
+    Kind("fill_volume", 40.0, "datanode", "fill every data directory of the DataNode to its last 64 KiB; free it at the end"),
     Kind("slow_datanode", 30.0, "datanode", "SIGSTOP/SIGCONT bursts (3 s stopped, 2 s running)"),
     Kind("cut_namenode_clients", 30.0, "namenode", "reset and refuse client connections to the NameNode's RPC port"),
 )}
 DEFAULT_GAP_S = 45.0
 SLOW_STOPPED_S, SLOW_RUNNING_S = 3.0, 2.0
+FILL_LEAVE_BYTES = 64 << 10           # left free by fill_volume: less than a block (1 MiB)
 CORRUPT_READS = 4
 
 
@@ -346,6 +352,50 @@ class Actions:
         if moved.exists() and not volume.exists():
             moved.rename(volume)
         self._restart(host)
+
+    FILL_NAME = "lab-fill"                # in the block pool's directory: its du counts it
+
+    def _volume_free(self, host: str) -> dict[str, int]:
+        """Free bytes per data directory, as the DataNode reports them (DataNodeInfo.VolumeInfo)."""
+        info = lab.jmx(self.cluster.daemons[host], "Hadoop:service=DataNode,name=DataNodeInfo")
+        try:
+            volumes = json.loads(info.get("VolumeInfo") or "{}")
+        except ValueError:
+            volumes = {}
+        free = {}
+        for volume in self.cluster.daemons[host].data_dirs:
+            for path, v in volumes.items():
+                if Path(path) in (Path(volume), Path(volume) / "current"):
+                    free[volume] = int(v.get("freeSpace", 0))
+        return free
+
+    def start_fill_volume(self, a: Active) -> None:
+        host = a.planned.target
+        free = self._volume_free(host)
+        filled = {}
+        for volume, available in free.items():
+            pools = glob.glob(f"{volume}/current/BP-*/")
+            size = available - FILL_LEAVE_BYTES
+            if not pools or size <= 0:
+                continue
+            balloon = Path(pools[0]) / self.FILL_NAME
+            fd = os.open(balloon, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.posix_fallocate(fd, 0, size)    # real blocks (du counts them), written at once
+            except OSError as err:                 # the shared disk has less than that free
+                os.close(fd)
+                balloon.unlink(missing_ok=True)
+                a.detail.setdefault("errors", []).append(f"{volume}: {err}")
+                continue
+            os.close(fd)
+            filled[str(balloon)] = size
+        if not filled:
+            a.detail["skipped"] = f"no data directory of {host} could be filled (free: {free})"
+        a.detail.update(filled=filled, free_before=free)
+
+    def end_fill_volume(self, a: Active) -> None:
+        for balloon in a.detail.get("filled", {}):
+            Path(balloon).unlink(missing_ok=True)
 
     # -- the NameNode's clients ----------------------------------------------------------
     def start_cut_namenode_clients(self, a: Active) -> None:
