@@ -16,9 +16,10 @@ Mapping (as the prometheus receiver maps, simplified): the resource is the targe
 = the target's name, ``service.name`` = its role, default the name), every sample a gauge data
 point named after the sample, its labels as attributes (less ``--drop-label``: Hadoop's own
 ``hostname`` label names the machine, the same for every daemon on it), timed by the sample's own
-timestamp or the scrape's start. A target that does not answer gets no record (its metrics are
-absent for that step, not zero) and a line in the log; a page with malformed lines keeps the
-good ones and counts the bad.
+timestamp or the scrape's start. Each scrape also carries the receiver's synthetic gauge ``up``: 1
+with the page, and a target that does not answer gets a record holding only ``up`` = 0 (its other
+metrics are absent for that step, not zero) and a line in the log; a page with malformed lines
+keeps the good ones and counts the bad.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from services.cores import promtext
 log = logging.getLogger(__name__)
 SCOPE_NAME = "logwarden.scrape"
 NO_RECORDED_VALUE = 1          # OTLP DataPointFlags.FLAG_NO_RECORDED_VALUE: NaN is no value
+UP = "up"                      # the prometheus receiver's synthetic metric: did the scrape answer
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,7 @@ class Target:
     role: str                  # service.name (namenode, datanode, ...)
 
 
-def exposition_request(target: Target, scraped_at: float, page: promtext.Exposition,
-                       drop_labels: tuple[str, ...] = ("hostname",)) -> ExportMetricsServiceRequest:
-    """One scrape of one target as the Collector's prometheus receiver exports it (gauges)."""
+def _scope(target: Target, scraped_at: float, up: bool):
     request = ExportMetricsServiceRequest()
     resource_metrics = request.resource_metrics.add()
     for key, value in (("service.name", target.role), ("host.name", target.name)):
@@ -56,9 +56,28 @@ def exposition_request(target: Target, scraped_at: float, page: promtext.Exposit
         kv.key, kv.value.string_value = key, value
     scope = resource_metrics.scope_metrics.add()
     scope.scope.name = SCOPE_NAME
+    metric = scope.metrics.add()
+    metric.name = UP
+    point = metric.gauge.data_points.add()
+    point.time_unix_nano, point.as_double = round(scraped_at * 1e9), 1.0 if up else 0.0
+    return request, scope
+
+
+def down_request(target: Target, scraped_at: float) -> ExportMetricsServiceRequest:
+    """A scrape the target did not answer: ``up`` = 0 alone, as the prometheus receiver sends."""
+    return _scope(target, scraped_at, up=False)[0]
+
+
+def exposition_request(target: Target, scraped_at: float, page: promtext.Exposition,
+                       drop_labels: tuple[str, ...] = ("hostname",)) -> ExportMetricsServiceRequest:
+    """One scrape of one target as the Collector's prometheus receiver exports it (gauges, and
+    ``up`` = 1)."""
+    request, scope = _scope(target, scraped_at, up=True)
     metrics: dict[str, object] = {}
     default_ns = round(scraped_at * 1e9)
     for sample in page.samples:
+        if sample.name == UP:
+            continue                   # the page's own `up`, if any, is the scrape's to say
         metric = metrics.get(sample.name)
         if metric is None:
             metric = metrics[sample.name] = scope.metrics.add()
@@ -120,6 +139,8 @@ class Scraper:
             page = fetch(target.url)
             if page is None:
                 self.missed += 1
+                value = serialise(down_request(target, at), self.encoding)
+                self.producer.produce(self.settings.otlp_metrics_topic, value, target.name.encode())
                 continue
             self.malformed += len(page.errors)
             value = serialise(exposition_request(target, at, page, self.drop_labels), self.encoding)

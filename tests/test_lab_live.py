@@ -17,7 +17,7 @@ from tests.kafkautil import consume, record_count
 from tests.streamutil import wait_until
 from toolkit.lab import cluster as lab
 from toolkit.lab.faults import Injector, PlannedFault, halt
-from toolkit.lab.live import metrics_record
+from toolkit.lab.live import otlp_request
 from toolkit.lab.scrape import MetricsRecorder
 from toolkit.lab.workload import WebHdfs, Workload, WorkloadConfig
 from toolkit.localkafka import _cmdline, _pid_alive
@@ -34,6 +34,21 @@ def all_json(settings, topic: str) -> list[dict]:
     return [json.loads(m.value()) for m in consume(settings, topic, record_count(settings, topic), timeout=10)]
 
 
+def scrapes(settings, topic: str) -> list[dict]:
+    """The OTLP metrics records of ``topic``: per scrape its host, time, ``up`` and metric count."""
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+    out = []
+    for m in consume(settings, topic, record_count(settings, topic), timeout=10):
+        (rm,) = ExportMetricsServiceRequest.FromString(m.value()).resource_metrics
+        attrs = {a.key: a.value.string_value for a in rm.resource.attributes}
+        metrics = {x.name: x for x in rm.scope_metrics[0].metrics}
+        up = metrics["up"].gauge.data_points[0]
+        out.append({"host": attrs["host.name"], "time": up.time_unix_nano / 1e9, "up": up.as_double == 1.0,
+                    "metrics": len(metrics)})
+    return out
+
+
 def log_time(line: str) -> float:
     return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").replace(tzinfo=timezone.utc).timestamp()
 
@@ -43,7 +58,7 @@ def test_a_live_cluster_ships_logs_and_metrics_and_a_killed_datanode_shows_in_bo
     lab.check_jars()
     cluster = lab.create(tmp_path / "cluster")
     hosts = {h: kafka_settings.host(h) for h in cluster.daemons}
-    metrics_topic = f"{kafka_settings.test_id}.lab.metrics"
+    metrics_topic = kafka_settings.otlp_metrics_topic
     stop = threading.Event()
     shippers: list[threading.Thread] = []
     workload = scraper = injector = None
@@ -62,7 +77,7 @@ def test_a_live_cluster_ships_logs_and_metrics_and_a_killed_datanode_shows_in_bo
         for t in shippers:
             t.start()
         scraper = MetricsRecorder(cluster, 2.0, on_scrape=lambda host, at, page: producer.produce(
-            metrics_topic, metrics_record(cluster, host, at, page), host.encode()))
+            metrics_topic, otlp_request(cluster, host, host, at, page), host.encode()))
         scraper.start()
         workload = Workload(cluster.namenode.http, WorkloadConfig(rate=3.0, seed=2, max_kib=1536))
         workload.start()
@@ -87,9 +102,9 @@ def test_a_live_cluster_ships_logs_and_metrics_and_a_killed_datanode_shows_in_bo
         wait_until(fault_in_the_logs, 60, every=2, what=f"a WARN line naming dn1 ({dn1_data}) in logs.<dn2|nn1>")
 
         def fault_in_the_metrics() -> bool:
-            records = all_json(kafka_settings, metrics_topic)
+            records = scrapes(kafka_settings, metrics_topic)
             down = [r for r in records if r["host"] == "dn1" and not r["up"] and r["time"] >= killed_at]
-            up = {r["host"] for r in records if r["up"] and len(r["samples"]) > 100}
+            up = {r["host"] for r in records if r["up"] and r["metrics"] > 100}
             return bool(down) and up == {"nn1", "dn1", "dn2"}
 
         wait_until(fault_in_the_metrics, 30, every=2, what="dn1 scraped as down after the kill in the metrics topic")

@@ -14,7 +14,7 @@ import pytest
 from services.cores import promtext
 from services.cores.otlp import OtlpCore
 from services.records import MetricSample, decode
-from services.scrape import Target, exposition_request, parse_targets, serialise
+from services.scrape import Target, down_request, exposition_request, parse_targets, serialise
 from services.settings import UsageError
 from services.shell import Out, Record
 from tests.kafkautil import consume, record_count
@@ -40,8 +40,15 @@ def test_a_hadoop_prom_page_becomes_one_metric_sample_of_its_daemon(encoding):
     sample = samples[0]
     assert (sample.entity, sample.service, sample.timestamp) == ("dn1", "datanode", 1_700_000_000.0)
     # the channel is the series without Hadoop's machine-wide hostname label, as the lab's CSVs name it
-    assert sample.values == expected_values(page)
+    assert sample.values == expected_values(page) | {"up": 1.0}
     assert not any("hostname" in channel for channel in sample.values)
+
+
+def test_a_target_that_does_not_answer_is_up_0_and_nothing_else():
+    value = serialise(down_request(Target("dn1", "http://x/prom", "datanode"), 1_700_000_010.0), "otlp_proto")
+    (out,) = OtlpCore(TOPICS, "out.spans", "out.timeline").process([Record("in.metrics", 0, 0, b"dn1", value, 0)])
+    sample = decode(out.value, MetricSample)
+    assert (sample.entity, sample.timestamp, sample.values) == ("dn1", 1_700_000_010.0, {"up": 0.0})
 
 
 def test_targets_and_roles_are_checked():
@@ -79,14 +86,16 @@ def test_logwarden_scrape_of_an_endpoint_reaches_the_timeline_through_the_otlp_s
     finally:
         server.shutdown()
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "1 of 2 targets" in done.stdout                 # the dead target: no record, not zeros
-    assert record_count(kafka_settings, kafka_settings.otlp_metrics_topic) == 1
+    assert "1 of 2 targets" in done.stdout                 # the dead target: up = 0 alone, not zeros
+    assert record_count(kafka_settings, kafka_settings.otlp_metrics_topic) == 2
     stop = threading.Event()
     runner = threading.Thread(target=stages.run, args=(["otlp"], kafka_settings, 15.0, stop), daemon=True)
     runner.start()
     runner.join(120)
     stop.set()
     assert not runner.is_alive()
-    samples = [decode(m.value(), MetricSample) for m in consume(kafka_settings, kafka_settings.timeline_topic, 1, timeout=60)]
-    assert [(s.entity, s.service) for s in samples] == [("dn1", "datanode")]
-    assert samples[0].values == expected_values(promtext.parse(PAGE))
+    samples = {s.entity: s for s in (decode(m.value(), MetricSample)
+                                     for m in consume(kafka_settings, kafka_settings.timeline_topic, 2, timeout=60))}
+    assert {(e, s.service) for e, s in samples.items()} == {("dn1", "datanode"), ("gone", "gone")}
+    assert samples["dn1"].values == expected_values(promtext.parse(PAGE)) | {"up": 1.0}
+    assert samples["gone"].values == {"up": 0.0}

@@ -254,6 +254,9 @@ def _hdfs_site(cluster: Cluster, daemon: Daemon) -> dict[str, object]:
     return common | {
         "dfs.datanode.data.dir": ",".join(daemon.data_dirs),
         "dfs.datanode.du.reserved": reserved_bytes(daemon.data_dirs[0]),
+        # Hadoop 3.4 takes a volume for a block only with 1 GiB free beyond it by default: the
+        # lab's volumes are VOLUME_BYTES.
+        "dfs.datanode.round-robin-volume-choosing-policy.additional-available-space": 0,
         "dfs.datanode.address": f"{HOST}:{daemon.ports['data']}",
         "dfs.datanode.http.address": f"{HOST}:{daemon.ports['http']}",
         "dfs.datanode.ipc.address": f"{HOST}:{daemon.ports['ipc']}",

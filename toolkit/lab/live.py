@@ -3,8 +3,8 @@
 1. the local Kafka broker (or LOGWARDEN_KAFKA_BOOTSTRAP), a fresh cluster, the workload;
 2. each daemon's log4j file tailed into ``logs.<host>`` by `logwarden replay --follow` (one per
    host, as Filebeat on each host would), and every daemon's /prom scraped each 10 s into the
-   topic ``lab.metrics`` as JSON, one record per host per scrape (see ``metrics_record``; the
-   stream has no metrics stage yet: the OTLP path is to come);
+   OTLP metrics topic as the Collector's prometheus receiver writes it (``otlp_request``; the
+   otlp stage turns each into the host's timeline, beside its logs);
 3. the stream: `logwarden run all` (parse -> sessions -> alerts, judged in event time) on topics of this run;
 4. a fault-free warm-up: the closed windows the stream builds from it (block sessions and per-host
    time windows, the very windows the detect stage will judge) train DeepLog, which is published
@@ -39,6 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from models.faults import Fault
+from services.cores import promtext
 from services.records import encode
 from services.settings import REPO_ROOT, RUN_DIR, Settings, UsageError, load_settings
 from toolkit.lab import cluster as lab
@@ -48,7 +49,6 @@ from toolkit.lab.workload import Workload, WorkloadConfig
 from toolkit.localkafka import exit_with_parent
 
 log = logging.getLogger("logwarden.lab")
-METRICS_TOPIC = "lab.metrics"
 GRACE_S = 20.0                  # effects counted after a fault ends (restart, re-replication)
 TAIL_S = 40.0                   # after the last fault: sessions close (gap 30 s) and are judged
 DEFAULT_SCHEDULE = "all:gap=40"  # every kind once, 40 s apart: 20 s of each gap is outside any fault
@@ -85,6 +85,8 @@ class Stream:
             "logs_pattern": rf"^logs\.{run_id}-.*", "events_topic": f"{run_id}.events",
             "windows_topic": f"{run_id}.windows", "alerts_topic": f"{run_id}.alerts",
             "deadletter_topic": f"{run_id}.deadletter", "feedback_topic": f"{run_id}.feedback",
+            **{f"{t}_topic": f"{run_id}.{t}" for t in ("otlp_spans", "otlp_metrics", "otlp_logs", "spans",
+                                                        "traces", "timeline", "chunks")},
             "group_prefix": run_id, "state_dir": work / "state", "model_dir": work / "models",
             "session_gap_s": SESSION_GAP_S, "time_window_s": TIME_WINDOW_S, "metrics_port": 0} | overrides))
         return cls(settings, run_id, work)
@@ -146,15 +148,18 @@ class Stream:
                 p.wait(10)
 
 
-def metrics_record(cluster: lab.Cluster, host: str, scraped_at: float, page) -> bytes:
-    """One ``lab.metrics`` record: every sample of one scrape of one daemon, labelled by the
-    endpoint scraped (``host``), port labels and paths made stable as in the CSV columns."""
+def otlp_request(cluster: lab.Cluster, host: str, entity: str, scraped_at: float, page) -> bytes:
+    """One scrape of one daemon as an OTLP metrics record (services.scrape's mapping: the
+    resource is ``entity``, the host name its logs ship under; ``up`` = 0 alone when it did not
+    answer), port labels and paths made stable as in the recorded CSV columns."""
+    from services.scrape import Target, down_request, exposition_request
+
     daemon = cluster.daemons[host]
-    samples = [] if page is None else [
-        {"name": s.name, "labels": s.labels, "value": s.value if s.value == s.value else None}
-        for s in (stable_labels(cluster, daemon, x) for x in page.samples)]
-    return json.dumps({"host": host, "role": daemon.role, "endpoint": f"{daemon.http}/prom", "time": scraped_at,
-                       "up": page is not None, "samples": samples}, separators=(",", ":")).encode()
+    target = Target(entity, f"{daemon.http}/prom", daemon.role)
+    if page is None:
+        return down_request(target, scraped_at).SerializeToString()
+    page = promtext.Exposition([stable_labels(cluster, daemon, x) for x in page.samples], page.types, page.helps, page.errors)
+    return exposition_request(target, scraped_at, page).SerializeToString()
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,7 +343,7 @@ def table(results: list[FaultResult], outside: dict[str, list], quiet_s: float, 
 
 # --------------------------------------------------------------------------------------------
 def run(warmup_s: float, schedule_spec: str, out: Path, seed: int = 1, rate: float = 1.0,
-        model: Path | None = None, metrics_topic: str = METRICS_TOPIC, tail_s: float = TAIL_S) -> dict:
+        model: Path | None = None, tail_s: float = TAIL_S) -> dict:
     from confluent_kafka import Producer
 
     from models import artifacts
@@ -368,13 +373,14 @@ def run(warmup_s: float, schedule_spec: str, out: Path, seed: int = 1, rate: flo
         lab.describe(cluster)
         for host in cluster.daemons:              # topics exist before parse subscribes to the pattern
             ensure_topic(stream.settings, f"logs.{stream.host(host)}")
+        metrics_topic = stream.settings.otlp_metrics_topic
         ensure_topic(stream.settings, metrics_topic)
         stream.start_stages()
         for host, d in cluster.daemons.items():
             stream.ship(host, d.log_file)
         producer = Producer(stream.settings.kafka_config() | {"linger.ms": 100})
         scraper = MetricsRecorder(cluster, SCRAPE_INTERVAL_S, on_scrape=lambda host, at, page: producer.produce(
-            metrics_topic, metrics_record(cluster, host, at, page), host.encode()))
+            metrics_topic, otlp_request(cluster, host, stream.host(host), at, page), stream.host(host).encode()))
         scraper.start()
         alerts = Alerts(stream)
         training = TrainingWindows()
