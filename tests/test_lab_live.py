@@ -161,3 +161,29 @@ def test_a_filled_volume_takes_its_datanode_out_of_placement_until_the_fault_end
         halt(injector)
         lab.stop(cluster)
     assert lab.processes(cluster.base) == []
+
+
+def test_the_warm_up_windows_are_the_sessions_cores_closed_ones_from_the_events_topic():
+    # The sessions stage builds no window before it has a model: the live run builds the
+    # warm-up's windows from the events topic with the same core, closed ones only.
+    from services.records import ParsedEvent, Source, Watermark, encode, stable_id
+    from services.settings import load_settings
+    from toolkit.lab.live import TrainingWindows
+
+    def event(key, ts, host, offset, template):
+        src = Source(host=host, topic=f"logs.{host}", partition=0, offset=offset, file_path="/l", file_offset=offset)
+        return ParsedEvent(event_id=stable_id(host, offset), key=key or host, keys=[key] if key else [], timestamp=ts,
+                           level="INFO", component="c", template_id=template, template=f"text {template}", params=[],
+                           message="m", source=src)
+
+    training = TrainingWindows(load_settings(session_gap_s=30.0, time_window_s=10.0))
+    feed = [event("blk_1", 100, "dn1", 0, "A"), event("blk_1", 101, "dn2", 0, "B"), event("blk_1", 102, "dn1", 1, "C"),
+            event("blk_2", 150, "dn1", 2, "A"), event("blk_3", 190, "dn2", 1, "A")]
+    for e in [*feed, feed[1]]:                         # a re-sent copy counts once
+        training.handle(encode(e))
+    training.handle(encode(Watermark(source="logs.dn1:0", ts=190.0)))
+    windows = training.between(90.0, 200.0)
+    sessions = {w.key: [s.template_id for s in w.steps] for w in windows if w.kind == "session"}
+    # blk_1 and blk_2 are closed (more than 30 s of event time after their last event), blk_3 is open
+    assert sessions == {"blk_1": ["A", "B", "C"], "blk_2": ["A"]}
+    assert training.between(120.0, 200.0) and "blk_1" not in {w.key for w in training.between(120.0, 200.0)}

@@ -230,28 +230,48 @@ class Alerts:
 
 
 class TrainingWindows:
-    """The warm-up's closed windows from the windows topic (block sessions and per-host time
-    windows, events in event time): what DeepLog trains on. The sessions stage judges open
-    sessions in event time too, so the model needs no other order."""
+    """The warm-up's closed windows (block sessions and per-host time windows, events in event
+    time): what DeepLog trains on. Built from the events topic with the sessions stage's own core
+    (services.cores.sessions, the stream's SessionConfig), because the sessions stage builds no
+    window until it has a model to judge with; the windows are the ones it will judge."""
 
-    def __init__(self):
-        self.windows: dict[str, object] = {}
+    def __init__(self, settings: Settings):
+        from services.cores.sessions import SessionConfig
+
+        self.config = SessionConfig(window_size=settings.window_size, session_gap_s=settings.session_gap_s,
+                                    session_max_events=settings.session_max_events, idle_close_s=1e18,
+                                    time_window_s=settings.time_window_s, allowed_lateness_s=0.0,
+                                    watermark_grace_s=0.0)
+        self.events: dict[str, object] = {}        # event id -> event (a re-sent copy counts once)
         self.lock = threading.Lock()
 
     def handle(self, value: bytes) -> None:
-        from services.records import Window, decode
+        from services.records import ParsedEvent, decode
 
-        window = decode(value, Window)
-        if window.kind == "sliding" or not window.steps:
+        try:
+            event = decode(value, ParsedEvent)
+        except Exception:                      # the topic's watermark records
             return
         with self.lock:
-            self.windows[window.window_id] = window
+            self.events[event.event_id] = event
 
     def between(self, start: float, end: float) -> list:
-        """Closed windows whose events all lie in [start, end)."""
+        """Windows closed by ``end`` whose events all lie in [start, end): sessions quiet for the
+        gap before ``end``, time windows that ended; not what was still open then."""
+        from services.cores.detect import session_window
+        from services.cores.sessions import sessions_in_order
+
         with self.lock:
-            return [w for w in self.windows.values()
-                    if start <= min(s.timestamp for s in w.steps) and max(s.timestamp for s in w.steps) < end]
+            events = [e for e in self.events.values() if e.timestamp < end]
+        windows = []
+        for closed in sessions_in_order(events, self.config):
+            s, steps = closed.session, closed.steps
+            if not steps or steps[0].timestamp < start:
+                continue
+            ended = s.bucket + self.config.time_window_s if s.time_window else steps[-1].timestamp + self.config.session_gap_s
+            if ended <= end or closed.reason == "max_events":
+                windows.append(session_window(closed, self.config.time_window_s))
+        return windows
 
 
 def train_deeplog(windows: list, out: Path, seed: int) -> dict:
@@ -383,9 +403,9 @@ def run(warmup_s: float, schedule_spec: str, out: Path, seed: int = 1, rate: flo
             metrics_topic, otlp_request(cluster, host, stream.host(host), at, page), stream.host(host).encode()))
         scraper.start()
         alerts = Alerts(stream)
-        training = TrainingWindows()
+        training = TrainingWindows(stream.settings)
         readers = [TopicReader(stream.settings, stream.settings.alerts_topic, alerts.handle, "alerts"),
-                   TopicReader(stream.settings, stream.settings.windows_topic, training.handle, "windows")]
+                   TopicReader(stream.settings, stream.settings.events_topic, training.handle, "events")]
         for r in readers:
             r.start()
         workload = Workload(cluster.namenode.http, WorkloadConfig(rate=rate, seed=seed))
@@ -399,11 +419,9 @@ def run(warmup_s: float, schedule_spec: str, out: Path, seed: int = 1, rate: flo
             windows = training.between(warm_start + min(SETTLE_S, warmup_s / 3), warm_end)
             trained = work / "deeplog"
             stats = train_deeplog(windows, trained, seed)
-            sessions = [w for w in windows if w.kind == "session"]
-            reordered = len(sessions) - len({w.window_id for w in sessions})   # arrival-order copies keep the id
             training_note = (f"{len(windows)} warm-up windows: {sum(w.kind == 'time' for w in windows)} per-host time "
-                             f"windows, {len(sessions) - reordered} block sessions and {reordered} of them again in "
-                             f"arrival order; {stats['keys']} templates; {stats['seconds']} s")
+                             f"windows, {sum(w.kind == 'session' for w in windows)} block sessions; "
+                             f"{stats['keys']} templates; {stats['seconds']} s")
             say(f"lab: DeepLog trained on {training_note}")
             model = trained
         else:
