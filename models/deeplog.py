@@ -16,8 +16,12 @@ floor chosen on normal data the key model did not train on: fit() holds out a se
 the normal sessions (``floor_validation``, 0.2), trains the key model on the rest, and takes the
 ``floor_quantile``-th (0.0015: DeepLog's own false-positive rate on HDFS, 833 of 553,366) of the
 held-out sessions' lowest probabilities, never above the lowest probability of a window the model
-trained on. The held-out sessions only calibrate; the served model is the one they were held out
-from. The key model trains ``epochs`` (400) passes over the distinct windows, weighted by how
+trained on. ``<end>`` has a floor of its own (``end_floor``): ``end_margin`` (0.1) times the
+lowest probability the model gives a held-out session's end, never above the lowest it gives a
+training session's end nor under the general floor. Normal HDFS sessions end where the model gives
+``<end>`` 0.03 or more; sessions that stop early (``5 22``) where it gives ~1e-4, which the general
+floor, set by the rarest normal transitions, lets through. The held-out sessions only calibrate;
+the served model is the one they were held out from. The key model trains ``epochs`` (400) passes over the distinct windows, weighted by how
 often each occurs: at 40, rare but normal HDFS windows (replication: 29 of 4,855 sessions) were
 still ranked last.
 
@@ -153,7 +157,7 @@ class DeepLog(Detector):
     OPTIONS = ("h", "g", "layers", "hidden", "embedding", "epochs", "batch_size", "lr", "seed",
                "device", "progress", "param_min_events", "param_hidden", "param_layers",
                "param_epochs", "param_confidence", "param_validation", "workflow_min_probability",
-               "score_batch", "floor_validation", "floor_quantile", "memo_size")
+               "score_batch", "floor_validation", "floor_quantile", "end_margin", "memo_size")
 
     def __init__(self, h: int = 10, g: int = 9, layers: int = 2, hidden: int = 64, embedding: int = 16,
                  epochs: int = 400, batch_size: int = 256, lr: float = 5e-3, seed: int = 1,
@@ -161,7 +165,8 @@ class DeepLog(Detector):
                  param_min_events: int = 200, param_hidden: int = 32, param_layers: int = 2,
                  param_epochs: int = 20, param_confidence: float = 0.99, param_validation: float = 0.2,
                  workflow_min_probability: float = 0.2, score_batch: int = 4096,
-                 floor_validation: float = 0.2, floor_quantile: float = 0.0015, memo_size: int = DEFAULT_SIZE):
+                 floor_validation: float = 0.2, floor_quantile: float = 0.0015, end_margin: float = 0.1,
+                 memo_size: int = DEFAULT_SIZE):
         self.h, self.g, self.layers, self.hidden, self.embedding = h, g, layers, hidden, embedding
         self.epochs, self.batch_size, self.lr, self.seed = epochs, batch_size, lr, seed
         self.device_setting, self.progress = device, progress
@@ -169,8 +174,10 @@ class DeepLog(Detector):
         self.param_epochs, self.param_confidence, self.param_validation = param_epochs, param_confidence, param_validation
         self.workflow_min_probability, self.score_batch = workflow_min_probability, score_batch
         self.floor_validation, self.floor_quantile = floor_validation, floor_quantile
+        self.end_margin = end_margin
         self._check_options()
         self.floor = 0.0                                # probability floor, chosen by fit()
+        self.end_floor = 0.0                            # the floor of <end>, chosen by fit()
         self.floor_choice: dict[str, Any] = {}
         self.memo = RowMemo(memo_size)                  # history -> next-key distribution
         self.device = "cpu"
@@ -200,6 +207,8 @@ class DeepLog(Detector):
             raise ValueError(f"deeplog: floor_validation must be in [0, 1), got {self.floor_validation!r}")
         if not 0 <= self.floor_quantile < 1:
             raise ValueError(f"deeplog: floor_quantile must be in [0, 1), got {self.floor_quantile!r}")
+        if not 0 <= self.end_margin <= 1:
+            raise ValueError(f"deeplog: end_margin must be in [0, 1], got {self.end_margin!r}")
         if self.lr <= 0:
             raise ValueError(f"deeplog: lr must be positive, got {self.lr!r}")
 
@@ -224,7 +233,8 @@ class DeepLog(Detector):
                 "param_epochs": self.param_epochs, "param_confidence": self.param_confidence,
                 "param_validation": self.param_validation,
                 "workflow_min_probability": self.workflow_min_probability,
-                "floor_validation": self.floor_validation, "floor_quantile": self.floor_quantile}
+                "floor_validation": self.floor_validation, "floor_quantile": self.floor_quantile,
+                "end_margin": self.end_margin}
 
     # ---------------------------------------------------------------------------------------
     # vocabulary and windows
@@ -288,6 +298,7 @@ class DeepLog(Detector):
             loss = self._train_key_model(self.train_windows, self.epochs, desc="deeplog keys")
             self.floor_choice = self._choose_floor(held_out)
             self.floor = self.floor_choice["floor"]
+            self.end_floor = self.floor_choice.get("end_floor", self.floor)
             self.workflow = self._build_workflow()
             param_stats = self._fit_params(sequences)
         self.training = {
@@ -310,9 +321,14 @@ class DeepLog(Detector):
             return sequences, []
         return [s for s, h in zip(sequences, held) if not h], [s for s, h in zip(sequences, held) if h]
 
-    def _lowest_training_probability(self) -> float:
-        probs = self._probabilities(self.train_windows.history)
-        return float(probs.gather(1, torch.from_numpy(self.train_windows.target).unsqueeze(1)).min())
+    def _lowest_training_probability(self, target: int | None = None) -> float:
+        """The lowest probability the model gives a window it trained on (of ``target`` only)."""
+        windows = self.train_windows
+        rows = np.arange(len(windows)) if target is None else np.flatnonzero(windows.target == target)
+        if not len(rows):
+            return 1.0
+        probs = self._probabilities(np.ascontiguousarray(windows.history[rows]))
+        return float(probs.gather(1, torch.from_numpy(windows.target[rows]).unsqueeze(1)).min())
 
     def _choose_floor(self, validation: Seq[Sequence]) -> dict[str, Any]:
         """The probability floor, from normal sessions the key model did not train on.
@@ -327,7 +343,7 @@ class DeepLog(Detector):
         if not validation:
             reason = ("floor_validation is 0: top-g alone" if not self.floor_validation
                       else "too few sessions to hold some out: top-g alone")
-            return {"floor": 0.0, "reason": reason, "lowest_training_probability": lowest}
+            return {"floor": 0.0, "end_floor": 0.0, "reason": reason, "lowest_training_probability": lowest}
         _, windows, owners = self._judged_windows(validation)
         _, observed, _ = self._observe(windows)
         lows = np.full(len(validation), np.inf)
@@ -336,7 +352,19 @@ class DeepLog(Detector):
         lows = np.sort(lows[np.isfinite(lows)])
         allowed = min(int(self.floor_quantile * len(lows)), len(lows) - 1)
         held_out = float(lows[allowed]) if len(lows) else 0.0
-        return {"floor": min(held_out, lowest), "held_out": held_out, "lowest_training_probability": lowest,
+        floor = min(held_out, lowest)
+        # The end of a session, the one event every normal session has, gets a floor of its own:
+        # held-out normal sessions end where the model gives <end> 0.03 or more (HDFS), sessions
+        # that stop early where it gives 1e-4 (DeepLog's "5 22"), far under any other key's
+        # lows, which set the general floor. ``end_margin`` times the lowest end probability of
+        # a held-out session, never above the lowest the model gives a training session's end.
+        ends = windows[:, -1] == END_ID
+        end_lowest = float(observed[torch.from_numpy(ends)].min()) if ends.any() else 0.0
+        end_training = self._lowest_training_probability(END_ID)
+        end_floor = max(floor, min(self.end_margin * end_lowest, end_training))
+        return {"floor": floor, "end_floor": end_floor, "held_out": held_out, "lowest_training_probability": lowest,
+                "lowest_held_out_end_probability": end_lowest, "lowest_training_end_probability": end_training,
+                "end_margin": self.end_margin,
                 "validation_sessions": len(validation),
                 "distinct_validation_sequences": len({tuple(s.keys) for s in validation}),
                 "quantile": self.floor_quantile, "lowest_session_probabilities": [float(v) for v in lows[:5]]}
@@ -600,7 +628,8 @@ class DeepLog(Detector):
         t = torch.from_numpy(target)
         # Top-g alone is lenient in a small vocabulary (HDFS: 9 of 15 candidates); the floor
         # also flags a key the model gives less probability than any held-out normal session needed.
-        below = observed < self.floor
+        floors = torch.where(t == END_ID, self.end_floor, self.floor)
+        below = observed < floors
         flagged = (rank >= self.g) | (t == UNK_ID) | below
         surprise = (1.0 - observed).numpy()
         offsets = np.cumsum([0] + [len(j) for j, _, _ in plans])
@@ -623,7 +652,7 @@ class DeepLog(Detector):
             details = self._context(seq, position, observed_key, expected)
             details.update({"probability": float(observed[row]), "rank": int(rank[row]) + 1,
                             "unknown": bool(target[row] == UNK_ID), "below_floor": bool(below[row]),
-                            "floor": self.floor})
+                            "floor": float(floors[row])})
             verdicts[n].anomalies.append(Anomaly(position=position, kind=kind, observed=observed_key,
                                                  expected=expected, score=float(surprise[row]), details=details))
 
@@ -744,6 +773,7 @@ class DeepLog(Detector):
         # The floor never flags a window the served model trained on; fine-tuning moves some
         # probabilities, so it comes down to the lowest one where it has to (never up).
         self.floor = min(self.floor, self._lowest_training_probability())
+        self.end_floor = max(self.floor, min(self.end_floor, self._lowest_training_probability(END_ID)))
         self.workflow = self._build_workflow()
         still = sum(v.anomalous for v in self.score(sequences))
         self.training.setdefault("updates", []).append(
@@ -808,7 +838,7 @@ class DeepLog(Detector):
             "vocabulary": [{"id": k, "template": self.templates.get(k)} for k in self.vocabulary[len(SPECIAL):]],
             "special_keys": list(SPECIAL),
             "thresholds": thresholds, "workflow": self.workflow, "training": self.training,
-            "floor": self.floor,
+            "floor": self.floor, "end_floor": self.end_floor,
         })
         artifacts.write_manifest(directory, manifest)
 
@@ -830,6 +860,7 @@ class DeepLog(Detector):
         self.workflow = manifest.get("workflow", {})
         self.training = manifest.get("training", {})
         self.floor = float(manifest.get("floor", 0.0))        # models saved before the floor: top-g alone
+        self.end_floor = float(manifest.get("end_floor", self.floor))   # before the end's own floor: the floor
         self.floor_choice = self.training.get("floor", {})
         tensors = load_file(str(directory / manifest.get("weights", WEIGHTS)))
         self.model = _KeyLSTM(len(self.vocabulary), self.embedding, self.hidden, self.layers)

@@ -102,11 +102,26 @@ def test_probability_floor_catches_what_a_lenient_top_g_lets_through(trained):
     assert stopped.anomalous
     end = stopped.anomalies[-1]
     assert (end.position, end.kind, end.observed) == (2, "end", END)
-    assert end.details["below_floor"] and end.details["probability"] < lenient.floor
+    assert end.details["below_floor"] and end.details["probability"] < end.details["floor"] == lenient.end_floor
     for keys in LEGAL:
         assert not verdict_of(lenient, keys).anomalous, keys
-    lenient.floor = 0.0                                         # top-g alone lets it through
+    lenient.floor = 0.0                                         # the end's own floor still flags it
+    assert verdict_of(lenient, ["a", "b"]).anomalous
+    lenient.end_floor = 0.0                                     # top-g alone lets it through
     assert not verdict_of(lenient, ["a", "b"]).anomalous
+
+
+def test_the_end_has_its_own_floor_under_every_held_out_sessions_end(trained):
+    """<end> gets end_margin times the lowest end probability of a held-out normal session, never
+    more than the lowest the model gives a training session's end, never under the general floor."""
+    choice = trained.floor_choice
+    assert trained.end_floor == choice["end_floor"] == max(
+        trained.floor, min(trained.end_margin * choice["lowest_held_out_end_probability"],
+                           choice["lowest_training_end_probability"]))
+    assert trained.end_floor >= trained.floor > 0
+    assert trained.end_margin == 0.1
+    with pytest.raises(ValueError, match="end_margin"):
+        DeepLog(end_margin=2.0)
 
 
 def test_floor_is_chosen_on_held_out_normal_sessions_only():
@@ -298,8 +313,12 @@ def test_save_load_round_trip_gives_identical_verdicts(request, fixture, tmp_pat
         assert (x.anomalous, x.score) == (y.anomalous, y.score)
         assert [(a.position, a.kind, a.observed, a.expected, a.details) for a in x.anomalies] == \
             [(a.position, a.kind, a.observed, a.expected, a.details) for a in y.anomalies]
+    assert (loaded.floor, loaded.end_floor) == (detector.floor, detector.end_floor)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["detector"] == "deeplog" and (manifest["h"], manifest["g"]) == (detector.h, G)
+    del manifest["end_floor"]                 # a model saved before <end> had a floor of its own
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert DeepLog.load(tmp_path, device="cpu").end_floor == detector.floor
     assert {"id": "a", "template": "Receiving block <*>"} in manifest["vocabulary"] or fixture == "with_params"
     assert manifest["workflow"] == json.loads(json.dumps(detector.workflow))
 
