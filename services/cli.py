@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = a.add_parser("live", help="the cluster watched live by logwarden's stages, faults on a schedule (make lab)")
     t.add_argument("--warmup", type=_positive(float), default=180.0, metavar="S",
                    help="fault-free seconds the model trains on")
-    t.add_argument("--faults", default="all:gap=40", metavar="SCHEDULE", help="as for record; offsets count from the end of the warm-up")
+    t.add_argument("--faults", default="all:gap=30", metavar="SCHEDULE", help="as for record; offsets count from the end of the warm-up")
     t.add_argument("--model", metavar="DIR", help="a trained DeepLog model instead of training on the warm-up")
     t.add_argument("--seed", type=int, default=1)
     t.add_argument("--rate", type=_positive(float), default=1.0, help="workload operations per second")

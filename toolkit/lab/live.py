@@ -51,7 +51,7 @@ from toolkit.localkafka import exit_with_parent
 log = logging.getLogger("logwarden.lab")
 GRACE_S = 20.0                  # effects counted after a fault ends (restart, re-replication)
 TAIL_S = 40.0                   # after the last fault: sessions close (gap 30 s) and are judged
-DEFAULT_SCHEDULE = "all:gap=40"  # every kind once, 40 s apart: 20 s of each gap is outside any fault
+DEFAULT_SCHEDULE = "all:gap=30"  # every kind once, 30 s apart: 10 s of each gap is outside any fault (GRACE_S)
 SESSION_GAP_S = 30.0            # a block quiet this long (event time) is a closed session
 TIME_WINDOW_S = 10.0            # per-host windows of lines without a block: 18 per host in a 3-min warm-up, not 3
 SETTLE_S = 60.0                 # the warm-up's first minute fills the namespace: not what normal looks like later
