@@ -337,10 +337,76 @@ class ParseStage:
 
 
 # ------------------------------------------------------------------------------------------
+class PartitionBooks:
+    """One book (a pure core that holds state) per input partition, as the shell's StatefulCore
+    calls want it: restored from the changelog on assign (a book that cannot be restored starts
+    empty, said in the log), dropped on revoke, its changes and entries handed to the changelog.
+    A stage says how to make a book (``_new_book``), how to restore one and which error means
+    its saved state is unusable; ``BUFFERS_INPUT``: the book holds input it has not turned into
+    state yet (the sessions' reorder buffer), so it says how far the offset may be committed."""
+    name: str
+    BUFFERS_INPUT = False
+    books: dict[TP, object]
+
+    def _new_book(self, tp: TP):
+        raise NotImplementedError
+
+    def _state_error(self) -> type[Exception]:
+        raise NotImplementedError
+
+    def _restore(self, book, entries: dict[bytes, bytes], committed: int | None) -> int | None:
+        book.restore(entries)
+        return None
+
+    def _book(self, tp: TP):
+        book = self.books.get(tp)
+        if book is None:                           # assigned without the callback (manual assign in tests)
+            book = self.books[tp] = self._new_book(tp)
+        return book
+
+    def assign(self, tp: TP, entries: dict[bytes, bytes], committed: int | None) -> int | None:
+        book = self.books[tp] = self._new_book(tp)
+        try:
+            resume = self._restore(book, entries, committed)
+        except self._state_error() as err:
+            log.error("%s: %s[%d]: %s; starting empty", self.name, tp[0], tp[1], err)
+            self.books[tp] = self._new_book(tp)
+            resume = None
+        self._assigned(tp)
+        return resume
+
+    def _assigned(self, tp: TP) -> None:
+        pass
+
+    def revoke(self, tp: TP) -> None:
+        self.books.pop(tp, None)
+        self._revoked(tp)
+
+    def _revoked(self, tp: TP) -> None:
+        pass
+
+    def changes(self) -> dict[TP, dict[bytes, bytes | None]]:
+        return {tp: book.changes() for tp, book in self.books.items()}
+
+    def entries(self, tp: TP) -> dict[bytes, bytes]:
+        book = self.books.get(tp)
+        return book.entries() if book else {}
+
+    def commit_offset(self, tp: TP, processed: int) -> int:
+        book = self.books.get(tp) if self.BUFFERS_INPUT else None
+        return book.commit_offset(processed) if book else processed
+
+    def hold_idle(self, now: float) -> None:
+        """The shell says input stopped because the broker is away: not an idle source."""
+        for book in self.books.values():
+            book.hold(now)
+
+
 # sessions: events -> alerts (+ windows). Window and detect on one partitioning: each open
 # session's events are this stage's partition state, judged where they are kept.
-class SessionsStage:
+class SessionsStage(PartitionBooks):
     name = "sessions"
+    BUFFERS_INPUT = True            # the reorder buffer: committed up to its oldest event
     dead_letter_reasons = ("bad_event", "bad_watermark")
 
     def __init__(self, settings: Settings):
@@ -372,46 +438,25 @@ class SessionsStage:
         return bool(self.models.loaded)
 
     def hold_idle(self, now: float) -> None:
-        """The shell says input stopped because the broker is away: not an idle source."""
         self.last_input = now
-        for book in self.books.values():
-            book.hold(now)
+        super().hold_idle(now)
 
-    def _book(self, tp: TP):
-        book = self.books.get(tp)
-        if book is None:                           # assigned without the callback (manual assign in tests)
-            from services.cores.sessions import SessionBook
+    # -- partition state (PartitionBooks) -------------------------------------------------
+    def _new_book(self, tp: TP):
+        from services.cores.sessions import SessionBook
 
-            book = self.books[tp] = SessionBook(self.config)
-        return book
+        return SessionBook(self.config)
 
-    # -- partition state ------------------------------------------------------------------
-    def assign(self, tp: TP, entries: dict[bytes, bytes], committed: int | None) -> int | None:
-        from services.cores.sessions import SessionBook, StateError
+    def _state_error(self) -> type[Exception]:
+        from services.cores.sessions import StateError
 
-        book = self.books[tp] = SessionBook(self.config)
-        try:
-            resume = book.restore(entries, committed)
-        except StateError as err:
-            log.error("sessions: %s[%d]: %s; starting empty", tp[0], tp[1], err)
-            book = self.books[tp] = SessionBook(self.config)
-            resume = None
+        return StateError
+
+    def _restore(self, book, entries: dict[bytes, bytes], committed: int | None) -> int | None:
+        return book.restore(entries, committed)
+
+    def _assigned(self, tp: TP) -> None:
         self._export()
-        return resume
-
-    def revoke(self, tp: TP) -> None:
-        self.books.pop(tp, None)
-
-    def changes(self) -> dict[TP, dict[bytes, bytes | None]]:
-        return {tp: book.changes() for tp, book in self.books.items()}
-
-    def entries(self, tp: TP) -> dict[bytes, bytes]:
-        book = self.books.get(tp)
-        return book.entries() if book else {}
-
-    def commit_offset(self, tp: TP, processed: int) -> int:
-        book = self.books.get(tp)
-        return book.commit_offset(processed) if book else processed
 
     # -- records --------------------------------------------------------------------------
     def process(self, batch: list[Record]) -> list[Out | Reject]:
@@ -576,7 +621,7 @@ class FeedbackStage:
 # trace id) + timeline (TraceSamples keyed by pod), and the partition's trace frontier as a
 # Watermark to every timeline partition (after the samples it covers): the join cuts a step only
 # once every trace that started in it has closed. Core: services.cores.traces.
-class AssembleStage:
+class AssembleStage(PartitionBooks):
     name = "assemble"
     dead_letter_reasons = ("bad_spans", "bad_span", "bad_watermark")
     MARK_EVERY_S = 0.2          # a moved frontier is sent at most this often ...
@@ -599,49 +644,27 @@ class AssembleStage:
         self._quiet_since: dict[TP, float] = {}              # tp -> monotonic of assignment, while it has no input
         self._late_seen = 0
 
-    def _book(self, tp: TP):
-        book = self.books.get(tp)
-        if book is None:
-            from services.cores.traces import TraceAssembler
+    # -- partition state (PartitionBooks) -------------------------------------------------
+    def _new_book(self, tp: TP):
+        from services.cores.traces import TraceAssembler
 
-            book = self.books[tp] = TraceAssembler(self.config, name=f"{tp[0]}:{tp[1]}")
-        return book
+        return TraceAssembler(self.config, name=f"{tp[0]}:{tp[1]}")
 
-    # -- partition state ------------------------------------------------------------------
-    def assign(self, tp: TP, entries: dict[bytes, bytes], committed: int | None) -> int | None:
-        from services.cores.traces import StateError, TraceAssembler
+    def _state_error(self) -> type[Exception]:
+        from services.cores.traces import StateError
 
-        book = self.books[tp] = TraceAssembler(self.config, name=f"{tp[0]}:{tp[1]}")
-        try:
-            book.restore(entries)
-        except StateError as err:
-            log.error("assemble: %s[%d]: %s; starting empty", tp[0], tp[1], err)
-            self.books[tp] = TraceAssembler(self.config, name=f"{tp[0]}:{tp[1]}")
+        return StateError
+
+    def _assigned(self, tp: TP) -> None:
         self._sent.pop(tp, None)          # announced at the next batch or tick
         self._quiet_since[tp] = time.monotonic()
-        return None
 
-    def revoke(self, tp: TP) -> None:
-        self.books.pop(tp, None)
+    def _revoked(self, tp: TP) -> None:
         self._sent.pop(tp, None)
         self._quiet_since.pop(tp, None)
 
-    def changes(self) -> dict[TP, dict[bytes, bytes | None]]:
-        return {tp: book.changes() for tp, book in self.books.items()}
-
-    def entries(self, tp: TP) -> dict[bytes, bytes]:
-        book = self.books.get(tp)
-        return book.entries() if book else {}
-
-    def commit_offset(self, tp: TP, processed: int) -> int:
-        return processed              # every span is state as soon as it is taken
-
     def output_partitions(self, counts: dict[str, int]) -> None:
         self._timeline_partitions = counts.get(self.settings.timeline_topic) or self._timeline_partitions
-
-    def hold_idle(self, now: float) -> None:
-        for book in self.books.values():
-            book.hold(now)
 
     # -- records --------------------------------------------------------------------------
     def process(self, batch: list[Record]) -> list[Out | Reject]:
@@ -727,7 +750,7 @@ class AssembleStage:
 # ------------------------------------------------------------------------------------------
 # join: timeline (MetricSample | TraceSample | LogSample keyed by entity, Watermarks) -> chunks
 # (ChunkRecord per (entity, step), keyed by entity). Core: services.cores.join.
-class JoinStage:
+class JoinStage(PartitionBooks):
     name = "join"
     dead_letter_reasons = ("bad_timeline", "bad_watermark")
 
@@ -742,41 +765,16 @@ class JoinStage:
         self._decode_mark = decoder(Watermark).decode
         self._late_seen = self._dropped_seen = 0
 
-    def _book(self, tp: TP):
-        book = self.books.get(tp)
-        if book is None:
-            from services.cores.join import Joiner
+    # -- partition state (PartitionBooks) -------------------------------------------------
+    def _new_book(self, tp: TP):
+        from services.cores.join import Joiner
 
-            book = self.books[tp] = Joiner(self.config)
-        return book
+        return Joiner(self.config)
 
-    def assign(self, tp: TP, entries: dict[bytes, bytes], committed: int | None) -> int | None:
-        from services.cores.join import Joiner, StateError
+    def _state_error(self) -> type[Exception]:
+        from services.cores.join import StateError
 
-        book = self.books[tp] = Joiner(self.config)
-        try:
-            book.restore(entries)
-        except StateError as err:
-            log.error("join: %s[%d]: %s; starting empty", tp[0], tp[1], err)
-            self.books[tp] = Joiner(self.config)
-        return None
-
-    def revoke(self, tp: TP) -> None:
-        self.books.pop(tp, None)
-
-    def changes(self) -> dict[TP, dict[bytes, bytes | None]]:
-        return {tp: book.changes() for tp, book in self.books.items()}
-
-    def entries(self, tp: TP) -> dict[bytes, bytes]:
-        book = self.books.get(tp)
-        return book.entries() if book else {}
-
-    def commit_offset(self, tp: TP, processed: int) -> int:
-        return processed
-
-    def hold_idle(self, now: float) -> None:
-        for book in self.books.values():
-            book.hold(now)
+        return StateError
 
     def process(self, batch: list[Record]) -> list[Out | Reject]:
         from services.cores.join import TimelineInputError
