@@ -28,8 +28,9 @@ with its overlap with train (identical sequences; identical key multisets).
    half each). ATT-GRU trains on train + the training side; the test side keeps only sessions
    whose key sequence is in none of ATT-GRU's training data. The normal-trained detectors of 1
    are scored on the same test sessions (their training data, train, is part of ATT-GRU's).
-3. Throughput for the stream: Detector.score on the sliding windows of HDFS_20000.log (as
-   bench.detect_bench builds them) in batches, with the memo off and on (models/memo.py), in one
+3. Throughput for the stream: Detector.score on the sliding windows of HDFS_20000.log (its
+   sessions by the parse and sessions cores, one window of h events + the judged one per event,
+   as the sessions stage judges open sessions) in batches, with the memo off and on (models/memo.py), in one
    process: windows per CPU second and their ratio, and whether any verdict differs.
 
 Re-weighted figures count each normal test session as 558,223 / (normal test sessions) and each
@@ -230,11 +231,13 @@ def attgru_split(data: dict, normal_detectors: dict, seed: int) -> dict:
 # ------------------------------------------------------------------------------------------
 # 3. throughput with and without the memo
 def throughput(detectors: dict, data_dir: Path) -> dict:
-    from bench.detect_bench import stream_windows
+    from bench.deeplog_eval import sliding_windows
     from models.memo import DEFAULT_SIZE, RowMemo
-    from services.cores.detect import to_sequence
 
-    windows = [to_sequence(w) for w in stream_windows(data_dir)]
+    hdfs = data_dir / "hdfs"
+    sessions, _, _ = sessions_from_logs([hdfs / "HDFS_20000.log"], None, hdfs / "HDFS_templates.csv", session_gap_s=1e9)
+    h = next(iter(detectors.values())).h
+    windows = [w for s in sessions for w in sliding_windows(tuple(s.keys), h)]
     out: dict[str, Any] = {"windows": len(windows), "distinct_keys": len({tuple(w.keys) for w in windows})}
     for name, detector in detectors.items():
         rows = []
