@@ -18,7 +18,8 @@ with its overlap with train (identical sequences; identical key multisets).
    the *unseen* rows keep only sessions whose key sequence is no train line) and on 5k less the
    normal blocks whose key sequence is a train line (5k's blocks come from the same first 100k
    lines as train's, so those may be the very same blocks). ``deeplog_top_g`` is the same model
-   with the floor off, ``deeplog_floor_only`` with the floor alone (g = every key);
+   with the general floor off (top-g and ``<end>``'s own floor left), ``deeplog_floor_only`` with
+   the floors alone (g = every key);
    ``deeplog_40_epochs`` the previous default (40 epochs on every train session, top-g alone).
    ``flagged_dev_normal``: every dev normal session a DeepLog model flags, with the transition
    it flagged and whether that exact (h-history, key) window is in the model's training data
@@ -139,7 +140,7 @@ def train_normal_detectors(data: dict, seed: int) -> tuple[dict, dict]:
     import copy
 
     top_g = copy.deepcopy(detectors["deeplog"])
-    top_g.floor = 0.0
+    top_g.floor = 0.0                                      # <end>'s own floor (end_floor) stays
     floor_only = copy.deepcopy(detectors["deeplog"])
     floor_only.g = len(floor_only.vocabulary)              # no key is outside the top g
     detectors["deeplog_top_g"], detectors["deeplog_floor_only"] = top_g, floor_only
