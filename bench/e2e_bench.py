@@ -151,7 +151,7 @@ def end_offsets(conf: dict, topic: str) -> int:
 def create_time_span(conf: dict, topic: str) -> dict:
     """Records, and the first and last Kafka CreateTime (ms) over all partitions of ``topic``:
     only the first and the last record of each partition are read."""
-    consumer = Consumer(conf | {"group.id": "logwarden-bench-reader", "enable.auto.commit": False})
+    consumer = Consumer({"group.id": "logwarden-bench-reader"} | conf | {"enable.auto.commit": False})
     first, last, count = None, None, 0
     try:
         for p in partitions(conf, topic):
@@ -680,8 +680,9 @@ def _wait_for_groups(conf: dict, groups: list[str], procs: dict[str, StageProces
     raise RuntimeError(f"consumer groups {groups} not stable after {timeout:.0f} s")
 
 
-def _read_all(conf: dict, topic: str):
-    consumer = Consumer(conf | {"group.id": "logwarden-bench-reader", "enable.auto.commit": False})
+def _read_all(conf: dict, topic: str, group: str = "logwarden-bench-reader"):
+    """Every record of ``topic`` from its beginning to the end it had when called (assigned, no commits)."""
+    consumer = Consumer(conf | {"group.id": group, "enable.auto.commit": False})
     try:
         parts = partitions(conf, topic)
         ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}

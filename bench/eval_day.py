@@ -36,28 +36,14 @@ def truth(day: Path) -> dict[str, set[str]]:
 
 
 def _read(settings, topic: str, record_type):
-    from confluent_kafka import Consumer, TopicPartition
-
+    """Every record of ``topic`` decoded, and the newest Kafka timestamp among them (ms)."""
+    from bench.e2e_bench import _read_all
     from services.records import decode
 
-    consumer = Consumer(settings.kafka_config() | {"group.id": f"{settings.group_prefix}.reader",
-                                                   "enable.auto.commit": False})
     out, last_ms = [], 0
-    try:
-        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
-        consumer.assign([TopicPartition(topic, p, 0) for p in parts if ends[p] > 0])
-        left = {p for p in parts if ends[p] > 0}
-        while left:
-            for m in consumer.consume(10_000, timeout=1.0):
-                if m.error():
-                    continue
-                out.append(decode(m.value(), record_type))
-                last_ms = max(last_ms, m.timestamp()[1])
-                if m.offset() >= ends[m.partition()] - 1:
-                    left.discard(m.partition())
-    finally:
-        consumer.close()
+    for m in _read_all(settings.kafka_config(), topic, f"{settings.group_prefix}.reader"):
+        out.append(decode(m.value(), record_type))
+        last_ms = max(last_ms, m.timestamp()[1])
     return out, last_ms
 
 
