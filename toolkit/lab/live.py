@@ -236,12 +236,9 @@ class TrainingWindows:
     window until it has a model to judge with; the windows are the ones it will judge."""
 
     def __init__(self, settings: Settings):
-        from services.cores.sessions import SessionConfig
+        from toolkit.reference import session_config
 
-        self.config = SessionConfig(window_size=settings.window_size, session_gap_s=settings.session_gap_s,
-                                    session_max_events=settings.session_max_events, idle_close_s=1e18,
-                                    time_window_s=settings.time_window_s, allowed_lateness_s=0.0,
-                                    watermark_grace_s=0.0)
+        self.config = session_config(settings)       # the stream's rules, everything known
         self.events: dict[str, object] = {}        # event id -> event (a re-sent copy counts once)
         self.lock = threading.Lock()
 
