@@ -139,14 +139,14 @@ class Scraper:
             page = fetch(target.url)
             if page is None:
                 self.missed += 1
-                value = serialise(down_request(target, at), self.encoding)
-                self.producer.produce(self.settings.otlp_metrics_topic, value, target.name.encode())
-                continue
-            self.malformed += len(page.errors)
-            value = serialise(exposition_request(target, at, page, self.drop_labels), self.encoding)
-            self.producer.produce(self.settings.otlp_metrics_topic, value, target.name.encode())
-            self.scraped += 1
-            sent += 1
+                request = down_request(target, at)
+            else:
+                self.malformed += len(page.errors)
+                self.scraped += 1
+                sent += 1
+                request = exposition_request(target, at, page, self.drop_labels)
+            self.producer.produce(self.settings.otlp_metrics_topic, serialise(request, self.encoding),
+                                  target.name.encode())
         self.producer.flush(30)
         return sent
 

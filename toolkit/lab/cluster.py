@@ -60,10 +60,10 @@ NAMENODE = "nn1"
 DATANODES = ("dn1", "dn2")
 VOLUMES = 2                                   # data directories per DataNode
 BLOCK_SIZE = 1 << 20                          # HDFS' smallest allowed block size
-# Each data directory is a disk of this size to its DataNode: dfs.datanode.du.reserved is set to
-# the real disk's size less this, so its capacity is this and its free space this less what the
-# block pool holds (FsVolumeImpl.getAvailable), whatever else the shared disk holds. A volume can
-# then be filled for real (the fill_volume fault) with this much, not the whole disk.
+# Each data directory is a disk of this size to its DataNode: dfs.datanode.du.reserved is set so
+# that its free space is this less what its block pool holds, whatever else the shared disk holds
+# (reserved_bytes). A volume can then be filled for real (the fill_volume fault) with this much,
+# not the whole disk.
 VOLUME_BYTES = 256 << 20
 REPLICATION = 2
 NAMENODE_CLASS = "org.apache.hadoop.hdfs.server.namenode.NameNode"

@@ -26,7 +26,6 @@ code reads lab and TrainTicket labels.
                           (toolkit.lab.relay): open connections are reset, new ones refused; the
                           DataNodes' heartbeats (service RPC port) keep flowing. Target: nn1
 
-
 A schedule (``parse_schedule``) is a small text spec, on the command line or in a file (one entry
 per line, ``#`` comments):
 
@@ -85,6 +84,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
 DEFAULT_GAP_S = 45.0
 SLOW_STOPPED_S, SLOW_RUNNING_S = 3.0, 2.0
 FILL_LEAVE_BYTES = 64 << 10           # left free by fill_volume: less than a block (1 MiB)
+FILL_NAME = "lab-fill"                # fill_volume's file, in the block pool's directory: its du counts it
 CORRUPT_READS = 4
 
 
@@ -353,8 +353,6 @@ class Actions:
             moved.rename(volume)
         self._restart(host)
 
-    FILL_NAME = "lab-fill"                # in the block pool's directory: its du counts it
-
     def _volume_free(self, host: str) -> dict[str, int]:
         """Free bytes per data directory, as the DataNode reports them (DataNodeInfo.VolumeInfo)."""
         info = lab.jmx(self.cluster.daemons[host], "Hadoop:service=DataNode,name=DataNodeInfo")
@@ -378,16 +376,14 @@ class Actions:
             size = available - FILL_LEAVE_BYTES
             if not pools or size <= 0:
                 continue
-            balloon = Path(pools[0]) / self.FILL_NAME
-            fd = os.open(balloon, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            balloon = Path(pools[0]) / FILL_NAME
             try:
-                os.posix_fallocate(fd, 0, size)    # real blocks (du counts them), written at once
+                with open(balloon, "wb") as fh:
+                    os.posix_fallocate(fh.fileno(), 0, size)    # real blocks (du counts them), at once
             except OSError as err:                 # the shared disk has less than that free
-                os.close(fd)
                 balloon.unlink(missing_ok=True)
                 a.detail.setdefault("errors", []).append(f"{volume}: {err}")
                 continue
-            os.close(fd)
             filled[str(balloon)] = size
         if not filled:
             a.detail["skipped"] = f"no data directory of {host} could be filled (free: {free})"
