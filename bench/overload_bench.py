@@ -3,7 +3,7 @@ running parse and sessions stage; each stage's memory over time, and how long la
 back to zero.
 
     python -m bench.overload_bench --data ../shared/datasets [--lines 100000] [--queues 32:64,8:16]
-                                   [--json bench/overload.json]
+                                   [--json bench/overload.json] [--render]
 
 For each queue setting ``C:P`` (LOGWARDEN_CONSUMER_QUEUE_MB : LOGWARDEN_PRODUCER_QUEUE_MB) a fresh
 run (own topics, groups, state): `services.cli run parse` and `run sessions` as two processes on
@@ -19,8 +19,10 @@ Figures: the burst's input rate (lines/s) against the rate at which the pipeline
 lines off (lines / (time lag reached zero - burst start)): their ratio is the overload factor;
 each stage's peak RSS against its idle baseline plus the queue bounds of the settings (prefetched
 input + unacknowledged output; what the core holds is bounded separately by
-LOGWARDEN_MAX_OPEN_SESSIONS and LOGWARDEN_REORDER_MAX_EVENTS); the time from the burst's end
-until both lags are zero (drain). The stages are stopped with SIGTERM at the end."""
+LOGWARDEN_MAX_OPEN_SESSIONS and LOGWARDEN_REORDER_MAX_EVENTS); each stage's peak once it had
+consumed 30 % of its input beside its peak over the whole run (memory that levels off, or memory
+that grows with the burst); the time from the burst's end until both lags are zero (drain). The
+stages are stopped with SIGTERM at the end. ``--render`` prints the table of a saved ``--json``."""
 from __future__ import annotations
 
 import argparse
@@ -187,6 +189,23 @@ def one_run(bootstrap: str, data: Path, workdir: Path, model: Path, lines_file: 
     return result
 
 
+FLAT_AT = 0.3    # a peak that is flat was (nearly) reached once this share of the input was consumed
+
+
+def peak_when_consumed(samples: list[dict], name: str, share: float = FLAT_AT) -> float | None:
+    """A stage's peak RSS (high-water mark) at the first sample by which it had consumed
+    ``share`` of what it consumed in the whole run: set beside the whole run's peak, it says
+    whether memory kept growing with the burst (a leak, an unbounded buffer) or levelled off."""
+    ends = [s.get(f"{name}.end") or 0 for s in samples]
+    total = max(ends, default=0)
+    for s in samples:
+        if s.get(f"{name}.lag") is None or s.get(f"{name}.hwm_mb") is None:
+            continue
+        if (s[f"{name}.end"] or 0) - s[f"{name}.lag"] >= share * total:
+            return s[f"{name}.hwm_mb"]
+    return None
+
+
 def run(data: Path, lines: int, queues: list[tuple[int, int]], cap_s: float = 600.0) -> dict:
     from bench.e2e_bench import scale_hdfs
 
@@ -214,13 +233,15 @@ def render(report: dict) -> list[str]:
            f"Command: `{report['command']}` (bench/overload_bench.py; its docstring says what is measured). "
            f"{report['nproc']} cores, shared (1-min load {report['load_avg_1m_at_end']} at the end).", "",
            "| queues (consumer : producer MB) | lines | input lines/s | worked off lines/s | overload | "
-           "stage | idle RSS MB | peak RSS MB | idle + queues MB | max lag | drain after burst s |",
-           "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+           f"stage | idle RSS MB | peak RSS MB at {FLAT_AT:.0%} of its input | peak RSS MB | idle + queues MB | "
+           "max lag | drain after burst s |",
+           "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["runs"]:
         for name, st in r["stages"].items():
             out.append(f"| {r['consumer_queue_mb']} : {r['producer_queue_mb']} | {r['lines']:,} | "
                        f"{r['input_lines_per_s']:,} | {r['worked_off_lines_per_s'] or '-':,} | "
-                       f"{r.get('overload_factor', '-')}x | {name} | {st['baseline_rss_mb']} | {st['peak_rss_mb']} | "
+                       f"{r.get('overload_factor', '-')}x | {name} | {st['baseline_rss_mb']} | "
+                       f"{peak_when_consumed(r['series'], name) or '-'} | {st['peak_rss_mb']} | "
                        f"{st['baseline_plus_queues_mb']} | {r['max_lag'][name]:,} | "
                        f"{r['drain_after_burst_s'] if r['drained'] else 'not drained'} |")
     out.append("")
@@ -234,7 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queues", default="32:64", help="C:P[,C:P...] consumer and producer queue MB per run")
     ap.add_argument("--cap", type=float, default=600.0, help="seconds a run may take to drain")
     ap.add_argument("--json", type=Path, default=Path("bench/overload.json"))
+    ap.add_argument("--render", action="store_true", help="print the table of an earlier run's --json, run nothing")
     args = ap.parse_args(argv)
+    if args.render:
+        import json
+
+        print("\n".join(render(json.loads(args.json.read_text()))))
+        return 0
     queues = [tuple(int(x) for x in q.split(":")) for q in args.queues.split(",")]
     report = run(args.data, args.lines, queues, args.cap)
     save_report(report, args.json)

@@ -38,12 +38,18 @@ def test_failure_table_has_a_row_per_scenario_and_the_command():
 
 def test_overload_table_names_each_stage_and_its_bound():
     stage = {"baseline_rss_mb": 50.0, "peak_rss_mb": 120.0, "baseline_plus_queues_mb": 146.0}
+    # parse consumed 1,000 lines: 200 by t=1 (HWM 70), 400 by t=2 (HWM 90), all by t=3 (HWM 120)
+    series = [{"t": t, "parse.end": 1000, "parse.lag": lag, "parse.hwm_mb": hwm,
+               "sessions.end": None, "sessions.lag": None, "sessions.hwm_mb": None}
+              for t, lag, hwm in ((1, 800, 70.0), (2, 600, 90.0), (3, 0, 120.0))]
     run = {"consumer_queue_mb": 32, "producer_queue_mb": 64, "lines": 1000, "input_lines_per_s": 30000,
            "worked_off_lines_per_s": 4000, "overload_factor": 7.5, "drained": True, "drain_after_burst_s": 3.0,
-           "max_lag": {"parse": 900, "sessions": 800}, "stages": {"parse": stage, "sessions": stage}}
+           "max_lag": {"parse": 900, "sessions": 800}, "stages": {"parse": stage, "sessions": stage},
+           "series": series}
     text = "\n".join(overload_bench.render({"command": "cmd", "nproc": 2, "load_avg_1m_at_end": 1.0, "runs": [run]}))
-    assert "| 32 : 64 | 1,000 | 30,000 | 4,000 | 7.5x | parse | 50.0 | 120.0 | 146.0 | 900 | 3.0 |" in text
-    assert "| sessions |" in text
+    # the peak once 30 % of the input was consumed (the first sample with >= 300 lines: 90 MB)
+    assert "| 32 : 64 | 1,000 | 30,000 | 4,000 | 7.5x | parse | 50.0 | 90.0 | 120.0 | 146.0 | 900 | 3.0 |" in text
+    assert "| sessions | 50.0 | - | 120.0 |" in text          # no sample of it: no figure, not a guess
 
 
 def test_a_stage_process_is_run_logged_and_stopped_and_memory_read_from_proc(tmp_path):
