@@ -265,7 +265,7 @@ def sessions_from_logs(logs: list[str | Path], labels_csv: str | Path | None = N
     from models.artifacts import sha256_file
     from services.cores.detect import closed_sequence
     from services.cores.parse import ParseError
-    from services.cores.sessions import SessionConfig, sessions_in_order
+    from services.cores.sessions import sessions_in_order
     from services.records import Source
     from services.settings import load_settings
 
@@ -292,9 +292,7 @@ def sessions_from_logs(logs: list[str | Path], labels_csv: str | Path | None = N
                     unparsed += 1         # the stream sends these to the dead-letter topic
         sources.append({"path": str(path.resolve()), "sha256": sha256_file(path), "lines": lines,
                         "unparsed_lines": unparsed, "role": "log"})
-    config = SessionConfig(window_size=settings.window_size, session_gap_s=session_gap_s or settings.session_gap_s,
-                           session_max_events=settings.session_max_events, idle_close_s=1e18,
-                           time_window_s=settings.time_window_s)
+    config = settings.session_config(everything_known=True, session_gap_s=session_gap_s)
     closed = [c for c in sessions_in_order(events, config) if not c.session.time_window]
     sequences, session_labels, unlabelled = [], [], 0
     for c in closed:

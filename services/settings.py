@@ -211,6 +211,20 @@ class Settings(BaseSettings):
     def group(self, stage: str) -> str:
         return f"{self.group_prefix}.{stage}"
 
+    def session_config(self, everything_known: bool = False, session_gap_s: float | None = None):
+        """The session book's rules from these settings: what the sessions stage runs with, or, with
+        ``everything_known`` (a finite input read whole: evaluation, the demo's reference run, the
+        lab's warm-up), the same rules with nothing closing for idleness. ``session_gap_s``
+        overrides the gap (training on data whose sessions span hours)."""
+        from services.cores.sessions import SessionConfig
+
+        return SessionConfig(window_size=self.window_size, session_gap_s=session_gap_s or self.session_gap_s,
+                             session_max_events=self.session_max_events,
+                             idle_close_s=1e18 if everything_known else self.idle_close_s,
+                             time_window_s=self.time_window_s, allowed_lateness_s=self.allowed_lateness_s,
+                             host_idle_s=self.host_idle_s, watermark_grace_s=self.watermark_grace_s,
+                             reorder_max_events=self.reorder_max_events, max_open_sessions=self.max_open_sessions)
+
     def multimodal_topics(self) -> list[str]:
         """logwarden's own topics of traces and metrics (the otlp_* ones are the Collector's)."""
         return [self.spans_topic, self.traces_topic, self.timeline_topic, self.chunks_topic]

@@ -411,16 +411,9 @@ class SessionsStage(PartitionBooks):
 
     def __init__(self, settings: Settings):
         from services.cores.detect import ModelSet, SessionJudge
-        from services.cores.sessions import SessionConfig
 
         self.settings = settings
-        s = settings
-        self.config = SessionConfig(window_size=s.window_size, session_gap_s=s.session_gap_s,
-                                    session_max_events=s.session_max_events, idle_close_s=s.idle_close_s,
-                                    time_window_s=s.time_window_s, allowed_lateness_s=s.allowed_lateness_s,
-                                    host_idle_s=s.host_idle_s, watermark_grace_s=s.watermark_grace_s,
-                                    reorder_max_events=s.reorder_max_events,
-                                    max_open_sessions=s.max_open_sessions)
+        self.config = settings.session_config()
         self.models = ModelSet(settings.model_dir, settings.device, modality="logs")
         self.models.refresh()
         if not self.models.loaded:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from services.cores.detect import SessionJudge, session_window
 from services.cores.parse import ParseConfig, ParseCore, load_catalog
-from services.cores.sessions import Closed, SessionConfig, sessions_in_order
+from services.cores.sessions import Closed, sessions_in_order
 from services.records import ParsedEvent, Source, Window
 from services.settings import Settings
 
@@ -29,16 +29,9 @@ def parse_files(settings: Settings, files: dict[str, Path]) -> list[ParsedEvent]
     return events
 
 
-def session_config(settings: Settings) -> SessionConfig:
-    """The stream's session rules, with nothing closing for idleness: everything is known."""
-    return SessionConfig(window_size=settings.window_size, session_gap_s=settings.session_gap_s,
-                         session_max_events=settings.session_max_events, idle_close_s=1e18,
-                         time_window_s=settings.time_window_s)
-
-
 def closed_sessions(settings: Settings, files: dict[str, Path]) -> list[Closed]:
     """Every closed session (and time window) of the files, in the stream's event-time order."""
-    return sessions_in_order(parse_files(settings, files), session_config(settings))
+    return sessions_in_order(parse_files(settings, files), settings.session_config(everything_known=True))
 
 
 def block_sessions(settings: Settings, files: dict[str, Path]) -> dict[str, Closed]:

@@ -236,9 +236,7 @@ class TrainingWindows:
     window until it has a model to judge with; the windows are the ones it will judge."""
 
     def __init__(self, settings: Settings):
-        from toolkit.reference import session_config
-
-        self.config = session_config(settings)       # the stream's rules, everything known
+        self.config = settings.session_config(everything_known=True)   # the stream's rules
         self.events: dict[str, object] = {}        # event id -> event (a re-sent copy counts once)
         self.lock = threading.Lock()
 
