@@ -30,6 +30,7 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass
+from typing import Callable
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
@@ -106,15 +107,29 @@ def serialise(request, encoding: str) -> bytes:
     return json_format.MessageToJson(request, indent=None).encode()
 
 
-def fetch(url: str, timeout: float = 3.0) -> promtext.Exposition | None:
-    """The endpoint's page parsed; None when it does not answer."""
+def fetch(url: str, timeout: float = 3.0, warn: bool = True) -> promtext.Exposition | None:
+    """The endpoint's page parsed; None when it does not answer (logged unless ``warn`` is
+    false: the lab kills daemons on purpose)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             text = response.read().decode("utf-8", errors="replace")
     except OSError as err:
-        log.warning("scrape: %s did not answer: %s", url, err)
+        if warn:
+            log.warning("scrape: %s did not answer: %s", url, err)
         return None
     return promtext.parse(text)
+
+
+def every_tick(stop: threading.Event, interval: float, scrape: Callable[[float], object]) -> None:
+    """Call ``scrape(tick)`` at each multiple of ``interval`` on the wall clock (so the rows of
+    every target share their time) until ``stop`` is set; a scrape that runs long skips the
+    ticks it missed rather than bursting to catch up."""
+    next_tick = (int(time.time() // interval) + 1) * interval
+    while not stop.wait(max(0.0, next_tick - time.time())):
+        scrape(next_tick)
+        next_tick += interval
+        while next_tick < time.time():
+            next_tick += interval
 
 
 class Scraper:
@@ -151,12 +166,7 @@ class Scraper:
         return sent
 
     def run(self) -> None:
-        next_tick = (int(time.time() // self.interval) + 1) * self.interval
-        while not self.stop.wait(max(0.0, next_tick - time.time())):
-            self.scrape_once(next_tick)
-            next_tick += self.interval
-            while next_tick < time.time():      # a scrape ran long: skip ticks, never burst
-                next_tick += self.interval
+        every_tick(self.stop, self.interval, self.scrape_once)
 
 
 def parse_targets(specs: list[str], roles: list[str]) -> list[Target]:

@@ -14,7 +14,7 @@ import pytest
 from services.cores import promtext
 from services.cores.otlp import OtlpCore
 from services.records import MetricSample, decode
-from services.scrape import Target, down_request, exposition_request, parse_targets, serialise
+from services.scrape import Target, down_request, every_tick, exposition_request, parse_targets, serialise
 from services.settings import UsageError
 from services.shell import Out, Record
 from tests.kafkautil import consume, record_count
@@ -49,6 +49,28 @@ def test_a_target_that_does_not_answer_is_up_0_and_nothing_else():
     (out,) = OtlpCore(TOPICS, "out.spans", "out.timeline").process([Record("in.metrics", 0, 0, b"dn1", value, 0)])
     sample = decode(out.value, MetricSample)
     assert (sample.entity, sample.timestamp, sample.values) == ("dn1", 1_700_000_010.0, {"up": 0.0})
+
+
+def test_scrapes_fall_on_the_interval_and_a_long_one_skips_ticks_rather_than_bursting():
+    import time
+
+    stop, calls = threading.Event(), []
+
+    def scrape(tick):
+        calls.append((tick, time.time()))
+        if len(calls) == 2:
+            time.sleep(0.6)             # a target that hangs: two ticks pass meanwhile
+        ended = time.time()
+        calls[-1] += (ended,)
+        if len(calls) == 4:
+            stop.set()
+
+    every_tick(stop, 0.25, scrape)              # 0.25: exact in binary, so ticks are exact multiples
+    ticks = [c[0] for c in calls]
+    assert len(calls) == 4 and ticks == sorted(set(ticks))
+    assert all(t % 0.25 == 0 for t in ticks)                          # on the wall clock's multiples
+    assert all(called >= tick - 0.01 for tick, called, _ in calls)      # not before its time (wait() is monotonic)
+    assert ticks[2] - ticks[1] >= 0.75 and ticks[2] >= calls[1][2]    # missed ticks skipped, not caught up
 
 
 def test_targets_and_roles_are_checked():

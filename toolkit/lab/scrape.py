@@ -17,12 +17,11 @@ from __future__ import annotations
 import csv
 import logging
 import threading
-import time
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from services import scrape
 from services.cores import promtext
 from toolkit.lab.cluster import Cluster, Daemon
 
@@ -33,13 +32,8 @@ METRIC_KEYS = ("Time", "TimeStamp", "PodName")
 
 
 def fetch(daemon: Daemon, timeout: float = 3.0) -> promtext.Exposition | None:
-    """The daemon's /prom page parsed; None when it does not answer."""
-    try:
-        with urllib.request.urlopen(f"{daemon.http}/prom", timeout=timeout) as response:
-            text = response.read().decode("utf-8", errors="replace")
-    except OSError:
-        return None
-    return promtext.parse(text)
+    """The daemon's /prom page parsed; None when it does not answer (faults kill daemons: no warning)."""
+    return scrape.fetch(f"{daemon.http}/prom", timeout, warn=False)
 
 
 def stable_labels(cluster: Cluster, daemon: Daemon, sample: promtext.Sample) -> promtext.Sample:
@@ -96,12 +90,7 @@ class MetricsRecorder(threading.Thread):
                     log.exception("metrics hand-off for %s failed", host)
 
     def run(self) -> None:
-        next_tick = (int(time.time() // self.interval) + 1) * self.interval
-        while not self.stop.wait(max(0.0, next_tick - time.time())):
-            self.scrape_once(next_tick)
-            next_tick += self.interval
-            while next_tick < time.time():      # a scrape ran long: skip ticks, never burst
-                next_tick += self.interval
+        scrape.every_tick(self.stop, self.interval, self.scrape_once)
 
     def write_csvs(self, out_dir: Path, since: float = 0.0) -> dict[str, Path]:
         """metric/<host>_metric.csv for every host (rows at or after ``since``)."""
