@@ -35,6 +35,7 @@ from typing import Callable
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
 from services.cores import promtext
+from services.cores.otlp import encode_request
 
 log = logging.getLogger(__name__)
 SCOPE_NAME = "logwarden.scrape"
@@ -98,15 +99,6 @@ def exposition_request(target: Target, scraped_at: float, page: promtext.Exposit
     return request
 
 
-def serialise(request, encoding: str) -> bytes:
-    """The Kafka exporter's two encodings (metrics carry no ids, so OTLP JSON is protobuf's JSON)."""
-    if encoding == "otlp_proto":
-        return request.SerializeToString()
-    from google.protobuf import json_format
-
-    return json_format.MessageToJson(request, indent=None).encode()
-
-
 def fetch(url: str, timeout: float = 3.0, warn: bool = True) -> promtext.Exposition | None:
     """The endpoint's page parsed; None when it does not answer (logged unless ``warn`` is
     false: the lab kills daemons on purpose)."""
@@ -160,7 +152,7 @@ class Scraper:
                 self.scraped += 1
                 sent += 1
                 request = exposition_request(target, at, page, self.drop_labels)
-            self.producer.produce(self.settings.otlp_metrics_topic, serialise(request, self.encoding),
+            self.producer.produce(self.settings.otlp_metrics_topic, encode_request(request, self.encoding),
                                   target.name.encode())
         self.producer.flush(30)
         return sent

@@ -15,11 +15,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from models.faults import service_of
 from models.microservices import read_logs, read_metrics, read_spans
-from services.cores.otlp import DEAD_LETTER_REASONS, OtlpCore
+from services.cores.otlp import DEAD_LETTER_REASONS, OtlpCore, encode_request
 from services.records import LogSample, MetricSample, SpanGroup, decode
 from services.shell import Out, Record, Reject
 from toolkit import otlp_replay
-from toolkit.otlp_replay import MetricRow, SpanRow, log_request, metric_request, serialise, span_request
+from toolkit.otlp_replay import MetricRow, SpanRow, log_request, metric_request, span_request
 
 TOPICS = {"in.spans": "spans", "in.metrics": "metrics", "in.logs": "logs"}
 TRACE_ID = "8344c6bbb62a68a3eaebf0077ca7f7e5"
@@ -56,7 +56,7 @@ def minute(datasets) -> Path:
 def test_spans_round_trip_every_field_and_group_by_trace(minute, encoding):
     rows = [SpanRow(tid, s.span_id, s.parent_id, s.pod, s.operation, s.start_ns, s.end_ns)
             for tid, s in read_spans([minute / "trace_11_39_trace.csv.gz"])][:1500]
-    outs = outputs(serialise(span_request(rows), encoding))
+    outs = outputs(encode_request(span_request(rows), encoding))
     assert all(type(o) is Out and o.topic == "out.spans" for o in outs)
     groups = [decode(o.value, SpanGroup) for o in outs]
     assert [o.key for o in outs] == [g.trace_id for g in groups]
@@ -72,7 +72,7 @@ def test_spans_round_trip_every_field_and_group_by_trace(minute, encoding):
 
 def test_otlp_json_is_what_the_spec_says_hex_ids_integer_enums_camel_case(minute):
     rows = [SpanRow(TRACE_ID, SPAN_ID, None, "ts-auth-service-7f8d7d756d-kzp47", "/*", T0, T0 + 5)]
-    doc = json.loads(serialise(span_request(rows), "otlp_json"))
+    doc = json.loads(encode_request(span_request(rows), "otlp_json"))
     span = doc["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
     assert span["traceId"] == TRACE_ID and span["spanId"] == SPAN_ID
     assert span["kind"] == 2                                          # SERVER, as an integer
@@ -122,7 +122,7 @@ def test_metrics_round_trip_one_sample_per_pod_and_row(datasets, encoding):
     pods = read_metrics(sorted(metric_dir.glob("ts-order-service-*"))[:1] + sorted(metric_dir.glob("ts-auth-*"))[:1])
     rows = [MetricRow(pod, ts, {c: v[i] for c, v in pm.channels.items()})
             for pod, pm in pods.items() for i, ts in enumerate(pm.timestamps[:5])]
-    samples = [decode(o.value, MetricSample) for o in outputs(serialise(metric_request(rows), encoding), "in.metrics")]
+    samples = [decode(o.value, MetricSample) for o in outputs(encode_request(metric_request(rows), encoding), "in.metrics")]
     assert [(s.entity, s.timestamp) for s in samples] == sorted((r.pod, r.timestamp) for r in rows)
     by_key = {(s.entity, s.timestamp): s for s in samples}
     for row in rows:
@@ -167,7 +167,7 @@ def test_logs_get_the_reference_template_ids_and_the_records_time(minute, encodi
     expected, skipped = _parsed_logs([minute / "log_11_39_log.csv.gz"], None)
     the_core = core()
     samples = [decode(o.value, LogSample)
-               for o in outputs(serialise(log_request(records), encoding), "in.logs", the_core)]
+               for o in outputs(encode_request(log_request(records), encoding), "in.logs", the_core)]
     assert [s.entity for s in samples] == sorted(expected)
     for sample in samples:
         want = expected[sample.entity]
@@ -230,7 +230,7 @@ def test_undecodable_records_are_rejected_with_a_reason(value, reason):
 ])
 @pytest.mark.parametrize("encoding", ["otlp_proto", "otlp_json"])
 def test_bad_spans_are_rejected_with_a_reason(fields, reason, encoding):
-    assert reason_of(serialise(_span_request(**fields), encoding)) == reason
+    assert reason_of(encode_request(_span_request(**fields), encoding)) == reason
 
 
 def test_base64_ids_in_json_are_named_as_not_hex():

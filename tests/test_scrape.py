@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from services.cores import promtext
-from services.cores.otlp import OtlpCore
+from services.cores.otlp import OtlpCore, encode_request
 from services.records import MetricSample, decode
-from services.scrape import Target, down_request, every_tick, exposition_request, parse_targets, serialise
+from services.scrape import Target, down_request, every_tick, exposition_request, parse_targets
 from services.settings import UsageError
 from services.shell import Out, Record
 from tests.kafkautil import consume, record_count
@@ -32,7 +32,7 @@ def expected_values(page: promtext.Exposition) -> dict[str, float]:
 def test_a_hadoop_prom_page_becomes_one_metric_sample_of_its_daemon(encoding):
     page = promtext.parse(PAGE)
     assert len(page.samples) > 20 and not page.errors
-    value = serialise(exposition_request(Target("dn1", "http://x/prom", "datanode"), 1_700_000_000.0, page), encoding)
+    value = encode_request(exposition_request(Target("dn1", "http://x/prom", "datanode"), 1_700_000_000.0, page), encoding)
     out = OtlpCore(TOPICS, "out.spans", "out.timeline").process([Record("in.metrics", 0, 0, b"dn1", value, 0)])
     assert all(isinstance(o, Out) and o.topic == "out.timeline" and o.key in ("dn1", b"dn1") for o in out)
     samples = [decode(o.value, MetricSample) for o in out]
@@ -45,7 +45,7 @@ def test_a_hadoop_prom_page_becomes_one_metric_sample_of_its_daemon(encoding):
 
 
 def test_a_target_that_does_not_answer_is_up_0_and_nothing_else():
-    value = serialise(down_request(Target("dn1", "http://x/prom", "datanode"), 1_700_000_010.0), "otlp_proto")
+    value = encode_request(down_request(Target("dn1", "http://x/prom", "datanode"), 1_700_000_010.0), "otlp_proto")
     (out,) = OtlpCore(TOPICS, "out.spans", "out.timeline").process([Record("in.metrics", 0, 0, b"dn1", value, 0)])
     sample = decode(out.value, MetricSample)
     assert (sample.entity, sample.timestamp, sample.values) == ("dn1", 1_700_000_010.0, {"up": 0.0})

@@ -35,9 +35,7 @@ of time order) is sent at once and counted in ``late_spans``.
 """
 from __future__ import annotations
 
-import base64
 import heapq
-import json
 import logging
 import sys
 import time
@@ -45,12 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from google.protobuf import json_format
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from models.faults import service_of
+from services.cores.otlp import encode_request
 from services.settings import Settings, UsageError
 
 log = logging.getLogger(__name__)
@@ -181,31 +179,6 @@ def log_request(records) -> ExportLogsServiceRequest:
         item.trace_id = _id(rec.trace_id, 16)
         item.span_id = _id(rec.span_id, 8)
     return request
-
-
-_HEX_ID_FIELDS = ("traceId", "spanId", "parentSpanId")
-
-
-def to_otlp_json(request) -> bytes:
-    """OTLP/JSON as the Collector's otlp_json encoding writes it: protobuf's JSON mapping with
-    lowerCamelCase keys, enums as integers, trace and span ids as hex."""
-    doc = json_format.MessageToDict(request, use_integers_for_enums=True)
-    stack = [doc]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            for key, child in item.items():
-                if key in _HEX_ID_FIELDS and isinstance(child, str):
-                    item[key] = base64.b64decode(child).hex()
-                elif isinstance(child, (dict, list)):
-                    stack.append(child)
-        else:
-            stack.extend(c for c in item if isinstance(c, (dict, list)))
-    return json.dumps(doc, separators=(",", ":")).encode()
-
-
-def serialise(request, encoding: str) -> bytes:
-    return request.SerializeToString() if encoding == "otlp_proto" else to_otlp_json(request)
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,13 +333,13 @@ class OtlpWriter:
                 for row in batch:
                     per_trace.setdefault(row.trace_id, []).append(row)
                 for trace_id, rows in per_trace.items():
-                    self._produce(topic, serialise(span_request(rows), self.encoding), trace_id.encode(), signal)
+                    self._produce(topic, encode_request(span_request(rows), self.encoding), trace_id.encode(), signal)
             else:
-                self._produce(topic, serialise(span_request(batch), self.encoding), None, signal)
+                self._produce(topic, encode_request(span_request(batch), self.encoding), None, signal)
         elif signal == "metrics":
-            self._produce(topic, serialise(metric_request(batch), self.encoding), None, signal)
+            self._produce(topic, encode_request(metric_request(batch), self.encoding), None, signal)
         else:
-            self._produce(topic, serialise(log_request(batch), self.encoding), None, signal)
+            self._produce(topic, encode_request(log_request(batch), self.encoding), None, signal)
 
     def _produce(self, topic: str, value: bytes, key: bytes | None, signal: str) -> None:
         while True:

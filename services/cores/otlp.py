@@ -132,31 +132,46 @@ def _parse_json(value: bytes, message, signal: str) -> None:
         raise BadRecord("bad_json", f"not valid JSON: {str(err)[:200]}") from None
     if not isinstance(doc, dict):
         raise BadRecord("bad_json", f"OTLP/JSON must be an object, got {type(doc).__name__}")
-    _hex_ids_to_base64(doc)
+    _each_id(doc, _hex_to_base64)
     try:
         json_format.ParseDict(doc, message, ignore_unknown_fields=True)
     except (json_format.ParseError, TypeError, ValueError, RecursionError) as err:
         raise BadRecord("bad_json", f"not OTLP/JSON {signal}: {str(err)[:200]}") from None
 
 
-def _hex_ids_to_base64(node) -> None:
-    """OTLP/JSON writes trace and span ids as hex; protobuf's JSON parser reads bytes as base64.
-    Every object holding such a key (spans, links, log records, exemplars) is converted in place;
-    other bytes fields (an attribute's bytesValue) stay base64 as the spec has them."""
+def _each_id(node, convert) -> None:
+    """OTLP/JSON writes trace and span ids as hex, protobuf's JSON mapping as base64: every id
+    field of a JSON document (spans, links, log records, exemplars) becomes ``convert(key, text)``
+    in place; other bytes fields (an attribute's bytesValue) are base64 in both and stay."""
     stack = [node]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
             for key, child in item.items():
                 if key in _ID_KEYS and isinstance(child, str):
-                    try:
-                        item[key] = base64.b64encode(bytes.fromhex(child)).decode("ascii")
-                    except ValueError:
-                        raise BadRecord("bad_id", f"{key} {child[:40]!r} is not hex (OTLP/JSON ids are hex strings)") from None
+                    item[key] = convert(key, child)
                 elif isinstance(child, (dict, list)):
                     stack.append(child)
         elif isinstance(item, list):
             stack.extend(c for c in item if isinstance(c, (dict, list)))
+
+
+def _hex_to_base64(key: str, text: str) -> str:
+    try:
+        return base64.b64encode(bytes.fromhex(text)).decode("ascii")
+    except ValueError:
+        raise BadRecord("bad_id", f"{key} {text[:40]!r} is not hex (OTLP/JSON ids are hex strings)") from None
+
+
+def encode_request(request, encoding: str) -> bytes:
+    """An export request as the Collector's Kafka exporter writes it: ``otlp_proto``, or
+    ``otlp_json`` (protobuf's JSON mapping with lowerCamelCase keys, enums as integers, trace
+    and span ids as hex). What replay and scrape produce and what decode_request reads."""
+    if encoding == "otlp_proto":
+        return request.SerializeToString()
+    doc = json_format.MessageToDict(request, use_integers_for_enums=True)
+    _each_id(doc, lambda _key, text: base64.b64decode(text).hex())
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 # --------------------------------------------------------------------------------------------
