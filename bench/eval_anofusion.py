@@ -103,9 +103,9 @@ def training_chunks(obs, units, blocks, fold: int):
 # --------------------------------------------------------------------------------------------
 # baselines
 def _robust_table(values: np.ndarray, services: np.ndarray):
-    from models.anofusion import _robust
+    from models.chunks import robust
 
-    return {s: _robust(values[services == s]) for s in sorted(set(services))}
+    return {s: robust(values[services == s]) for s in sorted(set(services))}
 
 
 class MetricsZ:
@@ -126,11 +126,11 @@ class MetricsZ:
         return max(1, len(units) // 5)
 
     def _values(self, obs, units):
-        from models.anofusion import _signed_log
+        from models.chunks import signed_log
         from models.faults import service_of
 
         rows = [[obs.metrics.get(pod, {}).get(step, {}).get(c) for c in self.channels] for pod, step in units]
-        values = _signed_log(np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=float))
+        values = signed_log(np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=float))
         return values, np.array([service_of(pod) for pod, _ in units])
 
     def _scores(self, values, services):
@@ -216,16 +216,16 @@ def _channel(obs, unit, where):
 def oracle_scores(obs, train, judged) -> np.ndarray:
     """Per judged unit: the larger robust z (per service, signed log, from the training units) of
     the two channels that show 01-30's faults (call gap p50: network delay; CPU: contention)."""
-    from models.anofusion import _robust, _signed_log
+    from models.chunks import robust, signed_log
 
     services_train = np.array([_service(p) for p, _ in train])
     services = np.array([_service(p) for p, _ in judged])
     best = np.zeros(len(judged))
     for where in ORACLE_CHANNELS:
-        fitted = _signed_log(np.array([_channel(obs, u, where) for u in train]))
-        values = _signed_log(np.array([_channel(obs, u, where) for u in judged]))
+        fitted = signed_log(np.array([_channel(obs, u, where) for u in train]))
+        values = signed_log(np.array([_channel(obs, u, where) for u in judged]))
         for service in set(services):
-            center, scale = _robust(fitted[services_train == service][:, None])
+            center, scale = robust(fitted[services_train == service][:, None])
             rows = services == service
             best[rows] = np.maximum(best[rows], np.nan_to_num((values[rows] - center[0]) / scale[0]))
     return best

@@ -75,7 +75,8 @@ from torch import nn
 
 from models import artifacts
 from models.base import Chunk, Detector, Verdict, limit_cpu_threads, pick_device
-from models.chunks import ChunkOptions, Observations, read_observations
+from models.chunks import (MIN_SAMPLES, MIN_SCALE, POOLED, ChunkOptions, Observations, per_service_robust,
+                           read_observations, signed_log)
 
 WEIGHTS = "weights.safetensors"
 PARSE_STATE = "parse_state.json"
@@ -86,22 +87,15 @@ MODALITY_INDEX = {"metrics": 0, "logs": 1, "traces": 2}
 # The paper's six edge types: one per unordered pair of modalities (metrics, logs, traces).
 EDGE_TYPES = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
 VARIANTS = {"metrics": ("metrics",), "metrics+traces": ("metrics", "traces"), "all": ("metrics", "traces", "logs")}
-POOLED = "*"                      # normalisation of services the training data did not hold
 # TrainTicket's pod CSVs also carry their node's CPU, memory and network: host-level channels
 # that move for every pod on the node at once, so they say nothing about one instance.
 HOST_CHANNELS = ("NodeCpuUsageRate(%)", "NodeMemoryUsageRate(%)", "NodeNetworkReceiveBytes")
 MIN_THRESHOLD = 3.0               # see the threshold in fit(): a floor for small validation sets
-MIN_SAMPLES = 20                  # per service and channel, else the pooled statistics are used
 # Counts that also fall when a step is only partly observed (the data sets' recorded windows
 # start and stop mid-minute): only a rise is scored. A pod that stops serving still shows in its
 # workload and network metrics, which are complete.
 UPWARD_ONLY = frozenset({"trace:spans", "log:lines", "log:templates"})
 VALIDATION_BLOCK = 30             # steps per time block of the training/validation split
-MIN_SCALE = 0.05                  # robust units: a channel that never varies still has a scale
-
-
-def _signed_log(values: np.ndarray) -> np.ndarray:
-    return np.sign(values) * np.log1p(np.abs(values))
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +314,7 @@ class AnoFusion(Detector):
                 raise ValueError(f"anofusion: chunk of {chunk.entity} has {chunk.steps} steps; the model judges {T}")
             raw, _ = variant.schema.values(chunk, self.templates.get(chunk.service or "", set()))
             values[b] = raw
-        values = _signed_log(values)
+        values = signed_log(values)
         return values, ~np.isnan(values)
 
     def _tensors(self, variant: _Variant, chunks: Seq[Chunk]):
@@ -399,18 +393,7 @@ class AnoFusion(Detector):
         """Per service: robust center and scale of every channel, and the typed edge weights."""
         values, _ = self._raw(variant, chunks)
         newest = values[:, -1]                     # each step once: the judged step of its chunk
-        services = np.array([c.service or "" for c in chunks])
-        variant.services = [POOLED] + sorted(set(services))
-        pooled_center, pooled_scale = _robust(newest)
-        centers, scales = [pooled_center], [pooled_scale]
-        for service in variant.services[1:]:
-            rows = newest[services == service]
-            center, scale = _robust(rows)
-            few = (~np.isnan(rows)).sum(0) < MIN_SAMPLES
-            center[few], scale[few] = pooled_center[few], pooled_scale[few]
-            centers.append(center)
-            scales.append(scale)
-        variant.center, variant.scale = np.stack(centers), np.stack(scales)
+        variant.services, variant.center, variant.scale = per_service_robust(newest, (c.service or "" for c in chunks))
         rows = variant.rows(chunks)
         z = (newest - variant.center[rows]) / variant.scale[rows]
         variant.adjacency = np.stack([_typed_adjacency(z if i == 0 else z[rows == i], variant.schema.modality_of)
@@ -709,22 +692,6 @@ def _near_fault(unit: tuple[str, int], faults, options: ChunkOptions) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-def _robust(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Median and IQR/1.349 per column, ignoring NaN; columns without data: 0 and 1."""
-    center = np.zeros(rows.shape[1])
-    scale = np.ones(rows.shape[1])
-    for j in range(rows.shape[1]):
-        column = rows[:, j][~np.isnan(rows[:, j])]
-        if len(column):
-            q25, q50, q75 = np.percentile(column, [25, 50, 75])
-            center[j] = q50
-            spread = (q75 - q25) / 1.349
-            if spread < MIN_SCALE:            # nearly constant: fall back on the mean deviation
-                spread = np.mean(np.abs(column - q50)) * 1.2533
-            scale[j] = max(spread, MIN_SCALE)
-    return center, scale
-
-
 def _typed_adjacency(z: np.ndarray, modality_of: np.ndarray) -> np.ndarray:
     """(7, N, N): |Pearson r| between channels (pairs observed together at least MIN_SAMPLES
     times), split by the paper's six edge types, plus the identity."""

@@ -219,3 +219,51 @@ def _parsed_logs(paths: list[Path], parse_core) -> tuple[dict[str, list[LogEvent
             continue
         logs[record.pod].append(LogEvent(record.timestamp, event.template_id, event.template, event.level))
     return dict(sorted(logs.items())), skipped
+
+
+# --------------------------------------------------------------------------------------------
+# Normalising chunk values: what AnoFusion and Hades share. Each service (a pod's name without its
+# hash: a renamed pod of another day keeps its statistics) gets the robust center and scale of
+# every channel; a service or channel with too few training values uses the pooled ones.
+POOLED = "*"                      # the statistics' row for services the training data did not hold
+MIN_SAMPLES = 20                  # values per service and channel, else the pooled statistics are used
+MIN_SCALE = 0.05                  # robust units: a channel that never varies still has a scale
+
+
+def signed_log(values: np.ndarray) -> np.ndarray:
+    """sign(x) log(1 + |x|): counts and byte rates of very different sizes on one scale."""
+    return np.sign(values) * np.log1p(np.abs(values))
+
+
+def robust(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Median and IQR/1.349 per column, ignoring NaN; columns without data: 0 and 1."""
+    center = np.zeros(rows.shape[1])
+    scale = np.ones(rows.shape[1])
+    for j in range(rows.shape[1]):
+        column = rows[:, j][~np.isnan(rows[:, j])]
+        if len(column):
+            q25, q50, q75 = np.percentile(column, [25, 50, 75])
+            center[j] = q50
+            spread = (q75 - q25) / 1.349
+            if spread < MIN_SCALE:            # nearly constant: fall back on the mean deviation
+                spread = np.mean(np.abs(column - q50)) * 1.2533
+            scale[j] = max(spread, MIN_SCALE)
+    return center, scale
+
+
+def per_service_robust(values: np.ndarray, services: Iterable[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(service names, centers, scales) of ``values`` (one row per chunk, NaN where absent) whose
+    rows belong to ``services``: row 0 of the tables is POOLED (every row), then each service in
+    sorted order, a column of fewer than MIN_SAMPLES values taking the pooled figures."""
+    services = np.asarray(list(services), dtype=object)
+    names = [POOLED] + sorted(set(services))
+    pooled_center, pooled_scale = robust(values)
+    centers, scales = [pooled_center], [pooled_scale]
+    for service in names[1:]:
+        rows = values[services == service]
+        center, scale = robust(rows)
+        few = (~np.isnan(rows)).sum(0) < MIN_SAMPLES
+        center[few], scale[few] = pooled_center[few], pooled_scale[few]
+        centers.append(center)
+        scales.append(scale)
+    return names, np.stack(centers), np.stack(scales)

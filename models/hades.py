@@ -84,7 +84,7 @@ from torch import nn
 
 from models import artifacts
 from models.base import Chunk, Detector, Verdict, limit_cpu_threads, pick_device
-from models.chunks import ChunkOptions, Observations, read_observations
+from models.chunks import POOLED, ChunkOptions, Observations, per_service_robust, read_observations, signed_log
 
 WEIGHTS = "weights.safetensors"
 PARSE_STATE = "parse_state.json"
@@ -106,9 +106,6 @@ ALERT_LEVELS = frozenset({"WARN", "WARNING", "ERROR", "FATAL", "SEVERE", "CRITIC
 # TrainTicket's pod CSVs also carry their node's CPU, memory and network: they move for every
 # pod on the node at once and say nothing about one instance (as in models.anofusion).
 HOST_CHANNELS = ("NodeCpuUsageRate(%)", "NodeMemoryUsageRate(%)", "NodeNetworkReceiveBytes")
-POOLED = "*"                      # normalisation of services the training data did not hold
-MIN_SAMPLES = 20                  # per service and channel, else the pooled statistics are used
-MIN_SCALE = 0.05
 COUNTER_SHARE = 0.99              # consecutive training differences >= 0: a cumulative counter
 LOG_EXTRAS = 3                    # log1p(lines), WARN/ERROR share, unseen-template share
 LEVEL_CLIP = 3.0                  # robust units: a metric's level in its chunk, as the network reads it
@@ -121,10 +118,6 @@ def aspect_of(channel: str) -> str:
         if rule.search(name):
             return aspect
     return "application"
-
-
-def _signed_log(values: np.ndarray) -> np.ndarray:
-    return np.sign(values) * np.log1p(np.abs(values))
 
 
 def _stable_hash(text: str) -> int:
@@ -428,7 +421,7 @@ class Hades(Detector):
             increase[:, 1:] = np.diff(raw[:, :, counters], axis=1)
             increase[increase < 0] = np.nan           # a restarted daemon's counter: no increase known
             raw[:, :, counters] = increase
-        return _signed_log(raw)
+        return signed_log(raw)
 
     def _rows(self, chunks: Seq[Chunk]) -> np.ndarray:
         index = {s: i for i, s in enumerate(self.services)}
@@ -539,8 +532,6 @@ class Hades(Detector):
 
     def _fit_features(self, chunks: list[Chunk]) -> None:
         """Channels, counters, per-service robust scales, known templates, event embeddings."""
-        from models.anofusion import _robust
-
         channels = sorted({c for chunk in chunks for c in chunk.metrics} - set(self.drop_channels))
         series = defaultdict(list)
         for chunk in chunks:
@@ -557,18 +548,7 @@ class Hades(Detector):
             self.counters.append(bool(np.mean(diffs >= 0) >= COUNTER_SHARE and np.mean(diffs > 0) > 0.2))
         values = self._metric_values(chunks)
         newest = values[:, -1] if len(self.channels) else np.zeros((len(chunks), 0))
-        services = np.array([c.service or "" for c in chunks])
-        self.services = [POOLED] + sorted(set(services))
-        pooled_center, pooled_scale = _robust(newest)
-        centers, scales = [pooled_center], [pooled_scale]
-        for service in self.services[1:]:
-            rows = newest[services == service]
-            center, scale = _robust(rows)
-            few = (~np.isnan(rows)).sum(0) < MIN_SAMPLES
-            center[few], scale[few] = pooled_center[few], pooled_scale[few]
-            centers.append(center)
-            scales.append(scale)
-        self.center, self.scale = np.stack(centers), np.stack(scales)
+        self.services, self.center, self.scale = per_service_robust(newest, (c.service or "" for c in chunks))
         texts = Counter()
         self.known_templates = set()
         for chunk in chunks:
