@@ -208,3 +208,26 @@ def test_sessions_bench_measures_every_block_open_and_its_state(datasets, tmp_pa
     assert 0 < memory["changelog_bytes_per_open_session"] < memory["bytes_per_open_session"]
     core = sessions_bench.measure_throughput(events, None, repeats=1)
     assert core["closed"] == 1782 and core["events_per_cpu_s"] > 0
+
+
+def test_stage_cpu_measures_both_stages_on_the_same_records(datasets, tiny_deeplog, monkeypatch):
+    from bench import stage_cpu
+
+    import os
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    before = dict(os.environ)
+    report = stage_cpu.run(datasets, tiny_deeplog, passes=1, top=5)
+    assert dict(os.environ) == before                    # its settings do not leak into what follows
+    assert report["records"] == 20_000
+    # every HDFS line names at least one block: one event each, plus the watermark records
+    assert report["event_records"] > 20_000
+    for stage in ("parse", "sessions"):
+        assert report[stage]["cpu_us_per_record"] > 0
+        profile = report[stage]["profile"]
+        assert len(profile) == 5 and all(0 < row["own_share"] <= 1 for row in profile)
+    assert any("stages.py" in row["function"] or "cores/" in row["function"]
+               for stage in ("parse", "sessions") for row in report[stage]["profile"])
+    assert report["sessions"]["outputs"] > 0                 # the blocks' windows (and alerts) came out
+    text = "\n".join(stage_cpu.render(report))
+    assert "- parse `process`:" in text and "sessions under cProfile" in text

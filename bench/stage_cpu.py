@@ -1,0 +1,178 @@
+"""Where a stage's CPU goes, without Kafka (issue 18): the parse and sessions stages' own
+``process`` on batches of real records, beside the CPU the whole stage process spends per record
+in the end-to-end run (`e2e.*` in bench/results.json), so the share of the shell, the Kafka client
+and the broker round trips is what is left.
+
+    python -m bench.stage_cpu --data ../shared/datasets --model DEEPLOG_DIR [--json OUT] [--top 12]
+
+Input: HDFS_20000.log dealt round-robin to three hosts and encoded as Filebeat records, as
+`logwarden replay` writes them (bench.overload_bench.filebeat_records). The parse stage's
+``process`` runs on them in batches of 2,000 (its template caches warm from a first pass, its
+dedup marks fresh each pass: every line is new to it, as in a stream); its outputs, events and
+watermark records, are the sessions stage's input, judged by the DeepLog in DEEPLOG_DIR with the
+HDFS template catalog (the end-to-end run's settings: LOGWARDEN_SESSION_GAP_S=3600, the garbage
+collector tuned as every stage tunes it; LOGWARDEN_WATERMARK_GRACE_S=0, since a pass lasts less
+than the 2 s grace). Figures: CPU microseconds per input record, best of ``--passes`` passes;
+then one pass under cProfile, functions by their own time (profiling slows every call, so read
+the shares, not the seconds).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import os
+import pstats
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from bench import save_report
+
+COMMAND = "python -m bench.stage_cpu --data ../shared/datasets --model DEEPLOG_DIR"
+BATCH = 2000
+HOSTS = ("h1", "h2", "h3")
+
+
+def _records(data: Path, workdir: Path):
+    from bench.overload_bench import filebeat_records
+    from services.shell import Record
+
+    lines = (data / "hdfs" / "HDFS_20000.log").read_bytes().splitlines(keepends=True)
+    files = {}
+    for i, host in enumerate(HOSTS):
+        files[host] = workdir / f"{host}.log"
+        files[host].write_bytes(b"".join(lines[i::len(HOSTS)]))
+    return [Record(topic, 0, i, key, value, 1_700_000_000_000 + i)
+            for i, (topic, key, value) in enumerate(filebeat_records(files))]
+
+
+@contextmanager
+def _environment(values: dict[str, str]):
+    """LOGWARDEN_* settings for the stages built inside, put back as they were afterwards."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _batches(records):
+    return [records[i:i + BATCH] for i in range(0, len(records), BATCH)]
+
+
+def _cpu_per_record(run_pass, records, passes: int) -> float:
+    best = float("inf")
+    for _ in range(passes):
+        started = time.process_time()
+        run_pass()
+        best = min(best, time.process_time() - started)
+    return best / len(records) * 1e6
+
+
+def _profile(run_pass, top: int) -> list[dict]:
+    profile = cProfile.Profile()
+    profile.enable()
+    run_pass()
+    profile.disable()
+    stats = pstats.Stats(profile)
+    total = sum(row[2] for row in stats.stats.values()) or 1.0      # own time of every function
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    out = []
+    for (path, line, name), (_, calls, own, cumulative, _) in rows:
+        where = f"{Path(path).relative_to(Path.cwd()) if path.startswith(str(Path.cwd())) else path}:{line} {name}"
+        out.append({"function": where, "calls": calls, "own_share": round(own / total, 3),
+                    "cumulative_share": round(cumulative / total, 3)})
+    return out
+
+
+def run(data: Path, model: Path, passes: int = 3, top: int = 12) -> dict:
+    from models import artifacts
+    from services.settings import load_settings
+    from services.shell import Out, Record, tune_gc
+    from services.stages import ParseStage, SessionsStage
+
+    with tempfile.TemporaryDirectory(prefix="stage-cpu-") as tmp:
+        workdir = Path(tmp)
+        artifacts.publish(model, workdir / "models", "deeplog")
+        with _environment({"LOGWARDEN_STATE_DIR": str(workdir / "state"), "LOGWARDEN_MODEL_DIR": str(workdir / "models"),
+                           "LOGWARDEN_TEMPLATE_CATALOG": str(data / "hdfs" / "HDFS_templates.csv"),
+                           "LOGWARDEN_SESSION_GAP_S": "3600", "LOGWARDEN_WATERMARK_GRACE_S": "0"}):
+            settings = load_settings()
+            records = _records(data, workdir)
+            parse = ParseStage(settings)
+            events = []
+            for batch in _batches(records):                   # warms the template caches, makes the events
+                events += [o for o in parse.process(batch) if type(o) is Out]
+            event_records = [Record(settings.events_topic, 0, i, o.key.encode() if isinstance(o.key, str) else o.key,
+                                    o.value, 1_700_000_000_000 + i) for i, o in enumerate(events)]
+            thresholds = gc.get_threshold()
+            tune_gc()                                          # as every stage does (services.shell)
+
+            def parse_pass():
+                parse.marks = {}                             # every line new again; caches stay warm
+                for batch in _batches(records):
+                    parse.process(batch)
+
+            outputs = {}
+
+            def sessions_pass():
+                stage = SessionsStage(settings)
+                n = 0
+                for batch in _batches(event_records):
+                    n += len(stage.process(batch))
+                outputs["sessions"] = n
+
+            try:
+                result = {"records": len(records), "event_records": len(event_records), "passes": passes,
+                          "parse": {"cpu_us_per_record": round(_cpu_per_record(parse_pass, records, passes), 2),
+                                    "profile": _profile(parse_pass, top)},
+                          "sessions": {"cpu_us_per_record": round(_cpu_per_record(sessions_pass, event_records, passes), 2),
+                                       "profile": _profile(sessions_pass, top)}}
+            finally:                                           # a test process goes on afterwards
+                gc.unfreeze()
+                gc.set_threshold(*thresholds)
+            result["sessions"]["outputs"] = outputs["sessions"]
+    return {"command": COMMAND, "nproc": os.cpu_count(), **result}
+
+
+def render(report: dict) -> list[str]:
+    out = [f"`{report['command']}`: {report['records']:,} Filebeat records -> {report['event_records']:,} event "
+           f"records, CPU per input record (best of {report['passes']} passes):", ""]
+    for stage in ("parse", "sessions"):
+        st = report[stage]
+        out.append(f"- {stage} `process`: {st['cpu_us_per_record']} µs")
+    out.append("")
+    for stage in ("parse", "sessions"):
+        out += [f"{stage} under cProfile, by own time:", "", "| function | calls | own | cumulative |",
+                "| --- | ---: | ---: | ---: |"]
+        out += [f"| `{r['function']}` | {r['calls']:,} | {r['own_share']:.1%} | {r['cumulative_share']:.1%} |"
+                for r in report[stage]["profile"]]
+        out.append("")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("LOGWARDEN_DATASETS", "../shared/datasets")))
+    ap.add_argument("--model", type=Path, required=True, help="a DeepLog model directory (manifest.json)")
+    ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    if not (args.model / "manifest.json").exists():
+        ap.error(f"--model {args.model}: no manifest.json there (a directory `logwarden train --detector deeplog` wrote)")
+    report = run(args.data.resolve(), args.model.resolve(), args.passes, args.top)
+    save_report(report, args.json)
+    print("\n".join(render(report)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
