@@ -10,10 +10,13 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:                                   # the core imports nothing of the settings
+    from services.cores.sessions import SessionConfig
 
 # Where `make kafka-up` (toolkit.localkafka) writes the bootstrap address of the local broker.
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -211,7 +214,7 @@ class Settings(BaseSettings):
     def group(self, stage: str) -> str:
         return f"{self.group_prefix}.{stage}"
 
-    def session_config(self, everything_known: bool = False, session_gap_s: float | None = None):
+    def session_config(self, everything_known: bool = False, session_gap_s: float | None = None) -> SessionConfig:
         """The session book's rules from these settings: what the sessions stage runs with, or, with
         ``everything_known`` (a finite input read whole: evaluation, the demo's reference run, the
         lab's warm-up), the same rules with nothing closing for idleness. ``session_gap_s``
