@@ -81,6 +81,24 @@ def test_otlp_json_is_what_the_spec_says_hex_ids_integer_enums_camel_case(minute
     assert attributes == {"service.name": "ts-auth-service", "k8s.pod.name": "ts-auth-service-7f8d7d756d-kzp47"}
 
 
+def test_otlp_json_writes_every_id_as_hex_metric_exemplars_too_and_reads_them_back():
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+    from services.cores.otlp import decode_request
+
+    request = ExportMetricsServiceRequest()
+    metric = request.resource_metrics.add().scope_metrics.add().metrics.add()
+    metric.name = "latency"
+    point = metric.gauge.data_points.add()
+    point.as_double = 1.5
+    exemplar = point.exemplars.add()
+    exemplar.trace_id, exemplar.span_id, exemplar.as_double = bytes.fromhex(TRACE_ID), bytes.fromhex(SPAN_ID), 1.5
+    value = encode_request(request, "otlp_json")
+    written = json.loads(value)["resourceMetrics"][0]["scopeMetrics"][0]["metrics"][0]["gauge"]["dataPoints"][0]
+    assert written["exemplars"][0]["traceId"] == TRACE_ID and written["exemplars"][0]["spanId"] == SPAN_ID
+    assert decode_request(value, "metrics") == request                  # the decoder reads back what was written
+
+
 def test_json_with_snake_case_keys_numbers_for_times_and_unknown_fields_is_read():
     doc = {"resource_spans": [{"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "svc"}},
                                                             {"key": "host.name", "value": {"stringValue": "h1"}}]},
