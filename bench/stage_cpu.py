@@ -1,20 +1,21 @@
 """Where a stage's CPU goes, without Kafka (issue 18): the parse and sessions stages' own
-``process`` on batches of real records, beside the CPU the whole stage process spends per record
-in the end-to-end run (`e2e.*` in bench/results.json), so the share of the shell, the Kafka client
-and the broker round trips is what is left.
+``process`` on batches of real records. Set beside the CPU a whole stage process spends per record
+in the end-to-end run (`e2e.*.cpu_s` in bench/results.json, less its start-up), what is left is
+the shell's, the Kafka client's and the broker round trips' share.
 
     python -m bench.stage_cpu --data ../shared/datasets --model DEEPLOG_DIR [--json OUT] [--top 12]
 
-Input: HDFS_20000.log dealt round-robin to three hosts and encoded as Filebeat records, as
-`logwarden replay` writes them (bench.overload_bench.filebeat_records). The parse stage's
+Input: HDFS_20000.log dealt round-robin to three hosts (bench.e2e_bench.scale_hdfs, one copy)
+and encoded as Filebeat records as `logwarden replay` writes them, the hosts' lines interleaved as
+live hosts ship them (bench.overload_bench.filebeat_records), so no event comes late. The parse stage's
 ``process`` runs on them in batches of 2,000 (its template caches warm from a first pass, its
 dedup marks fresh each pass: every line is new to it, as in a stream); its outputs, events and
 watermark records, are the sessions stage's input, judged by the DeepLog in DEEPLOG_DIR with the
 HDFS template catalog (the end-to-end run's settings: LOGWARDEN_SESSION_GAP_S=3600, the garbage
 collector tuned as every stage tunes it; LOGWARDEN_WATERMARK_GRACE_S=0, since a pass lasts less
 than the 2 s grace). Figures: CPU microseconds per input record, best of ``--passes`` passes;
-then one pass under cProfile, functions by their own time (profiling slows every call, so read
-the shares, not the seconds).
+then one pass under cProfile: the ``--top`` functions by their own time, with their own and
+cumulative shares (profiling slows every call, so read the shares, not the seconds).
 """
 from __future__ import annotations
 
@@ -32,18 +33,15 @@ from bench import save_report
 
 COMMAND = "python -m bench.stage_cpu --data ../shared/datasets --model DEEPLOG_DIR"
 BATCH = 2000
-HOSTS = ("h1", "h2", "h3")
 
 
 def _records(data: Path, workdir: Path):
+    from bench.e2e_bench import scale_hdfs
     from bench.overload_bench import filebeat_records
     from services.shell import Record
 
-    lines = (data / "hdfs" / "HDFS_20000.log").read_bytes().splitlines(keepends=True)
-    files = {}
-    for i, host in enumerate(HOSTS):
-        files[host] = workdir / f"{host}.log"
-        files[host].write_bytes(b"".join(lines[i::len(HOSTS)]))
+    log = data / "hdfs" / "HDFS_20000.log"
+    files = scale_hdfs(log, workdir / "hosts", 20_000).files        # one copy: the log itself
     return [Record(topic, 0, i, key, value, 1_700_000_000_000 + i)
             for i, (topic, key, value) in enumerate(filebeat_records(files))]
 
