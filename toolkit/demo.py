@@ -202,7 +202,9 @@ def evaluate_batch(model: Path, detector: str, sessions: dict, labels: dict[str,
 def plot_scores(models: dict[str, Path], sessions: dict, labels: dict[str, int], path: Path, title: str) -> None:
     """Per detector, how far apart normal and anomalous sessions score, on a scale that shows it:
     DeepLog by the lowest probability it gave any observed key of the session (log10; its
-    probability floor marked), ATT-GRU by its anomaly probability (logit)."""
+    probability floor and the floor of a session's end marked: a key is also flagged when it is
+    not among the top g, so the legend counts the blocks each verdict flagged), ATT-GRU by its
+    anomaly probability (logit)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,9 +221,11 @@ def plot_scores(models: dict[str, Path], sessions: dict, labels: dict[str, int],
         if name == "deeplog":
             values = [math.log10(max(1.0 - v.score, 1e-12)) for v in verdicts]
             xlabel, marks = "log10 of the lowest probability of an observed key", []
-            floor = getattr(detector, "floor", None)
+            floor, end_floor = getattr(detector, "floor", None), getattr(detector, "end_floor", None)
             if floor:
                 marks = [(math.log10(floor), "probability floor")]
+            if end_floor and end_floor != floor:
+                marks.append((math.log10(end_floor), "floor of a session's end"))
         else:
             values = [math.log(max(v.score, 1e-9) / max(1 - v.score, 1e-9)) for v in verdicts]
             xlabel, marks = "logit of the anomaly probability", [(0.0, "p = 0.5")]
@@ -229,8 +233,9 @@ def plot_scores(models: dict[str, Path], sessions: dict, labels: dict[str, int],
         bins = [low + (high - low) * i / 30 for i in range(31)] if high > low else 10
         for label, colour in ((0, "tab:blue"), (1, "tab:red")):
             scores = [x for k, x in zip(keys, values) if labels[k] == label]
+            flagged = sum(1 for k, v in zip(keys, verdicts) if labels[k] == label and v.anomalous)
             ax.hist(scores, bins=bins, alpha=0.65, color=colour,
-                    label=f"{'anomalous' if label else 'normal'} blocks ({len(scores)})")
+                    label=f"{'anomalous' if label else 'normal'} blocks ({len(scores)}; {flagged} flagged)")
         for x, text in marks:
             ax.axvline(x, color="black", linestyle="--", linewidth=1)
             ax.annotate(text, (x, ax.get_ylim()[1] * 0.9), rotation=90, ha="right", va="top", fontsize=8)
