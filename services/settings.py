@@ -111,7 +111,7 @@ class Settings(BaseSettings):
     producer_queue_mb: int = Field(64, ge=1, description="a stage's unacknowledged output at most (queue.buffering.max.kbytes); full: the stage waits")
     window_size: int = Field(10, ge=1, description="h: events before the newest one in a sliding window (its context)")
     session_gap_s: float = Field(600.0, gt=0, description="event-time inactivity that closes a session")
-    session_max_events: int = Field(5000, ge=1, description="a session this long is closed")
+    session_max_events: int = Field(5000, ge=1, description="a session this long is closed; it was cut, not ended, so its end is not judged")
     idle_close_s: float = Field(5.0, gt=0, description="no input for this long closes every open session")
     allowed_lateness_s: float = Field(
         2.0, ge=0, description="event-time disorder tolerated: an event is judged once every active host's log has passed its time by this much")
@@ -123,7 +123,7 @@ class Settings(BaseSettings):
     outage_grace_s: float = Field(15.0, ge=0, description="after a broker outage, parse calls no source idle for this long (shippers reconnect with backoff)")
     watermark_grace_s: float = Field(2.0, ge=0, description="after a partition's first event (or a restore) its watermark waits this long (wall clock) for every host to show up")
     reorder_max_events: int = Field(100_000, ge=1, description="events a partition holds for reordering; past it the oldest are judged early")
-    max_open_sessions: int = Field(500_000, ge=1, description="open sessions per input partition; past it the least recently active is closed (evicted)")
+    max_open_sessions: int = Field(500_000, ge=1, description="open sessions per input partition; past it the least recently active is closed (evicted; its end is not judged)")
     sliding_windows: bool = Field(False, description="also publish a sliding window (the newest event and the h before it) per event, for subscribers")
     time_window_s: float = Field(60.0, gt=0, description="width of per-host time windows (no session key)")
     state_dir: Path = Field(Path(".run/state"), description="checkpoints of parser and window state")

@@ -181,6 +181,31 @@ def test_the_stream_judges_the_sequences_evaluation_judges(model_v1):
     assert flagged == positions and positions
 
 
+def test_a_session_cut_at_max_events_or_evicted_is_not_judged_at_its_end(model_v1):
+    from dataclasses import replace
+
+    from services.cores.detect import session_window, window_sequence
+
+    # a b c stops before e f: where it stops is a session end no normal session has
+    assert any(a.kind == "end" for a in model_v1.score([Sequence(["a", "b", "c"])])[0].anomalies)
+    stream = events("blk_6", ["a", "b", "c", "e", "f"])
+    book = SessionBook(replace(CONFIG, session_max_events=3))
+    actions = [a for i, e in enumerate(stream) for a in book.add(e, i, 0.0)] + book.close_all()
+    cut, rest = [a for a in actions if isinstance(a, Closed)]
+    assert cut.reason == "max_events" and [s.template_id for s in cut.steps] == ["a", "b", "c"]
+    for seq in (closed_sequence(cut), window_sequence(session_window(cut, 60.0))):   # the stream's and a subscriber's
+        assert seq.keys == ["a", "b", "c"] and not seq.complete
+        assert not any(a.kind == "end" for a in model_v1.score([seq])[0].anomalies)
+    evicted = Closed(cut.session, cut.steps, "evicted")
+    assert not closed_sequence(evicted).complete
+    # the same three events closed by the gap, idle input or the end of the input did end there
+    for reason in ("gap", "idle", "shutdown"):
+        ended = Closed(cut.session, cut.steps, reason)
+        assert closed_sequence(ended).complete
+        assert any(a.kind == "end" for a in model_v1.score([closed_sequence(ended)])[0].anomalies)
+    assert rest.reason == "shutdown" and closed_sequence(rest).complete
+
+
 def _float_or_nothing(p: str) -> list[float]:
     """What numeric_params keeps of one param: float() of it, when that works and is finite."""
     try:

@@ -112,8 +112,15 @@ def released_sequence(r: Released) -> Sequence:
     return steps_sequence(steps, complete=False, start=r.index == len(r.history), judge_from=len(r.history))
 
 
+# A session the book closed for these reasons did not end: it was cut at LOGWARDEN_SESSION_MAX_EVENTS
+# or dropped to bound memory (evicted). Where it stops is no event of the session, so its end is not
+# judged (a model would see a session that "stopped early"). Every other close is its end: the gap
+# in event time, a time window's end, idle input or the end of a finite input (evaluation).
+CUT_REASONS = frozenset({"max_events", "evicted"})
+
+
 def closed_sequence(c: Closed) -> Sequence:
-    return steps_sequence(c.steps, complete=True, start=True, judge_from=0)
+    return steps_sequence(c.steps, complete=c.reason not in CUT_REASONS, start=True, judge_from=0)
 
 
 def window_sequence(window: Window) -> Sequence:
@@ -126,7 +133,8 @@ def window_sequence(window: Window) -> Sequence:
                           template=e.template))
         return steps_sequence(steps, window.templates, complete=False, start=window.first_index == 0,
                               judge_from=len(steps) - 1)
-    return steps_sequence(steps, window.templates, complete=True, start=True, judge_from=0)
+    return steps_sequence(steps, window.templates, complete=window.closed_reason not in CUT_REASONS, start=True,
+                          judge_from=0)
 
 
 def session_window(c: Closed, time_window_s: float) -> Window:
