@@ -527,7 +527,8 @@ class SessionsStage(PartitionBooks):
                             params=[], message=r.message, source=r.step.source())
         w = Window(window_id=stable_id("sliding", r.session.session_id, r.index), kind="sliding", key=r.session.key,
                    hosts=sorted({h.host for h in r.history} | {r.step.host}), steps=steps, templates=templates,
-                   session_id=r.session.session_id, event=event, first_index=r.index - len(r.history))
+                   session_id=r.session.session_id, event=event,
+                   first_index=r.session.before + r.index - len(r.history))
         self._counts["sliding"] = self._counts.get("sliding", 0) + 1
         return Out(self.settings.windows_topic, encode(w), w.key)
 

@@ -203,7 +203,32 @@ def test_a_session_cut_at_max_events_or_evicted_is_not_judged_at_its_end(model_v
         ended = Closed(cut.session, cut.steps, reason)
         assert closed_sequence(ended).complete
         assert any(a.kind == "end" for a in model_v1.score([closed_sequence(ended)])[0].anomalies)
-    assert rest.reason == "shutdown" and closed_sequence(rest).complete
+    # the part after the cut goes on with the session: neither it nor its events start a session
+    assert rest.reason == "shutdown" and rest.session.before == 3 and [s.template_id for s in rest.steps] == ["e", "f"]
+    assert closed_sequence(rest).complete and not closed_sequence(rest).start
+    assert session_window(rest, 60.0).first_index == 3 and not window_sequence(session_window(rest, 60.0)).start
+    continued = [a for a in actions if isinstance(a, Released) and a.session is rest.session]
+    assert continued and not any(released_sequence(r).start for r in continued)
+    assert released_sequence(next(a for a in actions if isinstance(a, Released))).start      # blk_6's own first event
+
+
+def test_a_cut_session_goes_on_in_its_next_part_on_the_replica_that_restores_it(model_v1):
+    from dataclasses import replace
+
+    config = replace(CONFIG, session_max_events=3)
+    stream = events("blk_7", ["a", "b", "c", "e", "f"])
+    book = SessionBook(config)
+    # the watermark (the older of the two hosts' newest events) releases the first three, which cut
+    # the session; e and f stay buffered
+    closed = [a for i, e in enumerate(stream) for a in book.add(e, i, 0.0) if isinstance(a, Closed)]
+    assert [c.reason for c in closed] == ["max_events"] and book.buffered == 2
+    moved = SessionBook(config)                          # another machine, from the partition's state
+    resume = moved.restore(book.entries(), 5)
+    assert resume == 3                                   # the buffered events are read again
+    actions = [a for i, e in enumerate(stream[resume:], start=resume) for a in moved.add(e, i, 0.0)] + moved.close_all()
+    (rest,) = [a for a in actions if isinstance(a, Closed)]
+    assert rest.session.before == 3 and [s.template_id for s in rest.steps] == ["e", "f"]
+    assert not closed_sequence(rest).start
 
 
 def _float_or_nothing(p: str) -> list[float]:

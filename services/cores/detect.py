@@ -109,18 +109,22 @@ def steps_sequence(steps: list[StepView] | list[Step], templates: dict[str, str]
 
 def released_sequence(r: Released) -> Sequence:
     steps = [*r.history, r.step]
-    return steps_sequence(steps, complete=False, start=r.index == len(r.history), judge_from=len(r.history))
+    # the history reaches the session's start only in its first part (a cut session goes on in another)
+    start = r.index == len(r.history) and r.session.before == 0
+    return steps_sequence(steps, complete=False, start=start, judge_from=len(r.history))
 
 
 # A session the book closed for these reasons did not end: it was cut at LOGWARDEN_SESSION_MAX_EVENTS
 # or dropped to bound memory (evicted). Where it stops is no event of the session, so its end is not
 # judged (a model would see a session that "stopped early"). Every other close is its end: the gap
-# in event time, a time window's end, idle input or the end of a finite input (evaluation).
+# in event time, a time window's end, idle input or the end of a finite input (evaluation). The part
+# that goes on after a cut does not start where the session started (``OpenSession.before`` > 0; a
+# window's ``first_index``), so it is not judged as a session's start either.
 CUT_REASONS = frozenset({"max_events", "evicted"})
 
 
 def closed_sequence(c: Closed) -> Sequence:
-    return steps_sequence(c.steps, complete=c.reason not in CUT_REASONS, start=True, judge_from=0)
+    return steps_sequence(c.steps, complete=c.reason not in CUT_REASONS, start=c.session.before == 0, judge_from=0)
 
 
 def window_sequence(window: Window) -> Sequence:
@@ -133,8 +137,8 @@ def window_sequence(window: Window) -> Sequence:
                           template=e.template))
         return steps_sequence(steps, window.templates, complete=False, start=window.first_index == 0,
                               judge_from=len(steps) - 1)
-    return steps_sequence(steps, window.templates, complete=window.closed_reason not in CUT_REASONS, start=True,
-                          judge_from=0)
+    return steps_sequence(steps, window.templates, complete=window.closed_reason not in CUT_REASONS,
+                          start=window.first_index == 0, judge_from=0)
 
 
 def session_window(c: Closed, time_window_s: float) -> Window:
@@ -157,7 +161,7 @@ def session_window(c: Closed, time_window_s: float) -> Window:
         end = max(v.timestamp for v in c.steps) if c.steps else None
     return Window(window_id=stable_id(kind, s.key, s.session_id, len(steps)), kind=kind, key=s.key, hosts=hosts,
                   steps=steps, templates=templates, session_id=s.session_id, closed_reason=c.reason,
-                  start=start, end=end, late_events=s.late)
+                  start=start, end=end, late_events=s.late, first_index=s.before)
 
 
 # --------------------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ _unpack = msgspec.msgpack.Decoder().decode
 MAX_VALUES = 16                 # numeric params kept per event (a row must stay < 256 bytes)
 TAIL_CACHE_SESSIONS = 4096      # decoded history of this many recently active sessions
 CLOSED_MEMORY = 1000            # event ids of this many recently closed sessions (late repeats)
+CUT_MEMORY = 1000               # sessions cut at session_max_events whose next part may still come
 
 META = b"\x00M"
 STRING = b"\x00S"               # + index -> string (hosts, topics, paths)
@@ -159,7 +160,7 @@ class Closed:
 class OpenSession:
     """An open session: released events as framed msgpack rows, their ids, the judge's alerts."""
     __slots__ = ("slot", "key", "sid", "first_ts", "last_ts", "rows", "ids", "n", "late",
-                 "alerts", "bucket", "serial", "time_window")
+                 "alerts", "bucket", "serial", "time_window", "before")
 
     def __init__(self, slot: str, key: str, session_id: str, serial: int, bucket: float | None = None):
         self.slot = slot                 # state key: the session key, or host + window start
@@ -175,6 +176,9 @@ class OpenSession:
         self.bucket = bucket             # time windows: their start
         self.serial = serial
         self.time_window = bucket is not None
+        # Events of the same session before this part: a session cut at session_max_events goes on
+        # in a new part, which does not start where the session started (not judged as a start).
+        self.before = 0
 
     @property
     def session_id(self) -> str:
@@ -232,6 +236,7 @@ class SessionBook:
         self._deleted: set[str] = set()
         self._tails: OrderedDict[str, list[StepView]] = OrderedDict()
         self._closed_ids: OrderedDict[str, bytes] = OrderedDict()
+        self._cut: OrderedDict[str, tuple[float, int]] = OrderedDict()   # slot -> (last ts, events so far)
         self._last_input: float | None = None
         self.duplicates = self.late_events = self.forced = 0
 
@@ -421,7 +426,7 @@ class SessionBook:
             session = None
         opened = session is None
         if opened:
-            session = self._open(slot, key, event_id, None if keyed else float(slot.rsplit("\x00", 1)[1]))
+            session = self._open(slot, key, event_id, None if keyed else float(slot.rsplit("\x00", 1)[1]), ts)
         index = session.n
         history = self._tail(session)
         step = self._append(session, ts, tidx, hidx, topic_idx, pidx, file_offset, partition, logs_offset, values, eid)
@@ -438,7 +443,8 @@ class SessionBook:
         session = self.sessions.get(slot)
         if session is None:
             # Its session closed already (or never had an event): it starts one, judged at close.
-            session = self._open(slot, entry[4], entry[7], None if entry[5] else float(slot.rsplit("\x00", 1)[1]))
+            session = self._open(slot, entry[4], entry[7], None if entry[5] else float(slot.rsplit("\x00", 1)[1]),
+                                 order[0])
         steps = self.steps(session)
         step_rows = [(EVENT_ORDER(s.timestamp, s.host, s.path, s.file_offset), s) for s in steps]
         new = self._step_of(entry)
@@ -469,11 +475,14 @@ class SessionBook:
         return StepView(template_id, template, order[0], [float(v) for v in values], self._strings[hidx],
                         self._strings[topic_idx], self._strings[pidx], file_offset, partition, logs_offset)
 
-    def _open(self, slot: str, key: str, first_event_id: str, bucket: float | None) -> OpenSession:
+    def _open(self, slot: str, key: str, first_event_id: str, bucket: float | None, ts: float) -> OpenSession:
         self._serial += 1
         sid = stable_id(key, first_event_id) if bucket is None else stable_id("time", key, bucket)
         session = self.sessions[slot] = OpenSession(slot, key, sid, self._serial, bucket)
         self._deleted.discard(slot)
+        cut = self._cut.pop(slot, None)
+        if cut is not None and (bucket is not None or ts - cut[0] <= self.config.session_gap_s):
+            session.before = cut[1]          # the next part of a session cut at session_max_events
         return session
 
     def _append(self, session: OpenSession, ts: float, tidx: int, hidx: int, topic_idx: int, pidx: int,
@@ -554,6 +563,10 @@ class SessionBook:
         self._closed_ids[slot] = bytes(session.ids)
         while len(self._closed_ids) > CLOSED_MEMORY:
             self._closed_ids.popitem(last=False)
+        if reason == "max_events":
+            self._cut[slot] = (session.last_ts, session.before + session.n)
+            while len(self._cut) > CUT_MEMORY:
+                self._cut.popitem(last=False)
         return Closed(session, self.steps(session), reason)
 
     def _due(self, session: OpenSession, last_ts: float) -> float:
@@ -624,11 +637,12 @@ class SessionBook:
             bitmap = bytes(bits)
         return _pack({"format": FORMAT, "next": self._next, "low": low, "buffered": bitmap,
                       **self._sources.to_state(), "watermark": None if self._watermark == -math.inf else self._watermark,
-                      "newest": None if self._newest == -math.inf else self._newest})
+                      "newest": None if self._newest == -math.inf else self._newest,
+                      **({"cut": [[slot, ts, n] for slot, (ts, n) in self._cut.items()]} if self._cut else {})})
 
     def _session_record(self, s: OpenSession) -> bytes:
         return _pack((s.key, s.session_id, s.first_ts, s.last_ts, s.n, s.late, s.bucket, bytes(s.rows),
-                      bytes(s.ids), s.alerts))
+                      bytes(s.ids), s.alerts, s.before))
 
     def changes(self) -> dict[bytes, bytes | None]:
         """Entries changed since the last call (None: deleted)."""
@@ -688,10 +702,11 @@ class SessionBook:
         self._template_index = {t: i for i, t in enumerate(self._templates)}
         self.sessions.clear()
         self._gap_heap = []
-        for slot, (key, sid, first_ts, last_ts, n, late, bucket, rows, ids, alerts) in sorted(sessions.items()):
+        for slot, (key, sid, first_ts, last_ts, n, late, bucket, rows, ids, alerts, *rest) in sorted(sessions.items()):
             self._serial += 1
             s = OpenSession(slot, key, sid, self._serial, bucket)
             s.first_ts, s.last_ts, s.n, s.late = first_ts, last_ts, n, late
+            s.before = rest[0] if rest else 0             # (records written before parts existed have none)
             s.rows, s.ids, s.alerts = bytearray(rows), bytearray(ids), alerts
             self.sessions[slot] = s
             heapq.heappush(self._gap_heap, (self._due(s, s.last_ts), slot, s.serial))
@@ -702,6 +717,7 @@ class SessionBook:
             self._sources.from_state(meta)
             self._watermark = -math.inf if meta["watermark"] is None else meta["watermark"]
             self._newest = -math.inf if meta["newest"] is None else meta["newest"]
+            self._cut = OrderedDict((slot, (ts, n)) for slot, ts, n in meta.get("cut", ()))
             low, bitmap = meta["low"], meta["buffered"]
             keep = {low + i * 8 + b for i, byte in enumerate(bitmap) for b in range(8) if byte >> b & 1} if low is not None else set()
             if self._next is not None:
