@@ -198,6 +198,13 @@ def test_a_session_cut_at_max_events_or_evicted_is_not_judged_at_its_end(model_v
         assert not any(a.kind == "end" for a in model_v1.score([seq])[0].anomalies)
     evicted = Closed(cut.session, cut.steps, "evicted")
     assert not closed_sequence(evicted).complete
+    # evicted to bound memory: the session's later events go on in a next part too
+    small = SessionBook(replace(CONFIG, max_open_sessions=1))
+    two = sorted(events("blk_8", ["a", "b", "c"]) + events("blk_9", ["a", "b"], t0=1000.5), key=lambda e: e.timestamp)
+    closes = [(a.session.key, a.reason, a.session.before)
+              for a in [a for i, e in enumerate(two) for a in small.add(e, i, 0.0)] + small.close_all()
+              if isinstance(a, Closed)]
+    assert ("blk_8", "evicted", 0) in closes and any(k == "blk_8" and before > 0 for k, _, before in closes)
     # the same three events closed by the gap, idle input or the end of the input did end there
     for reason in ("gap", "idle", "shutdown"):
         ended = Closed(cut.session, cut.steps, reason)

@@ -33,7 +33,7 @@ import msgspec
 from models import artifacts
 from models.base import Detector, Sequence, Verdict, limit_cpu_threads, pick_device
 from services import metrics
-from services.cores.sessions import Closed, Released, StepView
+from services.cores.sessions import CUT_REASONS, Closed, Released, StepView
 from services.records import (Alert, AlertEvent, ExpectedKey, KeySequence, Source, Step, Window,
                               stable_id, to_dict)
 
@@ -114,13 +114,12 @@ def released_sequence(r: Released) -> Sequence:
     return steps_sequence(steps, complete=False, start=start, judge_from=len(r.history))
 
 
-# A session the book closed for these reasons did not end: it was cut at LOGWARDEN_SESSION_MAX_EVENTS
-# or dropped to bound memory (evicted). Where it stops is no event of the session, so its end is not
-# judged (a model would see a session that "stopped early"). Every other close is its end: the gap
-# in event time, a time window's end, idle input or the end of a finite input (evaluation). The part
-# that goes on after a cut does not start where the session started (``OpenSession.before`` > 0; a
-# window's ``first_index``), so it is not judged as a session's start either.
-CUT_REASONS = frozenset({"max_events", "evicted"})
+# A session the book closed for one of CUT_REASONS did not end: it was cut at
+# LOGWARDEN_SESSION_MAX_EVENTS or dropped to bound memory (evicted). Where it stops is no event of the
+# session, so its end is not judged (a model would see a session that "stopped early"). Every other
+# close is its end: the gap in event time, a time window's end, idle input or the end of a finite
+# input (evaluation). The part that goes on after a cut does not start where the session started
+# (``OpenSession.before`` > 0; a window's ``first_index``), so it is not judged as a session's start.
 
 
 def closed_sequence(c: Closed) -> Sequence:

@@ -73,7 +73,10 @@ _unpack = msgspec.msgpack.Decoder().decode
 MAX_VALUES = 16                 # numeric params kept per event (a row must stay < 256 bytes)
 TAIL_CACHE_SESSIONS = 4096      # decoded history of this many recently active sessions
 CLOSED_MEMORY = 1000            # event ids of this many recently closed sessions (late repeats)
-CUT_MEMORY = 1000               # sessions cut at session_max_events whose next part may still come
+CUT_MEMORY = 1000               # cut sessions whose next part may still come
+# Closes that cut a session rather than end it: at session_max_events, or evicted to bound memory.
+# Its end is not judged, and events of it that come later go on in a next part (OpenSession.before).
+CUT_REASONS = frozenset({"max_events", "evicted"})
 
 META = b"\x00M"
 STRING = b"\x00S"               # + index -> string (hosts, topics, paths)
@@ -176,8 +179,8 @@ class OpenSession:
         self.bucket = bucket             # time windows: their start
         self.serial = serial
         self.time_window = bucket is not None
-        # Events of the same session before this part: a session cut at session_max_events goes on
-        # in a new part, which does not start where the session started (not judged as a start).
+        # Events of the same session before this part: a cut session (CUT_REASONS) goes on in a new
+        # part, which does not start where the session started (not judged as a start).
         self.before = 0
 
     @property
@@ -236,7 +239,7 @@ class SessionBook:
         self._deleted: set[str] = set()
         self._tails: OrderedDict[str, list[StepView]] = OrderedDict()
         self._closed_ids: OrderedDict[str, bytes] = OrderedDict()
-        self._cut: OrderedDict[str, tuple[float, int]] = OrderedDict()   # slot -> (last ts, events so far)
+        self._cut: OrderedDict[str, tuple[float, int]] = OrderedDict()   # cut slot -> (last ts, events so far)
         self._last_input: float | None = None
         self.duplicates = self.late_events = self.forced = 0
 
@@ -482,7 +485,7 @@ class SessionBook:
         self._deleted.discard(slot)
         cut = self._cut.pop(slot, None)
         if cut is not None and (bucket is not None or ts - cut[0] <= self.config.session_gap_s):
-            session.before = cut[1]          # the next part of a session cut at session_max_events
+            session.before = cut[1]          # the next part of a cut session
         return session
 
     def _append(self, session: OpenSession, ts: float, tidx: int, hidx: int, topic_idx: int, pidx: int,
@@ -563,7 +566,7 @@ class SessionBook:
         self._closed_ids[slot] = bytes(session.ids)
         while len(self._closed_ids) > CLOSED_MEMORY:
             self._closed_ids.popitem(last=False)
-        if reason == "max_events":
+        if reason in CUT_REASONS:
             self._cut[slot] = (session.last_ts, session.before + session.n)
             while len(self._cut) > CUT_MEMORY:
                 self._cut.popitem(last=False)
