@@ -11,9 +11,9 @@ live hosts ship them (bench.overload_bench.filebeat_records), so no event comes 
 ``process`` runs on them in batches of 2,000 (its template caches warm from a first pass, its
 dedup marks fresh each pass: every line is new to it, as in a stream); its outputs, events and
 watermark records, are the sessions stage's input, judged by the DeepLog in DEEPLOG_DIR with the
-HDFS template catalog (the end-to-end run's settings: LOGWARDEN_SESSION_GAP_S=3600, the garbage
-collector tuned as every stage tunes it; LOGWARDEN_WATERMARK_GRACE_S=0, since a pass lasts less
-than the 2 s grace). Figures: CPU microseconds per input record, best of ``--passes`` passes;
+HDFS template catalog (the end-to-end run's settings: a session gap of 3,600 s, the garbage
+collector tuned as every stage tunes it; a watermark grace of 0, since a pass lasts less than
+the default 2 s). Figures: CPU microseconds per input record, best of ``--passes`` passes;
 then one pass under cProfile: the ``--top`` functions by their own time, with their own and
 cumulative shares (profiling slows every call, so read the shares, not the seconds).
 """
@@ -26,7 +26,6 @@ import os
 import pstats
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from bench import save_report
@@ -44,21 +43,6 @@ def _records(data: Path, workdir: Path):
     files = scale_hdfs(log, workdir / "hosts", 20_000).files        # one copy: the log itself
     return [Record(topic, 0, i, key, value, 1_700_000_000_000 + i)
             for i, (topic, key, value) in enumerate(filebeat_records(files))]
-
-
-@contextmanager
-def _environment(values: dict[str, str]):
-    """LOGWARDEN_* settings for the stages built inside, put back as they were afterwards."""
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _batches(records):
@@ -103,47 +87,46 @@ def run(data: Path, model: Path, passes: int = 3, top: int = 12) -> dict:
     with tempfile.TemporaryDirectory(prefix="stage-cpu-") as tmp:
         workdir = Path(tmp)
         artifacts.publish(model, workdir / "models", "deeplog")
-        with _environment({"LOGWARDEN_STATE_DIR": str(workdir / "state"), "LOGWARDEN_MODEL_DIR": str(workdir / "models"),
-                           "LOGWARDEN_TEMPLATE_CATALOG": str(data / "hdfs" / "HDFS_templates.csv"),
-                           "LOGWARDEN_SESSION_GAP_S": "3600", "LOGWARDEN_WATERMARK_GRACE_S": "0"}):
-            settings = load_settings()
-            records = _records(data, workdir)
-            parse = ParseStage(settings)
-            events = []
-            for batch in _batches(records):                   # warms the template caches, makes the events
-                events += [o for o in parse.process(batch) if type(o) is Out]
-            event_records = [Record(settings.events_topic, 0, i, o.key.encode() if isinstance(o.key, str) else o.key,
-                                    o.value, 1_700_000_000_000 + i) for i, o in enumerate(events)]
-            thresholds = gc.get_threshold()
-            tune_gc()                                          # as every stage does (services.shell)
+        settings = load_settings(state_dir=workdir / "state", model_dir=workdir / "models",
+                                 template_catalog=data / "hdfs" / "HDFS_templates.csv", session_gap_s=3600,
+                                 watermark_grace_s=0)
+        records = _records(data, workdir)
+        parse = ParseStage(settings)
+        events = []
+        for batch in _batches(records):                   # warms the template caches, makes the events
+            events += [o for o in parse.process(batch) if type(o) is Out]
+        event_records = [Record(settings.events_topic, 0, i, o.key.encode() if isinstance(o.key, str) else o.key,
+                                o.value, 1_700_000_000_000 + i) for i, o in enumerate(events)]
+        thresholds = gc.get_threshold()
+        tune_gc()                                          # as every stage does (services.shell)
 
-            def parse_pass():
-                parse.marks = {}                             # every line new again; caches stay warm
+        def parse_pass():
+            parse.marks = {}                             # every line new again; caches stay warm
 
-                def run_pass():
-                    for batch in _batches(records):
-                        parse.process(batch)
-                return run_pass
+            def run_pass():
+                for batch in _batches(records):
+                    parse.process(batch)
+            return run_pass
 
-            outputs = {}
+        outputs = {}
 
-            def sessions_pass():
-                stage = SessionsStage(settings)              # fresh books, the model loaded
+        def sessions_pass():
+            stage = SessionsStage(settings)              # fresh books, the model loaded
 
-                def run_pass():
-                    outputs["sessions"] = sum(len(stage.process(batch)) for batch in _batches(event_records))
-                return run_pass
+            def run_pass():
+                outputs["sessions"] = sum(len(stage.process(batch)) for batch in _batches(event_records))
+            return run_pass
 
-            try:
-                result = {"records": len(records), "event_records": len(event_records), "passes": passes,
-                          "parse": {"cpu_us_per_record": round(_cpu_per_record(parse_pass, records, passes), 2),
-                                    "profile": _profile(parse_pass, top)},
-                          "sessions": {"cpu_us_per_record": round(_cpu_per_record(sessions_pass, event_records, passes), 2),
-                                       "profile": _profile(sessions_pass, top)}}
-            finally:                                           # a test process goes on afterwards
-                gc.unfreeze()
-                gc.set_threshold(*thresholds)
-            result["sessions"]["outputs"] = outputs["sessions"]
+        try:
+            result = {"records": len(records), "event_records": len(event_records), "passes": passes,
+                      "parse": {"cpu_us_per_record": round(_cpu_per_record(parse_pass, records, passes), 2),
+                                "profile": _profile(parse_pass, top)},
+                      "sessions": {"cpu_us_per_record": round(_cpu_per_record(sessions_pass, event_records, passes), 2),
+                                   "profile": _profile(sessions_pass, top)}}
+        finally:                                           # a test process goes on afterwards
+            gc.unfreeze()
+            gc.set_threshold(*thresholds)
+        result["sessions"]["outputs"] = outputs["sessions"]
     return {"command": COMMAND, "nproc": os.cpu_count(), **result}
 
 
