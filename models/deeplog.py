@@ -20,7 +20,10 @@ normal session falls under the floor. DeepLog's own false-positive rate on HDFS 
 553,366) picked, of deeplog_hdfs_train's 982 held-out sessions, the second-lowest, a single session
 whose low moved 13x between two trainings with the same seed on two CPUs (3.7e-6 on an Intel Xeon,
 5.0e-5 on an AMD EPYC: float sums differ) and with it the dev set's false positives (3, 6 of 1,000):
-a quantile needs far more held-out sessions than 1/q. With 0 the two give 3. ``<end>`` has a floor of its own (``end_floor``): ``end_margin`` (0.1) times the
+a quantile needs far more held-out sessions than 1/q. With 0 the AMD training gives 3 (the
+Intel one gave 3 with no general floor at all).
+
+``<end>`` has a floor of its own (``end_floor``): ``end_margin`` (0.1) times the
 lowest probability the model gives a held-out session's end, never above the lowest it gives a
 training session's end nor under the general floor. Normal HDFS sessions end where the model gives
 ``<end>`` 0.03 or more; sessions that stop early (``5 22``) where it gives ~1e-4, which the general

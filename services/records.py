@@ -176,8 +176,8 @@ class Window(Struct, omit_defaults=True):
     sliding: (only when LOGWARDEN_SLIDING_WINDOWS is on, for subscribers) the newest event of an
              open session in full (``event``) and the up to h events before it as ``steps``;
              ``first_index`` = index within the session of steps[0].
-    A session longer than LOGWARDEN_SESSION_MAX_EVENTS is published in parts (``closed_reason``
-    max_events, then the next part); a part's ``first_index`` is the events of the session before it.
+    A session cut (``closed_reason`` max_events: longer than LOGWARDEN_SESSION_MAX_EVENTS; or evicted)
+    goes on in a next part; a part's ``first_index`` is the events of the session before it.
     """
     window_id: str                 # stable_id(kind, key, session id or start, number of events)
     kind: WindowKind

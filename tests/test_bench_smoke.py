@@ -211,9 +211,9 @@ def test_sessions_bench_measures_every_block_open_and_its_state(datasets, tmp_pa
 
 
 def test_stage_cpu_measures_both_stages_on_the_same_records(datasets, tiny_deeplog, monkeypatch):
-    from bench import stage_cpu
-
     import os
+
+    from bench import stage_cpu
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     before = dict(os.environ)
