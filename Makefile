@@ -17,10 +17,17 @@ PYTEST_ARGS ?=
 .PHONY: install kafka-jars kafka-up kafka-down kafka-status hadoop-jars lab-up lab-down lab prometheus compose-tools deps test test-fast demo bench clean
 
 install: $(STAMP)
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml native/Cargo.toml native/Cargo.lock native/src/lib.rs
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	@# The compiled parse hot path (native/: Rust, PyO3, built with maturin from PyPI and crates
+	@# from crates.io). Optional: without cargo the parse stage runs the pure-Python path it is
+	@# tested equal to (tests/test_native.py).
+	@if command -v cargo >/dev/null; then \
+	  echo "install: building the compiled parse hot path (native/)"; \
+	  $(PY) -m pip install -q ./native || echo "install: native/ did not build (see above): parse runs on its pure-Python path"; \
+	else echo "install: no cargo here: parse runs on its pure-Python path (native/ needs Rust: https://rustup.rs)"; fi
 	$(PY) -c "import confluent_kafka, torch, drain3, gensim, pydantic, pydantic_settings, prometheus_client, docker, safetensors"
 	touch $(STAMP)
 

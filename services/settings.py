@@ -102,6 +102,8 @@ class Settings(BaseSettings):
         None, description="YAML with masking rules and session-key extractors; unset: built-in HDFS defaults")
     template_catalog: Path | None = Field(
         None, description="CSV EventId,EventTemplate of known templates (e.g. loghub HDFS E1..E30)")
+    native_parse: bool = Field(
+        True, description="parse lines of shapes already seen on the compiled hot path (logwarden-native, built by make install where cargo is); the Python path stays the reference")
     freeze_templates: bool = Field(
         False, description="lines matching no catalog template get template id 'unknown' (not mined)")
     max_line_bytes: int = Field(65536, ge=64, description="longer lines go to the dead-letter topic")

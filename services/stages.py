@@ -135,6 +135,8 @@ class ParseStage:
         catalog = load_catalog(settings.template_catalog) if settings.template_catalog else None
         self.core = ParseCore(ParseConfig.load(settings.parse_config), catalog=catalog,
                               frozen=settings.freeze_templates)
+        # the compiled hot path for lines of shapes the core has seen (None: Python does all)
+        self._hot = self.core.hot_events() if settings.native_parse else None
         self.marks: dict[TP, FileMarks] = {}
         replica = settings.instance_id or socket.gethostname()
         self.miner_path = Path(settings.state_dir) / "parse" / f"{settings.group('parse')}-{replica}.miner"
@@ -193,7 +195,7 @@ class ParseStage:
         out: list[Out | Reject] = []
         topic = self.settings.events_topic
         max_line, max_tokens, max_record = self.settings.max_line_bytes, self.settings.max_line_tokens, self._max_record
-        parse, lines, marks_of = self.core.parse, self._lines, self.marks
+        parse, lines, marks_of, hot = self.core.parse, self._lines, self.marks, self._hot
         timed_every = LATENCY_SAMPLE
         for rec in batch:
             value = rec.value
@@ -228,27 +230,34 @@ class ParseStage:
             if marks.seen(FileMarks.file_key(host, path, file_.fingerprint or file_.inode), file_offset, message):
                 metrics.DUPLICATES.labels(self.name).inc()
                 continue
-            source = Source(host=host, topic=rec.topic, partition=rec.partition, offset=rec.offset,
-                            file_path=path, file_offset=file_offset,
-                            kafka_timestamp=rec.timestamp_ms / 1000 if rec.timestamp_ms > 0 else None)
             self._sample += 1
             timed = self._sample % timed_every == 0     # a histogram observation costs as much as a parse
             started = time.perf_counter() if timed else 0.0
-            try:
-                parsed = parse(message, host, source, doc.timestamp.timestamp())
-            except ParseError as err:
-                out.append(Reject(rec, err.reason, err.detail))
-                continue
+            got = hot(message, host, rec.topic, rec.partition, rec.offset, path, file_offset,
+                      rec.timestamp_ms) if hot is not None else None
+            if got is not None:                      # the compiled path: the same bytes as below
+                ts, events = got
+                for value, key in events:
+                    out.append(Out(topic, value, key, rec))
+            else:
+                source = Source(host=host, topic=rec.topic, partition=rec.partition, offset=rec.offset,
+                                file_path=path, file_offset=file_offset,
+                                kafka_timestamp=rec.timestamp_ms / 1000 if rec.timestamp_ms > 0 else None)
+                try:
+                    parsed = parse(message, host, source, doc.timestamp.timestamp())
+                except ParseError as err:
+                    out.append(Reject(rec, err.reason, err.detail))
+                    continue
+                for ev in parsed:
+                    out.append(Out(topic, encode(ev), ev.key, rec))
+                ts = parsed[0].timestamp if parsed else None
             if timed:
                 metrics.PARSE_SECONDS.observe(time.perf_counter() - started)
             lines[host] = lines.get(host, 0) + 1
-            for ev in parsed:
-                out.append(Out(topic, encode(ev), ev.key, rec))
-            if parsed:
+            if ts is not None:
                 state = self._sources.get(tp)
                 if state is None:
                     state = self._sources[tp] = [None, 0.0, 0.0, True, False, False]
-                ts = parsed[0].timestamp
                 if state[0] is None or ts > state[0]:
                     state[0] = ts
                 state[1], state[3], state[4], state[5] = time.monotonic(), True, False, False

@@ -454,7 +454,7 @@ class _Template:
 class _Shape:
     """Everything about a line that its shape determines: slices of the line, and the template."""
     __slots__ = ("fmt", "ts", "frac", "tz", "level", "level_text", "component", "component_text", "simple_ts",
-                 "keys", "params", "tmpl", "count_slot", "cluster", "tokens", "fields")
+                 "keys", "params", "key_spans", "param_spans", "tmpl", "count_slot", "cluster", "tokens", "fields")
 
     def __init__(self, line: str, fmt, spans, keys, params, tmpl: _Template, count_slot: int):
         self.fmt = fmt
@@ -467,6 +467,7 @@ class _Shape:
         # itemgetter(*slices)(line) cuts every piece in one C call
         self.keys = _cutter(keys)
         self.params = _cutter(params)
+        self.key_spans, self.param_spans = keys, params      # what the compiled hot path is taught
         self.tmpl = tmpl
         self.count_slot = count_slot
         # drain may generalise a mined template later; a shape made before that is stale
@@ -667,6 +668,17 @@ def _event(fields: dict) -> ParsedEvent:
     return ParsedEvent(**fields)
 
 
+# The compiled hot path (native/, issue 18): lines of a shape this core has analysed, turned into
+# their events' JSON without Python. Optional: without it (no cargo where it was installed) the
+# Python path below does everything; with it, the Python path is still the reference and the
+# teacher (ParseCore.hot_events).
+try:
+    from logwarden_native import HotParse as _HotParse
+except ImportError:  # pragma: no cover - depends on the install
+    _HotParse = None
+NATIVE_AVAILABLE = _HotParse is not None
+
+
 # counts by what a line was mapped to (see ParseCounters)
 _KNOWN, _MINED, _UNKNOWN = 0, 1, 2
 
@@ -707,6 +719,8 @@ class ParseCore:
         # is made, so a template that drain generalises later keeps the id already emitted
         self._cluster_template_ids: dict[int, str] = {}
         self._frozen = frozen
+        self._hot = None                  # the compiled hot path, once hot_events() asked for it
+        self._format_index = {id(h): i for i, h in enumerate(self._headers)}
         self._drain = self._new_drain()
         self._set_catalog(catalog or {})
 
@@ -723,12 +737,45 @@ class ParseCore:
     @property
     def counters(self) -> ParseCounters:
         known, mined, unknown = self._counts
+        if self._hot is not None:
+            hot_known, hot_mined, hot_unknown = self._hot.counts()
+            known, mined, unknown = known + hot_known, mined + hot_mined, unknown + hot_unknown
         return ParseCounters(lines=known + mined + unknown, known=known, mined=mined, unknown=unknown,
                              new_templates=self._new_templates, bad_header=self._bad_header)
 
     @property
     def catalog(self) -> dict[str, str]:
         return {t.template_id: t.text for t in self._catalog}
+
+    def hot_events(self):
+        """The compiled hot path's ``events(line, host, topic, partition, offset, path,
+        file_offset, kafka_ms)`` -> ``(timestamp, [(ParsedEvent JSON, key), ...])``, or None for a
+        line it was not taught (then parse() takes it, and teaches it). None when the native
+        module is not installed, or the config needs what it does not do: patterns that read
+        digits (no shape cache) or session keys from the whole line."""
+        if _HotParse is None or not self.shape_cache_enabled or self._keys_line:
+            return None
+        if self._hot is None:
+            self._hot = _HotParse(self.config.cache_size, bool(self._keys_path))
+        return self._hot.events
+
+    def _teach(self, line: str, shape: _Shape, path: str) -> None:
+        """Tell the compiled hot path what parse() worked out for this line's shape."""
+        hot = self._hot
+        ts_text = line[shape.ts]
+        epoch = shape.fmt.cache.get(ts_text)
+        if epoch is None:
+            return
+        fmt = self._format_index[id(shape.fmt)]
+        hot.add_time(fmt, ts_text, epoch)
+        if self._keys_path:
+            hot.add_path(path, self._keys_of_path(path))
+        span = lambda part: None if part is None else (part.start, part.stop)   # noqa: E731
+        hot.add_shape(line.encode().translate(_ZERO_DIGITS), fmt, span(shape.ts), span(shape.frac),
+                      span(shape.level), shape.level_text, span(shape.component), shape.component_text,
+                      list(shape.key_spans), list(shape.param_spans), shape.fields["template_id"],
+                      shape.fields["template"], shape.count_slot,
+                      -1 if shape.cluster is None else shape.cluster.cluster_id)
 
     def parse(self, message: str, host: str, source: Source, fallback_ts: float) -> list[ParsedEvent]:
         """One line -> one ParsedEvent per session key (the host when it names none).
@@ -742,7 +789,9 @@ class ParseCore:
                 shape = self._shapes.young.get(signature)
                 if shape is None or (shape.cluster is not None and shape.cluster.log_template_tokens is not shape.tokens):
                     shape = self._shape(line, fallback_ts, signature)
+                teach = self._hot is not None and shape.simple_ts and self._shapes.young.get(signature) is shape
             else:
+                teach = False
                 shape = self._analyse(line, fallback_ts, None)
             get = line.__getitem__
 
@@ -757,6 +806,8 @@ class ParseCore:
             self._bad_header += 1
             raise
         self._counts[shape.count_slot] += 1
+        if teach:
+            self._teach(line, shape, source.file_path)
 
         keys = shape.keys(line)
         if self._keys_line:
@@ -907,6 +958,8 @@ class ParseCore:
     def _clear_caches(self) -> None:
         self._shapes.clear()
         self._masked.clear()
+        if getattr(self, "_hot", None) is not None:
+            self._hot.clear()
 
     def _header_match(self, line: str):
         for fmt in self._headers:
@@ -1035,6 +1088,8 @@ class ParseCore:
             cluster, change = drain.add_log_message(masked)
             if change == "cluster_created":
                 self._new_templates += 1
+            elif change == "cluster_template_changed" and self._hot is not None:
+                self._hot.drop_cluster(cluster.cluster_id)     # its shapes there are stale now
         return self._mined(masked, cluster)
 
     def _mined(self, masked: str, cluster: LogCluster) -> _Template:
