@@ -196,6 +196,7 @@ class ParseStage:
         topic = self.settings.events_topic
         max_line, max_tokens, max_record = self.settings.max_line_bytes, self.settings.max_line_tokens, self._max_record
         parse, lines, marks_of, hot = self.core.parse, self._lines, self.marks, self._hot
+        decode_filebeat, control = _filebeat.decode, _CONTROL.search
         timed_every = LATENCY_SAMPLE
         for rec in batch:
             value = rec.value
@@ -205,18 +206,19 @@ class ParseStage:
             if len(value) > max_record:
                 out.append(Reject(rec, "record_too_large", f"record of {len(value)} bytes > LOGWARDEN_MAX_LINE_BYTES + envelope"))
                 continue
-            doc = classify_envelope(value)
-            if type(doc) is tuple:
-                out.append(Reject(rec, *doc))
+            try:
+                doc = decode_filebeat(value)
+            except (msgspec.DecodeError, RecursionError):    # (ValidationError is a DecodeError)
+                out.append(Reject(rec, *classify_envelope(value)))   # the same decoder again: why it failed
                 continue
             message = doc.message.rstrip("\r\n")
             if len(message) > max_line:
                 out.append(Reject(rec, "line_too_long", f"line of {len(message)} characters > LOGWARDEN_MAX_LINE_BYTES"))
                 continue
-            if looks_binary(message):
+            if control(message) is not None and looks_binary(message):   # control(): one C-level scan
                 out.append(Reject(rec, "binary", "line holds NUL or control bytes"))
                 continue
-            if message.count(" ") > max_tokens:
+            if len(message) > max_tokens and message.count(" ") > max_tokens:
                 tokens = len(message.split())
                 if tokens > max_tokens:
                     out.append(Reject(rec, "too_many_tokens", f"line of {tokens} tokens > LOGWARDEN_MAX_LINE_TOKENS"))

@@ -232,6 +232,32 @@ def test_file_marks_are_ranges_and_know_a_rotated_file():
     assert not marks.seen(FileMarks.file_key("dn1", "/var/log/a.log", "fp2"), offsets[5], lines[5])
 
 
+def test_file_marks_in_order_shortcut_decides_as_the_general_rule():
+    import random
+
+    rng = random.Random(7)
+    fast, general = FileMarks(), FileMarks()
+    general.in_order_shortcut = False
+    files = [FileMarks.file_key("dn1", f"/var/log/{n}.log", None) for n in range(3)]
+    at = dict.fromkeys(files, 0)
+    for _ in range(5000):
+        key = rng.choice(files)
+        text = rng.choice(["a line", "another line", "x", "é accent", ""])
+        move = rng.random()
+        if move < 0.6:                      # the next line
+            offset = at[key]
+        elif move < 0.7:                    # the next line after a CRLF
+            offset = at[key] + 1
+        elif move < 0.85:                   # a re-send of something recent
+            offset = max(0, at[key] - rng.randint(1, 60))
+        else:                               # a gap: lines still to come
+            offset = at[key] + rng.randint(3, 40)
+        at[key] = max(at[key], offset + len(text.encode()) + 1)
+        assert fast.seen(key, offset, text) == general.seen(key, offset, text)
+    assert fast.duplicates == general.duplicates > 0
+    assert fast.entries() == general.entries()
+
+
 def test_a_dead_letter_keeps_the_head_size_and_hash_and_always_fits():
     big = b"x" * 3_000_000
     letter = DeadLetter.of(stage="parse", reason="record_too_large", detail="d" * 2000, topic="logs.dn1",

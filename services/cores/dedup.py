@@ -38,6 +38,8 @@ class _File:
 class FileMarks:
     """The delivered byte ranges of the files of one input partition."""
 
+    in_order_shortcut = True     # the in-order case without bisect (tests compare it with the general one)
+
     def __init__(self):
         self._files: OrderedDict[str, _File] = OrderedDict()
         self._dirty: set[str] = set()
@@ -51,8 +53,25 @@ class FileMarks:
     def seen(self, key: str, offset: int, message: str) -> bool:
         """True (counted) when the line at ``offset`` of file ``key`` was delivered before; else
         it is marked as delivered now."""
-        length = max(1, len(message.encode("utf-8", "surrogatepass")))
+        length = (len(message) if message.isascii() else len(message.encode("utf-8", "surrogatepass"))) or 1
         f = self._files.get(key)
+        if self.in_order_shortcut and offset and f is not None and f.starts and offset >= f.starts[-1]:
+            # the common case, a file read in order: at or past its last range's start
+            ends = f.ends
+            end = offset + length
+            if end <= ends[-1]:
+                self.duplicates += 1
+                return True
+            if offset <= ends[-1] + 2:
+                ends[-1] = end
+            else:
+                f.starts.append(offset)
+                ends.append(end)
+                if len(ends) > MAX_RANGES:
+                    del f.starts[0], ends[0]
+            self._files.move_to_end(key)
+            self._dirty.add(key)
+            return False
         if offset == 0:
             crc = zlib.crc32(message.encode("utf-8", "surrogatepass"))
             if f is not None and f.first_crc is not None and f.first_crc != crc:
