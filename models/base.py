@@ -58,6 +58,9 @@ class Span:
 class Trace:
     trace_id: str
     spans: list[Span]                                # ordered by (start_ns, span_id)
+    # False for a trace the assembler closed before its own end (evicted to bound memory, or at
+    # shutdown): where its spans stop is no event of the trace, so its end is not judged
+    ended: bool = True
 
     @property
     def start_ns(self) -> int:

@@ -207,6 +207,7 @@ class _Encoded:
     duration_us: np.ndarray          # (n,) raw durations
     truncated: int                   # spans left out beyond max_spans
     weight: float = 1.0              # training: how many traces of its label sequence it stands for
+    ended: bool = True               # the trace's end is judged (not cut: Trace.ended, no truncation)
 
     def __len__(self) -> int:
         return len(self.order)
@@ -339,7 +340,8 @@ class TraceLSTM(Detector):
         duration = np.fromiter((max(0, s.end_ns - s.start_ns) / 1e3 for s in spans), np.float64, len(spans))
         rt = (self._transform(duration) - self.rt_low[ids]) / self.rt_range[ids]
         rt[ids == UNK_ID] = np.nan
-        return _Encoded(order, ids, labels, rt.astype(np.float32), duration, truncated)
+        return _Encoded(order, ids, labels, rt.astype(np.float32), duration, truncated,
+                        ended=trace.ended and not truncated)
 
     @staticmethod
     def _with(enc: _Encoded, moved_from: int, moved_to: int) -> _Encoded:
@@ -347,7 +349,7 @@ class TraceLSTM(Detector):
         perm = list(range(len(enc)))
         perm.insert(moved_to, perm.pop(moved_from))
         return _Encoded([enc.order[p] for p in perm], enc.ids[perm], [enc.labels[p] for p in perm],
-                        enc.rt[perm], enc.duration_us[perm], enc.truncated, enc.weight)
+                        enc.rt[perm], enc.duration_us[perm], enc.truncated, enc.weight, enc.ended)
 
     def _inputs(self, batch: list[_Encoded]):
         """Padded (B, T+1) inputs and targets; T = the longest trace. Input step 0 is ``!0``."""
@@ -682,7 +684,7 @@ class TraceLSTM(Detector):
     def _structural_positions(self, e: _Encoded, j: _Judged) -> np.ndarray:
         if not self.judges_structure:
             return np.zeros(0, np.int64)
-        last = len(e) + (0 if e.truncated else 1)
+        last = len(e) + (1 if e.ended else 0)
         return np.flatnonzero((j.rank[:last] >= self.top_k) | (j.p_observed[:last] < self.min_probability))
 
     def _time_positions(self, e: _Encoded, j: _Judged) -> np.ndarray:
@@ -754,7 +756,8 @@ class TraceLSTM(Detector):
         anomalies = [self._structural(e, j, p) for p in self._structural_positions(e, j).tolist()]
         anomalies += [self._slow(e, j, p) for p in self._time_positions(e, j).tolist()]
         anomalies.sort(key=lambda a: (a.position, a.kind != "structural"))
-        surprise = float((1.0 - j.p_observed).max()) if self.judges_structure and len(j.p_observed) else 0.0
+        judged = j.p_observed[:len(e) + (1 if e.ended else 0)]           # not the end of a cut trace
+        surprise = float((1.0 - judged).max()) if self.judges_structure and len(judged) else 0.0
         tail = 0.0
         if self.judges_time and j.rt_error is not None and len(e):
             tail = max((self._tail(i, err) for i, err in zip(e.ids.tolist(), j.rt_error.tolist())), default=0.0)

@@ -112,6 +112,19 @@ def test_early_end_is_a_structural_anomaly(trained):
     assert {label for label, _ in ends[0].expected} & {f"{SERVICE[op]} {op}" for op in CONCURRENT}
 
 
+def test_the_end_of_a_cut_trace_is_not_judged(trained):
+    # the assembler closed it before its end (evicted, shutdown): where it stops says nothing
+    from services.cores.score import trace_of, trace_record
+
+    trace = fresh(1, get=False)[0]
+    trace.spans = trace.spans[:index_of(trace, "SELECT orders") + 1]
+    assert structural(trained.score([trace])[0])                          # as an ended trace: flagged
+    for reason in ("evicted", "shutdown"):
+        cut = trace_of(trace_record(trace, closed_reason=reason))
+        assert not cut.ended and structural(trained.score([cut])[0]) == []
+    assert trace_of(trace_record(trace, closed_reason="gap")).ended
+
+
 def test_slow_span_is_a_response_time_anomaly(trained):
     clean, slow = fresh(1, seed=3)[0], fresh(1, seed=3, slow="price query", factor=4.0)[0]
     assert not trained.score([clean])[0].anomalous

@@ -51,6 +51,7 @@ import numpy as np
 
 from models.base import Chunk, LogEvent, Span, Trace, TraceStats, Verdict
 from services import metrics
+from services.cores.traces import CUT_REASONS as TRACE_CUT_REASONS
 from services.records import (Alert, AlertEvent, ChunkRecord, ExpectedKey, SpanRecord, TraceRecord,
                               TraceStatsRecord, decoder, encode, stable_id)
 from services.shell import Out, Record, Reject
@@ -85,7 +86,7 @@ def trace_of(record: TraceRecord) -> Trace:
         spans.append(Span(span_id=s.span_id, parent_id=s.parent_id, service=s.service, pod=s.pod,
                           operation=s.operation, start_ns=s.start_ns, end_ns=s.end_ns, status=s.status))
     spans.sort(key=lambda s: (s.start_ns, s.span_id))
-    return Trace(record.trace_id, spans)
+    return Trace(record.trace_id, spans, ended=record.closed_reason not in TRACE_CUT_REASONS)
 
 
 def trace_record(trace: Trace, closed_reason: str = "complete") -> TraceRecord:

@@ -64,6 +64,10 @@ class StateError(ValueError):
     """Entries that are not a trace assembler's state."""
 
 
+# Closed before the trace's own end: a detector does not judge where these stop (models.base.Trace.ended).
+CUT_REASONS = frozenset({"evicted", "shutdown"})
+
+
 class SpanInputError(ValueError):
     """A SpanGroup that cannot be assembled (reason, detail for the dead letter)."""
 
