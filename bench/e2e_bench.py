@@ -494,6 +494,13 @@ def measure_throughput(bootstrap: str, data: Path, workdir: Path, models_dir: Pa
         "sessions_to_passthrough_events": ratio(result["sessions"]["records_per_s"], pt_events),
         "whole_to_chain3": ratio(result["whole"].get("lines_per_s"), result["passthrough_chain"]["records_per_s"]),
         "whole_to_chain2": ratio(result["whole"].get("lines_per_s"), result["passthrough_chain2"]["records_per_s"]),
+        # Per CPU second too: on a quiet machine the wall rates of the cheap stages all meet the
+        # broker's pace (the drain3 peer too), and only this tells their own cost apart.
+        "parse_to_passthrough_cpu": ratio(result["parse"]["records_per_cpu_s"], result["passthrough"]["records_per_cpu_s"]),
+        "drain3_peer_to_passthrough_cpu": ratio(result["drain3_peer"]["records_per_cpu_s"],
+                                                result["passthrough"]["records_per_cpu_s"]),
+        "sessions_to_passthrough_events_cpu": ratio(result["sessions"]["records_per_cpu_s"],
+                                                    result["passthrough_events"]["records_per_cpu_s"]),
     }
     for fused in ("window", "detect"):            # the keys: one fused stage serves both
         result[fused] = {"records_per_s": result["sessions"]["records_per_s"], "fused_into": "sessions"}

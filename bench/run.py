@@ -341,6 +341,12 @@ def render(r: dict) -> str:
                                 "whole_ratio")):
         value = r.get(f"e2e.ratios.{key}")
         out.append(f"| {label} | {_fmt(value, 3)} | >= {TARGETS[target]} | {_met(value, TARGETS[target])} |")
+    for key, label in (("parse_to_passthrough_cpu", "parse stage / pass-through, per CPU second"),
+                       ("drain3_peer_to_passthrough_cpu", "drain3 peer / pass-through, per CPU second"),
+                       ("sessions_to_passthrough_events_cpu", "sessions stage / pass-through of events, per CPU second")):
+        if r.get(f"e2e.ratios.{key}") is not None:
+            out.append(f"| {label} (`e2e.ratios.{key}`) | {_fmt(r.get(f'e2e.ratios.{key}'), 3)} | not a target: "
+                       "the stage's own cost, which wall rates hide once the broker sets the pace | |")
     p95 = r.get("latency.p95_ms")
     rate = r.get("latency.lines_per_s")
     out.append(f"| alert latency p95 (`latency.p95_ms`) at `latency.lines_per_s` {_fmt(rate)} lines/s "

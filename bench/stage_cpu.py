@@ -92,6 +92,10 @@ def run(data: Path, model: Path, passes: int = 3, top: int = 12) -> dict:
                                  watermark_grace_s=0)
         records = _records(data, workdir)
         parse = ParseStage(settings)
+        # the same stage on its pure-Python path (the compiled hot path's reference), same run
+        python_parse = ParseStage(load_settings(state_dir=workdir / "state-py", model_dir=workdir / "models",
+                                                template_catalog=data / "hdfs" / "HDFS_templates.csv",
+                                                session_gap_s=3600, watermark_grace_s=0, native_parse=False))
         events = []
         for batch in _batches(records):                   # warms the template caches, makes the events
             events += [o for o in parse.process(batch) if type(o) is Out]
@@ -100,13 +104,19 @@ def run(data: Path, model: Path, passes: int = 3, top: int = 12) -> dict:
         thresholds = gc.get_threshold()
         tune_gc()                                          # as every stage does (services.shell)
 
-        def parse_pass():
-            parse.marks = {}                             # every line new again; caches stay warm
+        def pass_of(stage):
+            def parse_pass():
+                stage.marks = {}                         # every line new again; caches stay warm
 
-            def run_pass():
-                for batch in _batches(records):
-                    parse.process(batch)
-            return run_pass
+                def run_pass():
+                    for batch in _batches(records):
+                        stage.process(batch)
+                return run_pass
+            return parse_pass
+
+        parse_pass = pass_of(parse)
+        python_parse_pass = pass_of(python_parse)
+        python_parse_pass()()                  # its caches warm too, as the first one's are from making the events
 
         outputs = {}
 
@@ -120,6 +130,8 @@ def run(data: Path, model: Path, passes: int = 3, top: int = 12) -> dict:
         try:
             result = {"records": len(records), "event_records": len(event_records), "passes": passes,
                       "parse": {"cpu_us_per_record": round(_cpu_per_record(parse_pass, records, passes), 2),
+                                "native": parse._hot is not None,
+                                "python_path_cpu_us_per_record": round(_cpu_per_record(python_parse_pass, records, passes), 2),
                                 "profile": _profile(parse_pass, top)},
                       "sessions": {"cpu_us_per_record": round(_cpu_per_record(sessions_pass, event_records, passes), 2),
                                    "profile": _profile(sessions_pass, top)}}
@@ -135,7 +147,11 @@ def render(report: dict) -> list[str]:
            f"records, CPU per input record (best of {report['passes']} passes):", ""]
     for stage in ("parse", "sessions"):
         st = report[stage]
-        out.append(f"- {stage} `process`: {st['cpu_us_per_record']} µs")
+        path = (" (compiled hot path)" if st.get("native") else " (native module not installed)") if stage == "parse" else ""
+        out.append(f"- {stage} `process`{path}: {st['cpu_us_per_record']} µs")
+        if stage == "parse":
+            out.append(f"- parse `process` on its pure-Python path (`LOGWARDEN_NATIVE_PARSE=false`): "
+                       f"{st['python_path_cpu_us_per_record']} µs")
     out.append("")
     for stage in ("parse", "sessions"):
         out += [f"{stage} under cProfile, by own time:", "", "| function | calls | own | cumulative |",

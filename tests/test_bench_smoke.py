@@ -214,6 +214,7 @@ def test_stage_cpu_measures_both_stages_on_the_same_records(datasets, tiny_deepl
     import os
 
     from bench import stage_cpu
+    from services.cores.parse import NATIVE_AVAILABLE
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     before = dict(os.environ)
@@ -229,5 +230,7 @@ def test_stage_cpu_measures_both_stages_on_the_same_records(datasets, tiny_deepl
     assert any("stages.py" in row["function"] or "cores/" in row["function"]
                for stage in ("parse", "sessions") for row in report[stage]["profile"])
     assert report["sessions"]["outputs"] > 0                 # the blocks' windows (and alerts) came out
+    assert report["parse"]["python_path_cpu_us_per_record"] > 0
+    assert report["parse"]["native"] == NATIVE_AVAILABLE
     text = "\n".join(stage_cpu.render(report))
-    assert "- parse `process`:" in text and "sessions under cProfile" in text
+    assert "- parse `process` (" in text and "pure-Python path" in text and "sessions under cProfile" in text
