@@ -9,7 +9,8 @@ Input: HDFS_20000.log dealt round-robin to three hosts (bench.e2e_bench.scale_hd
 and encoded as Filebeat records as `logwarden replay` writes them, the hosts' lines interleaved as
 live hosts ship them (bench.overload_bench.filebeat_records), so no event comes late. The parse stage's
 ``process`` runs on them in batches of 2,000 (its template caches warm from a first pass, its
-dedup marks fresh each pass: every line is new to it, as in a stream); its outputs, events and
+dedup marks fresh each pass: every line is new to it, as in a stream), with the compiled hot path
+where it is installed and, in the same run, on its pure-Python path; its outputs, events and
 watermark records, are the sessions stage's input, judged by the DeepLog in DEEPLOG_DIR with the
 HDFS template catalog (the end-to-end run's settings: a session gap of 3,600 s, the garbage
 collector tuned as every stage tunes it; a watermark grace of 0, since a pass lasts less than
