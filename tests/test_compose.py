@@ -248,6 +248,8 @@ def test_the_compose_settings_are_valid_values():
                   for k, v in environment(s).items() if k.startswith("LOGWARDEN_")}
         settings = Settings(**values)   # raises on a bad value
         assert settings.metrics_bind == "0.0.0.0", f"{name}: Prometheus could not reach its metrics"
+        # live input: a quiet spell shorter than the session gap must not end (and judge) every session
+        assert settings.idle_close_s >= settings.session_gap_s, f"{name}: idle close before the session gap"
         assert settings.replication_factor == int(env["REPLICATION_FACTOR"])
 
 
