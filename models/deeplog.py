@@ -58,6 +58,7 @@ from collections import Counter, defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from itertools import repeat
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any, Sequence as Seq
@@ -595,10 +596,13 @@ class DeepLog(Detector):
                 continue
             begin = judged.start - h                           # keys index of the first history id
             ids = [START_ID] * -begin if begin < 0 else []
-            ids += [index.get(k, UNK_ID) for k in keys[max(0, begin):last]]
+            ids += map(index.get, keys[max(0, begin):last], repeat(UNK_ID))
             if last > len(keys):
                 ids.append(END_ID)
-            rows.extend(ids[i:i + h + 1] for i in range(len(judged)))
+            if len(judged) == 1:                               # the stream's case: ids is the window
+                rows.append(ids)
+            else:
+                rows.extend(ids[i:i + h + 1] for i in range(len(judged)))
         windows = np.asarray(rows, dtype=np.int64).reshape(len(rows), h + 1)
         return plans, windows, np.repeat(np.arange(len(plans)), counts)
 

@@ -102,8 +102,10 @@ def steps_sequence(steps: list[StepView] | list[Step], templates: dict[str, str]
         texts = [s.template for s in steps]
     else:
         texts = [s.template or templates.get(s.template_id, "") for s in steps]
+    # each step's values list itself, not a copy: detectors only read a Sequence (a copy per step
+    # per released event was a tenth of the sessions stage)
     return Sequence(keys=[s.template_id for s in steps], templates=texts,
-                    params=[list(s.values) for s in steps], timestamps=[s.timestamp for s in steps],
+                    params=[s.values for s in steps], timestamps=[s.timestamp for s in steps],
                     complete=complete, start=start, judge_from=judge_from)
 
 
