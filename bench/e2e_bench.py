@@ -586,6 +586,9 @@ def _short(path: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------
+WARMUP_S = 3.0     # the default watermark grace (2 s) and an empty partition's 1 s: see measure_latency
+
+
 def measure_latency(bootstrap: str, data: Path, workdir: Path, models_dir: Path, rate: float = 2000.0,
                     lines: int = 40_000, drain_s: float = 60.0) -> dict:
     """Alert latency at a steady replay rate with parse and sessions running (module docstring).
@@ -637,11 +640,13 @@ def measure_latency(bootstrap: str, data: Path, workdir: Path, models_dir: Path,
     opened = [(a, ts) for a, ts in alerts if a.status == "open" and a.first_anomaly.source
               and a.first_anomaly.source.kafka_timestamp]
     lines_at = _hop_times(conf, settings)          # every line: its Kafka timestamp, its event's CreateTime
-    totals, hops = [], {"parse": [], "sessions": []}
+    first_ms = min((line for line, _ in lines_at.values()), default=0.0)
+    totals, hops, timeline = [], {"parse": [], "sessions": []}, []
     for alert, alert_ms in opened:
         src = alert.first_anomaly.source
         line_ms = src.kafka_timestamp * 1000
         totals.append(alert_ms - line_ms)
+        timeline.append(((line_ms - first_ms) / 1000, alert_ms - line_ms))
         at = lines_at.get((alert.key, src.topic, src.partition, src.offset))
         if at is not None:
             hops["parse"].append(at[1] - line_ms)
@@ -653,6 +658,14 @@ def measure_latency(bootstrap: str, data: Path, workdir: Path, models_dir: Path,
             **percentiles(totals, "ms"),
             "hops_ms": {hop: percentiles(values, "ms") for hop, values in hops.items()},
             "every_line_ms": {"parse": percentiles([e - line for line, e in lines_at.values()], "ms")},
+            # The replay's first seconds are the stages' start: every source announced but not yet
+            # shipping holds the watermark for LOGWARDEN_WATERMARK_GRACE_S, an empty partition of a
+            # shipping host for 1 s (ParseStage.EMPTY_SIBLING_IDLE_S). The same percentiles without
+            # the alerts on lines of those seconds, and the slowest alerts with when their line came.
+            "warmup_s": WARMUP_S,
+            "steady": percentiles([ms for since, ms in timeline if since >= WARMUP_S], "ms"),
+            "slowest": [{"line_at_s": round(since, 2), "ms": round(ms)} for since, ms in
+                        sorted(timeline, key=lambda t: -t[1])[:5]],
             "cpu_s": {st: p.cpu_s for st, p in procs.items()}}
 
 

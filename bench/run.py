@@ -486,6 +486,13 @@ def _render_latency(r: dict) -> list[str]:
                    f"| {_fmt(r.get(prefix + 'replayed_lines'))} | {_fmt(r.get(prefix + 'records_judged'))} of "
                    f"{_fmt(r.get(prefix + 'event_records'))} | {r.get(prefix + 'n')} | {q(prefix)} "
                    f"| {q(prefix, 'every_line_ms.parse.')} | {q(prefix, 'hops_ms.sessions.')} |")
+    for prefix, label in (("latency.", "`latency.*`"), ("latency.low_rate.", "`latency.low_rate.*`")):
+        if r.get(f"{prefix}steady.n") is None:
+            continue
+        slowest = ", ".join(f"{s['ms']:,} ms (line at {s['line_at_s']} s)" for s in r.get(f"{prefix}slowest") or [])
+        out += ["", f"{label} without the alerts on lines of the replay's first {r.get(prefix + 'warmup_s')} s (the "
+                f"stages' start: the watermark grace and empty partitions hold the watermark): "
+                f"{r.get(prefix + 'steady.n')} alerts, p50 / p95 / p99 {q(prefix, 'steady.')} ms. Slowest: {slowest}."]
     out += ["", f"Command: `{r.get('latency.command')}` ({_when(r, 'latency')}).", ""]
     return out
 

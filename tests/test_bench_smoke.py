@@ -109,6 +109,10 @@ def test_e2e_bench_through_the_broker_gives_every_key(kafka_bootstrap, datasets,
     hops, every = latency["hops_ms"], latency["every_line_ms"]
     assert hops["parse"]["n"] == hops["sessions"]["n"] == latency["n"]
     assert every["parse"]["n"] == 1_500
+    # the warm-up split: the slowest alerts say when their line came; steady ones are a subset
+    slowest = latency["slowest"]
+    assert slowest and slowest[0]["ms"] == round(latency["max_ms"]) and all(s["line_at_s"] >= 0 for s in slowest)
+    assert latency["steady"]["n"] <= latency["n"]
 
 
 def test_benchmarks_md_keeps_the_hand_written_part(tmp_path, monkeypatch):
