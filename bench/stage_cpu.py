@@ -88,15 +88,13 @@ def run(data: Path, model: Path, passes: int = 3, top: int = 12) -> dict:
     with tempfile.TemporaryDirectory(prefix="stage-cpu-") as tmp:
         workdir = Path(tmp)
         artifacts.publish(model, workdir / "models", "deeplog")
-        settings = load_settings(state_dir=workdir / "state", model_dir=workdir / "models",
-                                 template_catalog=data / "hdfs" / "HDFS_templates.csv", session_gap_s=3600,
-                                 watermark_grace_s=0)
+        common = {"model_dir": workdir / "models", "template_catalog": data / "hdfs" / "HDFS_templates.csv",
+                  "session_gap_s": 3600, "watermark_grace_s": 0}
+        settings = load_settings(state_dir=workdir / "state", **common)
         records = _records(data, workdir)
         parse = ParseStage(settings)
         # the same stage on its pure-Python path (the compiled hot path's reference), same run
-        python_parse = ParseStage(load_settings(state_dir=workdir / "state-py", model_dir=workdir / "models",
-                                                template_catalog=data / "hdfs" / "HDFS_templates.csv",
-                                                session_gap_s=3600, watermark_grace_s=0, native_parse=False))
+        python_parse = ParseStage(load_settings(state_dir=workdir / "state-py", native_parse=False, **common))
         events = []
         for batch in _batches(records):                   # warms the template caches, makes the events
             events += [o for o in parse.process(batch) if type(o) is Out]

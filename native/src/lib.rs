@@ -42,13 +42,14 @@ struct Shape {
 struct HotParse {
     shapes: HashMap<Vec<u8>, Shape>,
     capacity: usize,
-    times: HashMap<(u32, String), f64>,
+    /// per header format: a header's time text (no fraction) -> epoch seconds
+    times: Vec<HashMap<String, f64>>,
     paths: HashMap<String, Vec<String>>,
     path_keys: bool,
     counts: [u64; 3],
 }
 
-/// Seconds of header time kept (the Python header cache keeps 4096 too).
+/// Seconds of header time kept per format (the Python header cache keeps 4096 too).
 const TIMES: usize = 4096;
 
 fn escape_into(out: &mut String, text: &str) {
@@ -119,7 +120,7 @@ impl HotParse {
         HotParse {
             shapes: HashMap::new(),
             capacity: capacity.max(1),
-            times: HashMap::new(),
+            times: Vec::new(),
             paths: HashMap::new(),
             path_keys,
             counts: [0; 3],
@@ -181,10 +182,15 @@ impl HotParse {
 
     /// Teach the epoch seconds (no fraction) of a header time text of one header format.
     fn add_time(&mut self, format: u32, text: String, epoch: f64) {
-        if self.times.len() >= TIMES {
-            self.times.clear();
+        let format = format as usize;
+        if self.times.len() <= format {
+            self.times.resize_with(format + 1, HashMap::new);
         }
-        self.times.insert((format, text), epoch);
+        let times = &mut self.times[format];
+        if times.len() >= TIMES {
+            times.clear();
+        }
+        times.insert(text, epoch);
     }
 
     /// Teach the session keys found in a file path.
@@ -239,7 +245,7 @@ impl HotParse {
         }
         let signature: Vec<u8> = line.bytes().map(|b| if b.is_ascii_digit() { b'0' } else { b }).collect();
         let shape = self.shapes.get(&signature)?;
-        let mut timestamp = *self.times.get(&(shape.format, line[shape.ts.0..shape.ts.1].to_string()))?;
+        let mut timestamp = *self.times.get(shape.format as usize)?.get(&line[shape.ts.0..shape.ts.1])?;
         if let Some((a, b)) = shape.frac {
             let digits = &line[a..b];
             let n: u64 = digits.parse().ok()?;

@@ -759,7 +759,7 @@ class ParseCore:
             self._hot = _HotParse(self.config.cache_size, bool(self._keys_path))
         return self._hot.events
 
-    def _teach(self, line: str, shape: _Shape, path: str) -> None:
+    def _teach(self, line: str, shape: _Shape, signature: bytes, path: str) -> None:
         """Tell the compiled hot path what parse() worked out for this line's shape."""
         hot = self._hot
         ts_text = line[shape.ts]
@@ -771,7 +771,7 @@ class ParseCore:
         if self._keys_path:
             hot.add_path(path, self._keys_of_path(path))
         span = lambda part: None if part is None else (part.start, part.stop)   # noqa: E731
-        hot.add_shape(line.encode().translate(_ZERO_DIGITS), fmt, span(shape.ts), span(shape.frac),
+        hot.add_shape(signature, fmt, span(shape.ts), span(shape.frac),
                       span(shape.level), shape.level_text, span(shape.component), shape.component_text,
                       list(shape.key_spans), list(shape.param_spans), shape.fields["template_id"],
                       shape.fields["template"], shape.count_slot,
@@ -807,7 +807,7 @@ class ParseCore:
             raise
         self._counts[shape.count_slot] += 1
         if teach:
-            self._teach(line, shape, source.file_path)
+            self._teach(line, shape, signature, source.file_path)
 
         keys = shape.keys(line)
         if self._keys_line:
@@ -958,7 +958,7 @@ class ParseCore:
     def _clear_caches(self) -> None:
         self._shapes.clear()
         self._masked.clear()
-        if getattr(self, "_hot", None) is not None:
+        if self._hot is not None:
             self._hot.clear()
 
     def _header_match(self, line: str):
