@@ -199,70 +199,73 @@ class ParseStage:
         decode_filebeat, control = _filebeat.decode, _CONTROL.search
         timed_every = LATENCY_SAMPLE
         for rec in batch:
-            value = rec.value
-            if not value:
-                out.append(Reject(rec, "empty", "record has no value"))
-                continue
-            if len(value) > max_record:
-                out.append(Reject(rec, "record_too_large", f"record of {len(value)} bytes > LOGWARDEN_MAX_LINE_BYTES + envelope"))
-                continue
             try:
-                doc = decode_filebeat(value)
-            except (msgspec.DecodeError, RecursionError):    # (ValidationError is a DecodeError)
-                out.append(Reject(rec, *classify_envelope(value)))   # the same decoder again: why it failed
-                continue
-            message = doc.message.rstrip("\r\n")
-            if len(message) > max_line:
-                out.append(Reject(rec, "line_too_long", f"line of {len(message)} characters > LOGWARDEN_MAX_LINE_BYTES"))
-                continue
-            if control(message) is not None and looks_binary(message):   # control(): one C-level scan
-                out.append(Reject(rec, "binary", "line holds NUL or control bytes"))
-                continue
-            if len(message) > max_tokens and message.count(" ") > max_tokens:
-                tokens = len(message.split())
-                if tokens > max_tokens:
-                    out.append(Reject(rec, "too_many_tokens", f"line of {tokens} tokens > LOGWARDEN_MAX_LINE_TOKENS"))
+                value = rec.value
+                if not value:
+                    out.append(Reject(rec, "empty", "record has no value"))
                     continue
-            host, file_ = doc.host.name, doc.log.file
-            path, file_offset = file_.path, doc.log.offset
-            tp = (rec.topic, rec.partition)
-            marks = marks_of.get(tp)
-            if marks is None:                  # assigned without the callback (tests that assign by hand)
-                marks = marks_of[tp] = FileMarks()
-            if marks.seen(FileMarks.file_key(host, path, file_.fingerprint or file_.inode), file_offset, message):
-                metrics.DUPLICATES.labels(self.name).inc()
-                continue
-            self._sample += 1
-            timed = self._sample % timed_every == 0     # a histogram observation costs as much as a parse
-            started = time.perf_counter() if timed else 0.0
-            got = hot(message, host, rec.topic, rec.partition, rec.offset, path, file_offset,
-                      rec.timestamp_ms) if hot is not None else None
-            if got is not None:                      # the compiled path: the same bytes as below
-                ts, events = got
-                for value, key in events:
-                    out.append(Out(topic, value, key, rec))
-            else:
-                source = Source(host=host, topic=rec.topic, partition=rec.partition, offset=rec.offset,
-                                file_path=path, file_offset=file_offset,
-                                kafka_timestamp=rec.timestamp_ms / 1000 if rec.timestamp_ms > 0 else None)
+                if len(value) > max_record:
+                    out.append(Reject(rec, "record_too_large", f"record of {len(value)} bytes > LOGWARDEN_MAX_LINE_BYTES + envelope"))
+                    continue
                 try:
-                    parsed = parse(message, host, source, doc.timestamp.timestamp())
-                except ParseError as err:
-                    out.append(Reject(rec, err.reason, err.detail))
+                    doc = decode_filebeat(value)
+                except (msgspec.DecodeError, RecursionError):    # (ValidationError is a DecodeError)
+                    out.append(Reject(rec, *classify_envelope(value)))   # the same decoder again: why it failed
                     continue
-                for ev in parsed:
-                    out.append(Out(topic, encode(ev), ev.key, rec))
-                ts = parsed[0].timestamp if parsed else None
-            if timed:
-                metrics.PARSE_SECONDS.observe(time.perf_counter() - started)
-            lines[host] = lines.get(host, 0) + 1
-            if ts is not None:
-                state = self._sources.get(tp)
-                if state is None:
-                    state = self._sources[tp] = [None, 0.0, 0.0, True, False, False]
-                if state[0] is None or ts > state[0]:
-                    state[0] = ts
-                state[1], state[3], state[4], state[5] = time.monotonic(), True, False, False
+                message = doc.message.rstrip("\r\n")
+                if len(message) > max_line:
+                    out.append(Reject(rec, "line_too_long", f"line of {len(message)} characters > LOGWARDEN_MAX_LINE_BYTES"))
+                    continue
+                if control(message) is not None and looks_binary(message):   # control(): one C-level scan
+                    out.append(Reject(rec, "binary", "line holds NUL or control bytes"))
+                    continue
+                if len(message) > max_tokens and message.count(" ") > max_tokens:
+                    tokens = len(message.split())
+                    if tokens > max_tokens:
+                        out.append(Reject(rec, "too_many_tokens", f"line of {tokens} tokens > LOGWARDEN_MAX_LINE_TOKENS"))
+                        continue
+                host, file_ = doc.host.name, doc.log.file
+                path, file_offset = file_.path, doc.log.offset
+                tp = (rec.topic, rec.partition)
+                marks = marks_of.get(tp)
+                if marks is None:                  # assigned without the callback (tests that assign by hand)
+                    marks = marks_of[tp] = FileMarks()
+                if marks.seen(FileMarks.file_key(host, path, file_.fingerprint or file_.inode), file_offset, message):
+                    metrics.DUPLICATES.labels(self.name).inc()
+                    continue
+                self._sample += 1
+                timed = self._sample % timed_every == 0     # a histogram observation costs as much as a parse
+                started = time.perf_counter() if timed else 0.0
+                got = hot(message, host, rec.topic, rec.partition, rec.offset, path, file_offset,
+                          rec.timestamp_ms) if hot is not None else None
+                if got is not None:                      # the compiled path: the same bytes as below
+                    ts, events = got
+                    out += [Out(topic, value, key, rec) for value, key in events]
+                else:
+                    source = Source(host=host, topic=rec.topic, partition=rec.partition, offset=rec.offset,
+                                    file_path=path, file_offset=file_offset,
+                                    kafka_timestamp=rec.timestamp_ms / 1000 if rec.timestamp_ms > 0 else None)
+                    try:
+                        parsed = parse(message, host, source, doc.timestamp.timestamp())
+                    except ParseError as err:
+                        out.append(Reject(rec, err.reason, err.detail))
+                        continue
+                    out += [Out(topic, encode(ev), ev.key, rec) for ev in parsed]     # all or none of them
+                    ts = parsed[0].timestamp if parsed else None
+                if timed:
+                    metrics.PARSE_SECONDS.observe(time.perf_counter() - started)
+                lines[host] = lines.get(host, 0) + 1
+                if ts is not None:
+                    state = self._sources.get(tp)
+                    if state is None:
+                        state = self._sources[tp] = [None, 0.0, 0.0, True, False, False]
+                    if state[0] is None or ts > state[0]:
+                        state[0] = ts
+                    state[1], state[3], state[4], state[5] = time.monotonic(), True, False, False
+            except Exception as err:    # a bug must not stop the stream, nor lose the batch's other lines
+                # (the shell's record-by-record retry would find them marked as seen by the dedup marks)
+                log.exception("parse: failed on %s[%d]@%d", rec.topic, rec.partition, rec.offset)
+                out.append(Reject(rec, "stage_error", f"{type(err).__name__}: {err}"))
         out += self._watermarks(time.monotonic())
         return out
 

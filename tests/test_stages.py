@@ -208,6 +208,38 @@ def test_dedup_marks_follow_the_partition_to_another_replica(tmp_path):
     assert len(events(two.process([Record(*tp, 2, None, filebeat(len(LINE) + 1), 1)]))) == 1
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_a_line_the_parse_stage_fails_on_costs_only_itself(tmp_path, native):
+    # A bug on one line: that line is dead-lettered and every other line of the batch comes out
+    # once. (Raising out of the batch instead would make the shell retry record by record, and the
+    # dedup marks would take the lines before it for re-sends.)
+    from services.settings import load_settings
+
+    settings = load_settings(kafka_bootstrap="127.0.0.1:9", state_dir=tmp_path, native_parse=native)
+    stage = ParseStage(settings)
+    poison = LINE.replace("blk_1", "blk_666")
+
+    def failing_on_poison(fn):
+        def wrapped(message, *args):
+            if message == poison:
+                raise RuntimeError("bug")
+            return fn(message, *args)
+        return wrapped
+
+    if stage._hot is not None:
+        stage._hot = failing_on_poison(stage._hot)
+    stage.core.parse = failing_on_poison(stage.core.parse)
+    texts = [LINE.replace("blk_1", f"blk_{n}") for n in (1, 2)] + [poison] + [LINE.replace("blk_1", f"blk_{n}") for n in (3, 4)]
+    offsets = [sum(len(t) + 1 for t in texts[:i]) for i in range(len(texts))]
+    batch = [Record("logs.dn1", 0, i, None, filebeat(o, t), 1000) for i, (o, t) in enumerate(zip(offsets, texts))]
+    for _ in range(2):                        # the hot path has learnt the shape the second time
+        out = stage.process(batch)
+        stage.marks = {}
+        keys = [o.key for o in out if isinstance(o, Out) and o.key != WATERMARK_KEY]
+        assert keys == ["blk_1", "blk_2", "blk_3", "blk_4"]
+        assert [(r.record.offset, r.reason) for r in out if isinstance(r, Reject)] == [(2, "stage_error")]
+
+
 def test_file_marks_are_ranges_and_know_a_rotated_file():
     marks = FileMarks()
     key = FileMarks.file_key("dn1", "/var/log/a.log", None)
