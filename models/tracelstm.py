@@ -212,6 +212,11 @@ class _Encoded:
     def __len__(self) -> int:
         return len(self.order)
 
+    @property
+    def judged(self) -> int:
+        """Model positions judged: every span, and the end when the trace ended."""
+        return len(self.order) + (1 if self.ended else 0)
+
 
 @dataclass
 class _Judged:
@@ -473,8 +478,8 @@ class TraceLSTM(Detector):
         logits, rt = self.model(x_ids, x_rt, y_ids)
         lengths = torch.tensor([len(e) for e in batch], device=self.device)
         steps = torch.arange(x_ids.shape[1], device=self.device).unsqueeze(0)
-        # Label targets: every span and the end (not for a truncated trace, whose end is unseen).
-        end_seen = torch.tensor([not e.truncated for e in batch], device=self.device)
+        # Label targets: every span and the end (not for a truncated or cut trace, whose end is unseen).
+        end_seen = torch.tensor([e.ended for e in batch], device=self.device)
         label_mask = (steps < lengths.unsqueeze(1)) | ((steps == lengths.unsqueeze(1)) & end_seen.unsqueeze(1))
         span_mask = steps < lengths.unsqueeze(1)
         weight = torch.tensor([e.weight for e in batch], device=self.device).unsqueeze(1).expand_as(x_rt)
@@ -684,7 +689,7 @@ class TraceLSTM(Detector):
     def _structural_positions(self, e: _Encoded, j: _Judged) -> np.ndarray:
         if not self.judges_structure:
             return np.zeros(0, np.int64)
-        last = len(e) + (1 if e.ended else 0)
+        last = e.judged
         return np.flatnonzero((j.rank[:last] >= self.top_k) | (j.p_observed[:last] < self.min_probability))
 
     def _time_positions(self, e: _Encoded, j: _Judged) -> np.ndarray:
@@ -756,7 +761,7 @@ class TraceLSTM(Detector):
         anomalies = [self._structural(e, j, p) for p in self._structural_positions(e, j).tolist()]
         anomalies += [self._slow(e, j, p) for p in self._time_positions(e, j).tolist()]
         anomalies.sort(key=lambda a: (a.position, a.kind != "structural"))
-        judged = j.p_observed[:len(e) + (1 if e.ended else 0)]           # not the end of a cut trace
+        judged = j.p_observed[:e.judged]                                 # not the end of a cut trace
         surprise = float((1.0 - judged).max()) if self.judges_structure and len(judged) else 0.0
         tail = 0.0
         if self.judges_time and j.rt_error is not None and len(e):
