@@ -31,6 +31,7 @@ with its own consumer group member.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import signal
@@ -508,10 +509,10 @@ class SessionsStage(PartitionBooks):
         from services.cores.detect import session_window
         from services.cores.sessions import Closed
 
-        outs: list[Out] = []
+        outs: list[Out | Reject] = []
         if not actions:
             return outs
-        alerts = self.judge.judge(actions)
+        alerts = self._judge(actions, outs)
         topic = self.settings.alerts_topic
         wall = time.time()
         for a in alerts:
@@ -529,6 +530,46 @@ class SessionsStage(PartitionBooks):
             elif self.settings.sliding_windows:
                 outs.append(self._sliding(action))
         return outs
+
+    def _judge(self, actions, rejects: list) -> list:
+        """The judge's alerts on actions the book has released. A judge that raises (a model bug,
+        an input no model expected) must not cost the other actions their verdicts: the book has
+        already let them go, so the shell's record-by-record retry would take their events as
+        duplicates. Each action is judged again alone, the alert state of the sessions the failed
+        pass touched put back first, and an action it still raises on is dead-lettered."""
+        saved = {id(s): (s, copy.deepcopy(s.alerts)) for a in actions if (s := a.session).alerts}
+        try:
+            return self.judge.judge(actions)
+        except Exception:
+            log.exception("sessions: judging %d actions failed; judging them one at a time", len(actions))
+        for a in actions:
+            s = a.session
+            s.alerts = copy.deepcopy(saved[id(s)][1]) if id(s) in saved else None
+        alerts = []
+        for a in actions:
+            try:
+                alerts += self.judge.judge([a])
+            except Exception as err:      # this action's verdict is lost: say so where it can be found
+                log.exception("sessions: judging session %s failed", a.session.key)
+                rejects.append(Reject(self._action_record(a), "stage_error", f"judge: {type(err).__name__}: {err}"))
+        return alerts
+
+    def _action_record(self, a) -> Record:
+        """A dead letter's record for an action: a released event names its line (the logs.<host>
+        record), a closed session its events' first line; the value says which session and event."""
+        from services.cores.sessions import Released
+
+        step = a.step if type(a) is Released else (a.steps[0] if a.steps else None)
+        value = {"session": a.session.key, "session_id": a.session.session_id,
+                 "action": "event" if type(a) is Released else "session_end"}
+        if type(a) is Released:
+            value |= {"event_id": a.event_id, "index": a.index, "template_id": step.template_id,
+                      "message": a.message}
+        else:
+            value |= {"events": len(a.steps), "reason": a.reason}
+        return Record(step.topic if step else self.settings.events_topic, step.partition if step else -1,
+                      step.offset if step else -1, a.session.key.encode("utf-8", "surrogatepass"),
+                      msgspec.json.encode(value), 0)
 
     def _sliding(self, r) -> Out:
         from services.records import Step, Window, stable_id

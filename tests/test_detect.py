@@ -11,6 +11,7 @@ import random
 import threading
 import time
 
+import msgspec
 import pytest
 from prometheus_client import REGISTRY
 
@@ -346,3 +347,54 @@ def test_attgru_is_served_through_the_broker_and_its_alert_shows_the_attention(a
     assert final.detector == "attgru" and final.anomalous
     weights = final.details["attention"]
     assert len(weights) == len(final.details["window_keys"]) and abs(sum(weights) - 1) < 1e-4
+
+
+class _FailsOn:
+    """A detector that raises on any sequence holding ``key`` (a model bug on one session)."""
+
+    def __init__(self, model, key: str):
+        self.model, self.key = model, key
+
+    def score(self, sequences):
+        if any(self.key in s.keys for s in sequences):
+            raise RuntimeError(f"cannot score {self.key}")
+        return self.model.score(sequences)
+
+
+def test_a_judge_that_raises_on_one_session_costs_only_that_sessions_verdicts(model_v1, tmp_path):
+    """The book has released a batch's events before the judge sees them, so the shell's
+    record-by-record retry would take them as duplicates: the stage judges each action again
+    alone, and the one that still raises is dead-lettered with the session it belongs to."""
+    from services.settings import Settings
+    from services.shell import Out, Record, Reject
+
+    settings = Settings(model_dir=tmp_path / "none", device="cpu", window_size=SMALL["h"], session_gap_s=1e9,
+                        allowed_lateness_s=0.0, watermark_grace_s=0.0, idle_close_s=1e9, host_idle_s=1e9)
+    sessions = {"blk_1": ["a", "b", "e", "f"], "blk_2": ["a", "b", "c", "e", "f"],
+                "blk_bad": ["a", "b", "d", "c", "e", "f"], "blk_3": ["a", "f", "e", "b"]}
+    stream = sorted((e for key, keys in sessions.items() for e in events(key, keys)), key=lambda e: e.timestamp)
+    batch = [Record(settings.events_topic, 0, i, e.key.encode(), encode(e), 0) for i, e in enumerate(stream)]
+
+    def run(second):       # two detectors: the first one's alert state must not outlive a failed pass
+        stage = stages.SessionsStage(settings)
+        stage.judge.models = {"deeplog": ("v0001", model_v1), "deeplog_b": ("v0001", second)}
+        outs = stage.process(batch)
+        return ([decode(o.value, Alert) for o in outs if type(o) is Out and o.topic == settings.alerts_topic],
+                [o for o in outs if type(o) is Reject])
+
+    want, none = run(model_v1)
+    got, rejects = run(_FailsOn(model_v1, "d"))
+    assert none == [] and {(a.key, a.detector) for a in want} == {(k, d) for k in ("blk_1", "blk_3")
+                                                                   for d in ("deeplog", "deeplog_b")}
+    def same(alerts):      # each alert's records in order (not all alerts'), the time they were made aside
+        return {(a.key, a.detector): [encode(msgspec.structs.replace(b, detection_time=0.0)) for b in alerts
+                                      if (b.key, b.detector) == (a.key, a.detector)]
+                for a in alerts if a.key != "blk_bad"}
+
+    assert same(got) == same(want)
+    # every blk_bad event judged with d in its window is dead-lettered, named; none of another session
+    assert rejects and {r.record.key for r in rejects} == {b"blk_bad"}
+    assert {r.reason for r in rejects} == {"stage_error"} and all("cannot score d" in r.detail for r in rejects)
+    letters = [msgspec.json.decode(r.record.value) for r in rejects]
+    assert [x["template_id"] for x in letters] == ["d", "c", "e", "f"][:len(letters)]
+    assert all(r.record.topic in ("logs.dn1", "logs.dn2") for r in rejects)
