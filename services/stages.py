@@ -31,7 +31,6 @@ with its own consumer group member.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import re
 import signal
@@ -535,16 +534,12 @@ class SessionsStage(PartitionBooks):
         """The judge's alerts on actions the book has released. A judge that raises (a model bug,
         an input no model expected) must not cost the other actions their verdicts: the book has
         already let them go, so the shell's record-by-record retry would take their events as
-        duplicates. Each action is judged again alone, the alert state of the sessions the failed
-        pass touched put back first, and an action it still raises on is dead-lettered."""
-        saved = {id(s): (s, copy.deepcopy(s.alerts)) for a in actions if (s := a.session).alerts}
+        duplicates. Each action is judged again alone (the judge scores with every model before it
+        changes any session's alert state), and an action it still raises on is dead-lettered."""
         try:
             return self.judge.judge(actions)
         except Exception:
             log.exception("sessions: judging %d actions failed; judging them one at a time", len(actions))
-        for a in actions:
-            s = a.session
-            s.alerts = copy.deepcopy(saved[id(s)][1]) if id(s) in saved else None
         alerts = []
         for a in actions:
             try:

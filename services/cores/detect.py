@@ -187,33 +187,35 @@ class SessionJudge:
         released = [a for a in actions if type(a) is Released]
         closed = [a for a in actions if type(a) is Closed]
         now = time.time() if now is None else now
-        alerts: list[Alert] = []
         for r in released:
             self.texts.setdefault(r.step.template_id, r.step.template)
-        if released:
-            sequences = [released_sequence(r) for r in released]
-            for name, (version, detector) in self.models.items():
-                started = time.perf_counter()
-                verdicts = detector.score(sequences)
-                metrics.SCORE_SECONDS.labels(name).observe(time.perf_counter() - started)
-                metrics.WINDOWS_SCORED.labels(name, "event").inc(len(released))
-                for r, seq, verdict in zip(released, sequences, verdicts):
-                    if verdict.anomalous:
-                        alert = self._early(name, version, r, seq, verdict, now)
-                        if alert is not None:
-                            alerts.append(alert)
-        if closed:
-            sequences = [closed_sequence(c) for c in closed]
-            for name, (version, detector) in self.models.items():
-                started = time.perf_counter()
-                verdicts = detector.score(sequences)
-                metrics.SCORE_SECONDS.labels(name).observe(time.perf_counter() - started)
-                metrics.WINDOWS_SCORED.labels(name, "session").inc(len(closed))
-                for c, seq, verdict in zip(closed, sequences, verdicts):
-                    alert = self._final(name, version, c, seq, verdict, now)
+        # Every model's verdicts before any session's alert state changes: a detector that raises
+        # leaves the state as it was, so the actions can be judged again (the sessions stage does).
+        early = self._verdicts([released_sequence(r) for r in released], "event") if released else []
+        final = self._verdicts([closed_sequence(c) for c in closed], "session") if closed else []
+        alerts: list[Alert] = []
+        for name, version, sequences, verdicts in early:
+            for r, seq, verdict in zip(released, sequences, verdicts):
+                if verdict.anomalous:
+                    alert = self._early(name, version, r, seq, verdict, now)
                     if alert is not None:
                         alerts.append(alert)
+        for name, version, sequences, verdicts in final:
+            for c, seq, verdict in zip(closed, sequences, verdicts):
+                alert = self._final(name, version, c, seq, verdict, now)
+                if alert is not None:
+                    alerts.append(alert)
         return alerts
+
+    def _verdicts(self, sequences: list[Sequence], unit: str) -> list[tuple[str, str, list[Sequence], list[Verdict]]]:
+        out = []
+        for name, (version, detector) in self.models.items():
+            started = time.perf_counter()
+            verdicts = detector.score(sequences)
+            metrics.SCORE_SECONDS.labels(name).observe(time.perf_counter() - started)
+            metrics.WINDOWS_SCORED.labels(name, unit).inc(len(sequences))
+            out.append((name, version, sequences, verdicts))
+        return out
 
     # ------------------------------------------------------------------------------------
     def _count_host(self, host: str, name: str) -> None:
