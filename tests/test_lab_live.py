@@ -187,3 +187,13 @@ def test_the_warm_up_windows_are_the_sessions_cores_closed_ones_from_the_events_
     # blk_1 and blk_2 are closed (more than 30 s of event time after their last event), blk_3 is open
     assert sessions == {"blk_1": ["A", "B", "C"], "blk_2": ["A"]}
     assert training.between(120.0, 200.0) and "blk_1" not in {w.key for w in training.between(120.0, 200.0)}
+
+
+def test_the_live_stream_does_not_close_sessions_on_a_quiet_spell_shorter_than_the_gap(tmp_path):
+    # Beside a live cluster a few seconds without a line from any daemon (a fault can make one)
+    # must not end every block being written: its later lines would open sessions judged as starts.
+    from toolkit.lab.live import Stream
+
+    settings = Stream.for_run("labtest", tmp_path).settings
+    assert settings.idle_close_s >= settings.session_gap_s
+    assert settings.environment()["LOGWARDEN_IDLE_CLOSE_S"] == str(settings.idle_close_s)

@@ -53,6 +53,9 @@ GRACE_S = 20.0                  # effects counted after a fault ends (restart, r
 TAIL_S = 40.0                   # after the last fault: sessions close (gap 30 s) and are judged
 DEFAULT_SCHEDULE = "all:gap=30"  # every kind once, 30 s apart: 10 s of each gap is outside any fault (GRACE_S)
 SESSION_GAP_S = 30.0            # a block quiet this long (event time) is a closed session
+# A live cluster: a quiet spell of every daemon (a fault can make one) must not close the blocks
+# being written; the default 5 s is for finite replays. Sessions close by the gap in event time.
+IDLE_CLOSE_S = SESSION_GAP_S
 TIME_WINDOW_S = 10.0            # per-host windows of lines without a block: 18 per host in a 3-min warm-up, not 3
 SETTLE_S = 60.0                 # the warm-up's first minute fills the namespace: not what normal looks like later
 DEEPLOG_EPOCHS = 30
@@ -88,7 +91,8 @@ class Stream:
             **{f"{t}_topic": f"{run_id}.{t}" for t in ("otlp_spans", "otlp_metrics", "otlp_logs", "spans",
                                                         "traces", "timeline", "chunks")},
             "group_prefix": run_id, "state_dir": work / "state", "model_dir": work / "models",
-            "session_gap_s": SESSION_GAP_S, "time_window_s": TIME_WINDOW_S, "metrics_port": 0} | overrides))
+            "session_gap_s": SESSION_GAP_S, "idle_close_s": IDLE_CLOSE_S, "time_window_s": TIME_WINDOW_S,
+            "metrics_port": 0} | overrides))
         return cls(settings, run_id, work)
 
     def host(self, name: str) -> str:
