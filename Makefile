@@ -20,7 +20,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml native/Cargo.toml native/Cargo.lock native/src/lib.rs
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	@# setuptools' editable install prints an informational box about folders named like the
+	@# packages (they are the packages here); errors still show.
+	PYTHONWARNINGS=ignore $(PY) -m pip install -q -e '.[dev]'
 	@# The compiled parse hot path (native/: Rust, PyO3, built with maturin from PyPI and crates
 	@# from crates.io). Optional: without cargo the parse stage runs the pure-Python path it is
 	@# tested equal to (tests/test_native.py).
