@@ -90,6 +90,7 @@ VARIANTS = {"metrics": ("metrics",), "metrics+traces": ("metrics", "traces"), "a
 # TrainTicket's pod CSVs also carry their node's CPU, memory and network: host-level channels
 # that move for every pod on the node at once, so they say nothing about one instance.
 HOST_CHANNELS = ("NodeCpuUsageRate(%)", "NodeMemoryUsageRate(%)", "NodeNetworkReceiveBytes")
+VALIDATION_QUANTILES = (0.99, 0.995, 0.999, 0.9995, 1.0)
 MIN_THRESHOLD = 3.0               # see the threshold in fit(): a floor for small validation sets
 # Counts that also fall when a step is only partly observed (the data sets' recorded windows
 # start and stop mid-minute): only a rise is scored. A pod that stops serving still shows in its
@@ -461,7 +462,10 @@ class AnoFusion(Detector):
         variant.threshold = max(float(np.quantile(scores, self.threshold_quantile)), MIN_THRESHOLD)
         variant.training = {"losses": losses, "seconds": round(time.time() - started, 1),
                             "channels": len(variant.schema), "validation_score_max": round(float(scores.max()), 3),
-                            "threshold": round(variant.threshold, 4)}
+                            "threshold": round(variant.threshold, 4),
+                            # what other quantiles would have set (the evaluation shows what they trade)
+                            "validation_quantiles": {str(q): round(float(np.quantile(scores, q)), 4)
+                                                     for q in VALIDATION_QUANTILES}}
 
     # ---------------------------------------------------------------------------------------
     # scoring
