@@ -551,7 +551,9 @@ class SessionsStage(PartitionBooks):
 
     def _action_record(self, a) -> Record:
         """A dead letter's record for an action: a released event names its line (the logs.<host>
-        record), a closed session its events' first line; the value says which session and event."""
+        record), a closed session its events' first line. The value says which session and event
+        (the letter's size and sha256 are of this description: the stage never held that record's
+        bytes, only the event parsed from it)."""
         from services.cores.sessions import Released
 
         step = a.step if type(a) is Released else (a.steps[0] if a.steps else None)

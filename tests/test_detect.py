@@ -386,6 +386,7 @@ def test_a_judge_that_raises_on_one_session_costs_only_that_sessions_verdicts(mo
     got, rejects = run(_FailsOn(model_v1, "d"))
     assert none == [] and {(a.key, a.detector) for a in want} == {(k, d) for k in ("blk_1", "blk_3")
                                                                    for d in ("deeplog", "deeplog_b")}
+
     def same(alerts):      # each alert's records in order (not all alerts'), the time they were made aside
         return {(a.key, a.detector): [encode(msgspec.structs.replace(b, detection_time=0.0)) for b in alerts
                                       if (b.key, b.detector) == (a.key, a.detector)]
