@@ -285,7 +285,7 @@ def _misses(units, labels, flagged, faults, step_s):
 def run_all(data: Path, detector_options: dict | None = None, log=print) -> dict:
     """Every figure of the section; ``detector_options`` go to AnoFusion (e.g. fewer epochs for a quick
     check of the pipeline)."""
-    from models.anofusion import MIN_THRESHOLD, AnoFusion, evaluate, outcome, unit_labels
+    from models.anofusion import AnoFusion, evaluate, outcome, unit_labels
     from models.base import limit_cpu_threads
     from models.chunks import read_observations
     from models.faults import read_faults
@@ -332,8 +332,7 @@ def run_all(data: Path, detector_options: dict | None = None, log=print) -> dict
             bucket = per_method[f"anofusion_{name}"]
             bucket["units"] += judged; bucket["labels"] += labels; bucket["flagged"] += flagged
             if name == "all":      # the same scores at the thresholds other validation quantiles set
-                for q, value in detector.variants[name].training["validation_quantiles"].items():
-                    threshold = max(value, MIN_THRESHOLD)
+                for q, threshold in detector.variants[name].training["thresholds_by_quantile"].items():
                     b = by_quantile[q]
                     b["units"] += judged; b["labels"] += labels; b["flagged"] += [v.score > threshold for v in verdicts]
         for key, baseline in (("baseline_metrics", MetricsZ()), ("baseline_logs", LogSpikes())):

@@ -459,13 +459,12 @@ class AnoFusion(Detector):
         # the floor: MIN_THRESHOLD tail means beyond a channel's usual error (an exponential tail
         # puts that at 1e-2 * e^-3 ~ 5e-4 per channel), so a small validation set cannot put
         # the threshold inside the normal range
-        variant.threshold = max(float(np.quantile(scores, self.threshold_quantile)), MIN_THRESHOLD)
+        variant.threshold = _threshold_at(scores, self.threshold_quantile)
         variant.training = {"losses": losses, "seconds": round(time.time() - started, 1),
                             "channels": len(variant.schema), "validation_score_max": round(float(scores.max()), 3),
                             "threshold": round(variant.threshold, 4),
-                            # what other quantiles would have set (the evaluation shows what they trade)
-                            "validation_quantiles": {str(q): round(float(np.quantile(scores, q)), 4)
-                                                     for q in VALIDATION_QUANTILES}}
+                            # the thresholds other quantiles would set (the evaluation shows what they trade)
+                            "thresholds_by_quantile": {str(q): _threshold_at(scores, q) for q in VALIDATION_QUANTILES}}
 
     # ---------------------------------------------------------------------------------------
     # scoring
@@ -748,6 +747,11 @@ def _tails(scaled: np.ndarray) -> np.ndarray:
         if len(excess) >= 5:
             tail[j] = max(float(excess.mean()), 0.1)
     return tail
+
+
+def _threshold_at(scores: np.ndarray, quantile: float) -> float:
+    """The threshold a quantile of the normal validation scores sets, never under MIN_THRESHOLD."""
+    return max(float(np.quantile(scores, quantile)), MIN_THRESHOLD)
 
 
 def _error_scale(errors: np.ndarray, judged: np.ndarray, quantile: float) -> np.ndarray:
