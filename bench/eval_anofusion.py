@@ -348,7 +348,7 @@ def run_all(data: Path, detector_options: dict | None = None, log=print) -> dict
         quantiles[q] = {**{k: o["units"][k] for k in ("tp", "fp", "fn", "precision", "recall", "f1")},
                         "faults_detected": o["faults"]["detected"], "faults_total": o["faults"]["total"]}
     res["anofusion.day30.threshold_quantiles"] = quantiles
-    res["anofusion.day30.threshold_quantile_default"] = AnoFusion(**options_kw).threshold_quantile
+    res["anofusion.day30.threshold_quantile_default"] = detector.threshold_quantile
     b = per_method["anofusion_all"]
     missed, fps = _misses(b["units"], b["labels"], b["flagged"], faults30, step_s)
     res["anofusion.day30.missed"] = missed
