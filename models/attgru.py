@@ -546,6 +546,10 @@ class AttGRU(Detector):
         return vocabulary
 
     # ---- scoring -------------------------------------------------------------------------
+    def normal_depends_on(self) -> tuple[str, ...] | None:
+        # the keys, and the texts that stand in for keys outside the vocabulary
+        return ("keys", "templates")
+
     @torch.no_grad()
     def score(self, sequences: Seq[Sequence], batch_size: int = 4096) -> list[Verdict]:
         """One verdict per sequence. Closed sessions: every window incl. the <end> one; open ones

@@ -167,6 +167,15 @@ class Detector(ABC):
     def score(self, sequences: Seq[Sequence]) -> list[Verdict]:
         """Batched verdicts, one per sequence, on the detector's device."""
 
+    def normal_depends_on(self) -> tuple[str, ...] | None:
+        """The Sequence fields that, with ``start``, ``complete`` and ``judge_from``, decide a
+        *normal* verdict entirely (its score included), or None (the default): nothing short of
+        the whole sequence does. The stream remembers the normal verdicts of the windows it
+        judges by these fields (services.cores.detect.NormalMemo): most of a log's windows are
+        ones met before. A detector that returns fields promises that score() gives the same
+        verdict for the same fields whatever batch it comes in (models.memo's fixed shapes)."""
+        return None
+
     @abstractmethod
     def save(self, directory: Path) -> None:
         """Write weights (safetensors, no pickle) and the detector's part of manifest.json."""

@@ -615,6 +615,11 @@ class DeepLog(Detector):
         observed[t == UNK_ID] = 0.0
         return probs, observed, (probs > observed.unsqueeze(1)).sum(dim=1)
 
+    def normal_depends_on(self) -> tuple[str, ...] | None:
+        # A normal verdict is the keys' next-key probabilities alone (the template texts only
+        # name an anomaly); with parameter models the values and times count too.
+        return None if self.params else ("keys",)
+
     def score(self, sequences: Seq[Sequence]) -> list[Verdict]:
         if self.model is None:
             raise RuntimeError("deeplog: score() before fit() or load()")

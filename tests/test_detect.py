@@ -399,3 +399,51 @@ def test_a_judge_that_raises_on_one_session_costs_only_that_sessions_verdicts(mo
     letters = [msgspec.json.decode(r.record.value) for r in rejects]
     assert [x["template_id"] for x in letters] == ["d", "c", "e", "f"][:len(letters)]
     assert all(r.record.topic in ("logs.dn1", "logs.dn2") for r in rejects)
+
+
+class _Counting:
+    """A detector's score, counting the sequences it is asked about."""
+
+    def __init__(self, model):
+        self.model, self.scored = model, []
+
+    def normal_depends_on(self):
+        return self.model.normal_depends_on()
+
+    def score(self, sequences):
+        self.scored += [tuple(s.keys) for s in sequences]
+        return self.model.score(sequences)
+
+
+def test_the_normal_memo_changes_no_alert_and_spares_the_model_the_windows_it_judged_normal(model_v1):
+    """Released events whose window the model called normal before are not scored again; every
+    alert (and every anomalous verdict, which is never remembered) is the one scoring gives."""
+    rng = random.Random(3)
+    sessions = {f"blk_{i}": grammar_session(rng) for i in range(60)}
+    sessions |= {"blk_x1": ["a", "b", "e", "f"], "blk_x2": ["a", "b", "e", "f"], "blk_x3": ["a", "f", "e", "b"]}
+    stream = sorted((e for n, (key, keys) in enumerate(sessions.items()) for e in events(key, keys, t0=1000.0 + 7 * n)),
+                    key=lambda e: e.timestamp)
+
+    def run(memo_size):
+        counting = _Counting(model_v1)
+        book, judge = SessionBook(CONFIG), SessionJudge({"deeplog": ("v0001", counting)}, memo_size=memo_size)
+        alerts = []
+        for start in range(0, len(stream), 37):             # batches, as the stage judges them
+            actions = [a for i, e in enumerate(stream[start:start + 37], start) for a in book.add(e, i, 0.0)]
+            alerts += judge.judge(actions, now=5.0)
+        alerts += judge.judge(book.close_all(), now=5.0)
+        return [encode(a) for a in alerts], counting.scored, judge
+
+    plain, scored_plain, _ = run(0)
+    memo, scored_memo, judge = run(10_000)
+    assert memo == plain and len(plain) >= 6                       # byte-equal alerts
+    held = judge._memos["deeplog"][2]
+    released = len(stream)
+    assert held.hits + held.misses == released and held.hits > released // 2
+    assert len(scored_memo) == len(scored_plain) - held.hits       # only the hits were spared
+    # an anomalous window (a, b, e) is met in two sessions: scored both times, never remembered
+    assert scored_memo.count(("a", "b", "e")) == 2
+    assert not any(v.anomalous for v in held.verdicts.values())
+    # a full memo is emptied, not grown
+    small, scored_small, judge_small = run(5)
+    assert small == plain and len(judge_small._memos["deeplog"][2].verdicts) <= 5

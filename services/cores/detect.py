@@ -174,14 +174,75 @@ def _doubling(n: int) -> bool:
     return n >= 2 and n & (n - 1) == 0
 
 
+NORMAL_MEMO_SIZE = 200_000     # released-event windows remembered as normal, per detector
+
+
+class NormalMemo:
+    """The normal verdicts a detector gave the stream's released events, by what decides them.
+
+    Nearly every released event is judged normal, and logs repeat themselves: HDFS's sessions
+    meet a few hundred distinct windows. A detector that says which Sequence fields decide a
+    normal verdict (``Detector.normal_depends_on``) is asked once per distinct window; an event
+    whose window it judged normal before gets that verdict without a Sequence being built or a
+    model called. Only normal verdicts are kept: an anomalous one is scored afresh every time, so
+    an alert's details are always the event's own. Emptied when full, and a new model version
+    starts a new memo."""
+
+    def __init__(self, detector: Detector, size: int = NORMAL_MEMO_SIZE):
+        depends = getattr(detector, "normal_depends_on", None)      # (a scorer may be no Detector)
+        fields = depends() if depends is not None else None
+        self.fields = tuple(fields) if fields is not None else None
+        self.size = size
+        self.verdicts: dict[tuple, Verdict] = {}
+        self.hits = self.misses = 0
+
+    @property
+    def active(self) -> bool:
+        return self.fields is not None and self.size > 0
+
+    def key(self, r: Released) -> tuple:
+        """What decides the verdict of a released event's sequence (released_sequence): its
+        start flag (complete is always False, judge_from the history's length) and the fields."""
+        steps = r.history
+        start = r.index == len(steps) and r.session.before == 0
+        if self.fields == ("keys",):
+            return (start, *[s.template_id for s in steps], r.step.template_id)
+        parts: list = [start, len(steps)]
+        for name in self.fields:
+            if name == "keys":
+                parts += [s.template_id for s in steps]
+                parts.append(r.step.template_id)
+            elif name == "templates":
+                parts += [s.template for s in steps]
+                parts.append(r.step.template)
+            elif name == "params":
+                parts += [tuple(s.values) for s in steps]
+                parts.append(tuple(r.step.values))
+            elif name == "timestamps":
+                parts += [s.timestamp for s in steps]
+                parts.append(r.step.timestamp)
+            else:
+                raise ValueError(f"normal_depends_on: no Sequence field {name!r}")
+        return tuple(parts)
+
+    def remember(self, key: tuple, verdict: Verdict) -> None:
+        if verdict.anomalous:
+            return
+        if len(self.verdicts) >= self.size:
+            self.verdicts.clear()
+        self.verdicts[key] = verdict
+
+
 class SessionJudge:
     """Early and final verdicts on log sessions, and the alert records they make."""
 
-    def __init__(self, models: dict[str, tuple[str, Detector]], on_change=None):
+    def __init__(self, models: dict[str, tuple[str, Detector]], on_change=None, memo_size: int = NORMAL_MEMO_SIZE):
         self.models = models
         self.on_change = on_change or (lambda session: None)   # a session's alert state changed
         self.texts: dict[str, str] = {}                           # template id -> text (expected keys)
         self._hosts: set[tuple[str, str]] = set()                 # (host, detector) counters made
+        self.memo_size = memo_size
+        self._memos: dict[str, tuple[str, Detector, NormalMemo]] = {}   # name -> (version, detector, memo)
 
     def judge(self, actions: list[Released | Closed], now: float | None = None) -> list[Alert]:
         released = [a for a in actions if type(a) is Released]
@@ -191,7 +252,7 @@ class SessionJudge:
             self.texts.setdefault(r.step.template_id, r.step.template)
         # Every model's verdicts before any session's alert state changes: a detector that raises
         # leaves the state as it was, so the actions can be judged again (the sessions stage does).
-        early = self._verdicts([released_sequence(r) for r in released], "event") if released else []
+        early = self._early_verdicts(released) if released else []
         final = self._verdicts([closed_sequence(c) for c in closed], "session") if closed else []
         alerts: list[Alert] = []
         for name, version, sequences, verdicts in early:
@@ -206,6 +267,51 @@ class SessionJudge:
                 if alert is not None:
                     alerts.append(alert)
         return alerts
+
+    def _memo(self, name: str, version: str, detector: Detector) -> NormalMemo:
+        held = self._memos.get(name)
+        if held is None or held[0] != version or held[1] is not detector:
+            held = self._memos[name] = (version, detector, NormalMemo(detector, self.memo_size))
+        return held[2]
+
+    def _early_verdicts(self, released: list[Released]) -> list[tuple[str, str, list, list[Verdict]]]:
+        """Every model's verdict on each released event (its Sequence: released_sequence), the
+        ones its NormalMemo holds taken from there; the others scored in one call. The sequences
+        list holds a Sequence where one was built (every event some model scored), else None."""
+        sequences: list[Sequence | None] = [None] * len(released)
+        out = []
+        for name, (version, detector) in self.models.items():
+            memo = self._memo(name, version, detector)
+            verdicts: list[Verdict | None] = [None] * len(released)
+            keys = None
+            if memo.active:
+                keys = [memo.key(r) for r in released]
+                held = memo.verdicts
+                missing = []
+                for i, key in enumerate(keys):
+                    verdict = held.get(key)
+                    if verdict is None:
+                        missing.append(i)
+                    else:
+                        verdicts[i] = verdict
+                memo.hits += len(released) - len(missing)
+                memo.misses += len(missing)
+            else:
+                missing = range(len(released))
+            if missing:
+                for i in missing:
+                    if sequences[i] is None:
+                        sequences[i] = released_sequence(released[i])
+                started = time.perf_counter()
+                scored = detector.score([sequences[i] for i in missing])
+                metrics.SCORE_SECONDS.labels(name).observe(time.perf_counter() - started)
+                for i, verdict in zip(missing, scored):
+                    verdicts[i] = verdict
+                    if keys is not None:
+                        memo.remember(keys[i], verdict)
+            metrics.WINDOWS_SCORED.labels(name, "event").inc(len(released))
+            out.append((name, version, sequences, verdicts))
+        return out
 
     def _verdicts(self, sequences: list[Sequence], unit: str) -> list[tuple[str, str, list[Sequence], list[Verdict]]]:
         out = []

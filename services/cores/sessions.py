@@ -234,6 +234,8 @@ class SessionBook:
         self._string_index: dict[str, int] = {}
         self._templates: list[tuple[str, str]] = []
         self._template_index: dict[tuple[str, str], int] = {}
+        self._place_index: dict[tuple[str, str, str], tuple[int, int, int]] = {}   # (host, topic, path) -> indices
+        self._source_names: dict[tuple[str, int], str] = {}                          # (topic, partition) -> source
         self._new_entries: dict[bytes, bytes] = {}     # table entries not yet handed out
         self._dirty: set[str] = set()
         self._deleted: set[str] = set()
@@ -282,38 +284,63 @@ class SessionBook:
     def take(self, event: ParsedEvent, offset: int, now: float) -> list[Released | Closed]:
         """Buffer one event without releasing anything (late events are placed at once); raises
         SessionInputError for an event that cannot be placed."""
-        if not self._fresh(offset):
+        # The stage's hot path (once per event): the helpers' common cases are written inline.
+        if self._replay_until is None:
+            if self._next is None or offset >= self._next:
+                self._next = offset + 1
+        elif not self._fresh(offset):
             return []                  # applied to the restored state already
         ts = event.timestamp
         if not math.isfinite(ts):
             raise SessionInputError(f"event {event.event_id}: timestamp {ts} is not finite")
+        key, src = event.key, event.source
+        host = src.host
         if event.keys:
-            if event.key not in event.keys:
-                raise SessionInputError(f"event {event.event_id}: key {event.key!r} is not one of its keys")
-        elif event.key != event.source.host:
+            if key not in event.keys:
+                raise SessionInputError(f"event {event.event_id}: key {key!r} is not one of its keys")
+            slot = key
+        elif key != host:
             raise SessionInputError(f"event {event.event_id}: no session keys, so its key must be its host "
-                                    f"{event.source.host!r}, got {event.key!r}")
+                                    f"{host!r}, got {key!r}")
+        else:
+            slot = self._slot(event)
         out: list[Released | Closed] = []
         if self._last_input is not None and now - self._last_input >= self.config.idle_close_s:
             out += self.close_all("idle")        # the pause already happened; tick was not called
         self._last_input = now
-        eid = _event_id_bytes(event.event_id)
-        slot = self._slot(event)
+        event_id = event.event_id
+        try:
+            eid = bytes.fromhex(event_id)
+        except ValueError:
+            eid = b""
+        if len(eid) != 8:
+            eid = _event_id_bytes(event_id)
         if (eid, slot) in self._buffered_ids or self._is_released(slot, eid):
             self.duplicates += 1
             return out
-        src = event.source
-        host = src.host
-        self._sources.observe(f"{src.topic}:{src.partition}", ts, now)
+        where = (src.topic, src.partition)
+        name = self._source_names.get(where)
+        if name is None:
+            name = self._source_names[where] = f"{src.topic}:{src.partition}"
+        self._sources.observe(name, ts, now)
         if ts > self._newest:
             self._newest = ts
-        late = ts < self._watermark
-        entry = (EVENT_ORDER(ts, host, src.file_path, src.file_offset), self._serial_next(), offset, slot,
-                 event.key, bool(event.keys), eid, event.event_id, self._template(event.template_id, event.template),
-                 _compact_values(numeric_params(event.params)), self._string(host), self._string(src.topic),
-                 self._string(src.file_path), src.file_offset, src.partition, src.offset, event.message,
-                 src.kafka_timestamp)
-        if late:
+        path, file_offset = src.file_path, src.file_offset
+        places = self._place_index.get((host, src.topic, path))
+        if places is None:
+            places = self._place_index[(host, src.topic, path)] = (
+                self._string(host), self._string(src.topic), self._string(path))
+        tidx = self._template_index.get((event.template_id, event.template))
+        if tidx is None:
+            tidx = self._template(event.template_id, event.template)
+        values = numeric_params(event.params) if event.params else []
+        if len(values) > MAX_VALUES:
+            values = values[:MAX_VALUES]
+        self._serial += 1
+        entry = ((ts, host, path, file_offset), self._serial,   # (EVENT_ORDER, inline)
+                 offset, slot, key, bool(event.keys), eid, event_id,
+                 tidx, values, *places, file_offset, src.partition, src.offset, event.message, src.kafka_timestamp)
+        if ts < self._watermark:
             self.late_events += 1
             out += self._place_late(entry)
             return out
@@ -384,10 +411,11 @@ class SessionBook:
 
     def _is_released(self, slot: str, eid: bytes) -> bool:
         session = self.sessions.get(slot)
-        if session is not None and _find_id(session.ids, eid):
+        # ``in`` (a C search) first: an id found at no 8-byte boundary is a coincidence
+        if session is not None and eid in session.ids and _find_id(session.ids, eid):
             return True
         closed = self._closed_ids.get(slot)
-        return closed is not None and _find_id(closed, eid)
+        return closed is not None and eid in closed and _find_id(closed, eid)
 
     def _current_watermark(self, now: float | None) -> float:
         return self._sources.watermark(now, self._watermark)
@@ -465,7 +493,7 @@ class SessionBook:
         for _, s in step_rows:
             self._append(session, s.timestamp, self._template(s.template_id, s.template), self._string(s.host),
                          self._string(s.topic), self._string(s.path), s.file_offset, s.partition, s.offset,
-                         _compact_values(s.values), b"")
+                         s.values[:MAX_VALUES], b"")
         session.ids = bytearray(ids)
         session.late += 1
         self._tails.pop(slot, None)
@@ -475,7 +503,7 @@ class SessionBook:
         (order, _s, _o, _slot, _key, _keyed, _eid, _event_id, tidx, values, hidx, topic_idx, pidx,
          file_offset, partition, logs_offset, _message, _kts) = entry
         template_id, template = self._templates[tidx]
-        return StepView(template_id, template, order[0], [float(v) for v in values], self._strings[hidx],
+        return StepView(template_id, template, order[0], values, self._strings[hidx],
                         self._strings[topic_idx], self._strings[pidx], file_offset, partition, logs_offset)
 
     def _open(self, slot: str, key: str, first_event_id: str, bucket: float | None, ts: float) -> OpenSession:
@@ -493,8 +521,10 @@ class SessionBook:
         if session.n == 0:
             session.first_ts = ts
             heapq.heappush(self._gap_heap, (self._due(session, ts), session.slot, session.serial))
+        # values: the event's numeric params as floats (numeric_params), at most MAX_VALUES; the
+        # row keeps whole numbers as msgpack ints (smaller), the StepView the floats themselves
         row = _pack((tidx, round((ts - session.first_ts) * 1000), hidx, topic_idx, pidx, file_offset,
-                     partition, logs_offset, values))
+                     partition, logs_offset, _compact_values(values) if values else values))
         if len(row) > 255:
             row = _pack((tidx, round((ts - session.first_ts) * 1000), hidx, topic_idx, pidx, file_offset,
                          partition, logs_offset, []))
@@ -510,7 +540,7 @@ class SessionBook:
         self._dirty.add(session.slot)
         template_id, template = self._templates[tidx]
         step = StepView(template_id, template, session.first_ts + round((ts - session.first_ts) * 1000) / 1000,
-                        [float(v) for v in values], self._strings[hidx], self._strings[topic_idx],
+                        values, self._strings[hidx], self._strings[topic_idx],
                         self._strings[pidx], file_offset, partition, logs_offset)
         tail = self._tails.get(session.slot)
         if tail is not None:
@@ -703,6 +733,7 @@ class SessionBook:
             raise StateError(f"not a session book's state ({type(err).__name__}: {err})") from None
         self._string_index = {s: i for i, s in enumerate(self._strings)}
         self._template_index = {t: i for i, t in enumerate(self._templates)}
+        self._place_index = {}
         self.sessions.clear()
         self._gap_heap = []
         for slot, (key, sid, first_ts, last_ts, n, late, bucket, rows, ids, alerts, *rest) in sorted(sessions.items()):

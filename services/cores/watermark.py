@@ -32,8 +32,9 @@ class SourceClock:
 
     def observe(self, source: str, ts: float, now: float, keep_idle: bool = False) -> None:
         """A record of ``source`` at event time ``ts`` (-inf: announced, no progress yet)."""
-        if ts > self.progress.get(source, -math.inf) or source not in self.progress:
-            self.progress[source] = max(ts, self.progress.get(source, -math.inf))
+        reached = self.progress.get(source)
+        if reached is None or ts > reached:
+            self.progress[source] = ts
         self.seen[source] = now
         if not keep_idle:
             self.idle.discard(source)
