@@ -174,19 +174,22 @@ def _doubling(n: int) -> bool:
     return n >= 2 and n & (n - 1) == 0
 
 
-NORMAL_MEMO_SIZE = 200_000     # released-event windows remembered as normal, per detector
+NORMAL_MEMO_SIZE = 200_000     # windows and sessions remembered as normal, per detector
+MEMO_MAX_STEPS = 64            # closed sessions longer than this are not remembered
 
 
 class NormalMemo:
     """The normal verdicts a detector gave the stream's released events, by what decides them.
 
-    Nearly every released event is judged normal, and logs repeat themselves: HDFS's sessions
-    meet a few hundred distinct windows. A detector that says which Sequence fields decide a
-    normal verdict (``Detector.normal_depends_on``) is asked once per distinct window; an event
-    whose window it judged normal before gets that verdict without a Sequence being built or a
-    model called. Only normal verdicts are kept: an anomalous one is scored afresh every time, so
-    an alert's details are always the event's own. Emptied when full, and a new model version
-    starts a new memo."""
+    Nearly every released event and closed session is judged normal, and logs repeat
+    themselves: HDFS's sessions meet a few hundred distinct windows, and its complete sessions
+    repeat too. A detector that says which Sequence fields decide a normal verdict
+    (``Detector.normal_depends_on``) is asked once per distinct window or session; one it judged
+    normal before gets that verdict without a Sequence being built or a model called. Only
+    normal verdicts are kept: an anomalous one is scored afresh every time, so an alert's
+    details are always its own. Sessions longer than MEMO_MAX_STEPS are always scored (a key
+    that long costs memory and rarely repeats). Emptied when full; a new model version starts a
+    new memo."""
 
     def __init__(self, detector: Detector, size: int = NORMAL_MEMO_SIZE):
         depends = getattr(detector, "normal_depends_on", None)      # (a scorer may be no Detector)
@@ -200,27 +203,21 @@ class NormalMemo:
     def active(self) -> bool:
         return self.fields is not None and self.size > 0
 
-    def key(self, r: Released) -> tuple:
-        """What decides the verdict of a released event's sequence (released_sequence): its
-        start flag (complete is always False, judge_from the history's length) and the fields."""
-        steps = r.history
-        start = r.index == len(steps) and r.session.before == 0
+    def key(self, steps: list[StepView], flags: tuple) -> tuple:
+        """What decides the verdict of a sequence of ``steps``: ``flags`` (the unit, ``start``,
+        ``complete``: judge_from follows from the unit) and the fields of every step."""
         if self.fields == ("keys",):
-            return (start, *[s.template_id for s in steps], r.step.template_id)
-        parts: list = [start, len(steps)]
+            return (*flags, *[s.template_id for s in steps])
+        parts: list = [*flags, len(steps)]
         for name in self.fields:
             if name == "keys":
                 parts += [s.template_id for s in steps]
-                parts.append(r.step.template_id)
             elif name == "templates":
                 parts += [s.template for s in steps]
-                parts.append(r.step.template)
             elif name == "params":
                 parts += [tuple(s.values) for s in steps]
-                parts.append(tuple(r.step.values))
             elif name == "timestamps":
                 parts += [s.timestamp for s in steps]
-                parts.append(r.step.timestamp)
             else:
                 raise ValueError(f"normal_depends_on: no Sequence field {name!r}")
         return tuple(parts)
@@ -252,17 +249,21 @@ class SessionJudge:
             self.texts.setdefault(r.step.template_id, r.step.template)
         # Every model's verdicts before any session's alert state changes: a detector that raises
         # leaves the state as it was, so the actions can be judged again (the sessions stage does).
-        early = self._early_verdicts(released) if released else []
-        final = self._verdicts([closed_sequence(c) for c in closed], "session") if closed else []
+        early = self._memo_verdicts(released, "event", released_sequence) if released else []
+        final = self._memo_verdicts(closed, "session", closed_sequence) if closed else []
         alerts: list[Alert] = []
         for name, version, sequences, verdicts in early:
-            for r, seq, verdict in zip(released, sequences, verdicts):
+            for i, (r, verdict) in enumerate(zip(released, verdicts)):
                 if verdict.anomalous:
+                    seq = sequences[i] or released_sequence(r)      # (an anomalous verdict was scored)
                     alert = self._early(name, version, r, seq, verdict, now)
                     if alert is not None:
                         alerts.append(alert)
         for name, version, sequences, verdicts in final:
-            for c, seq, verdict in zip(closed, sequences, verdicts):
+            for i, (c, verdict) in enumerate(zip(closed, verdicts)):
+                seq = sequences[i]
+                if seq is None and (verdict.anomalous or (c.session.alerts or {}).get(name)):
+                    seq = sequences[i] = closed_sequence(c)         # a normal one clears an open alert
                 alert = self._final(name, version, c, seq, verdict, now)
                 if alert is not None:
                     alerts.append(alert)
@@ -274,52 +275,47 @@ class SessionJudge:
             held = self._memos[name] = (version, detector, NormalMemo(detector, self.memo_size))
         return held[2]
 
-    def _early_verdicts(self, released: list[Released]) -> list[tuple[str, str, list, list[Verdict]]]:
-        """Every model's verdict on each released event (its Sequence: released_sequence), the
-        ones its NormalMemo holds taken from there; the others scored in one call. The sequences
-        list holds a Sequence where one was built (every event some model scored), else None."""
-        sequences: list[Sequence | None] = [None] * len(released)
+    def _memo_verdicts(self, actions: list, unit: str, sequence_of) -> list[tuple[str, str, list, list[Verdict]]]:
+        """Every model's verdict on each action (released events, unit "event", or closed
+        sessions, "session"; its Sequence: ``sequence_of``), the ones its NormalMemo holds taken
+        from there, the others scored in one call. The sequences list (shared by the models)
+        holds the Sequence of every action some model scored, else None (judge builds one where
+        an alert needs it)."""
+        sequences: list[Sequence | None] = [None] * len(actions)
         out = []
         for name, (version, detector) in self.models.items():
             memo = self._memo(name, version, detector)
-            verdicts: list[Verdict | None] = [None] * len(released)
-            keys = None
+            verdicts: list[Verdict | None] = [None] * len(actions)
+            keys: list | None = None
+            missing: list[int] | range = range(len(actions))
             if memo.active:
-                keys = [memo.key(r) for r in released]
-                held = memo.verdicts
-                missing = []
+                if unit == "event":
+                    keys = [memo.key([*r.history, r.step], ("event", r.index == len(r.history) and r.session.before == 0))
+                            for r in actions]
+                else:
+                    keys = [memo.key(c.steps, ("session", c.session.before == 0, c.reason not in CUT_REASONS))
+                            if len(c.steps) <= MEMO_MAX_STEPS else None for c in actions]
+                held, missing = memo.verdicts, []
                 for i, key in enumerate(keys):
-                    verdict = held.get(key)
+                    verdict = held.get(key) if key is not None else None
                     if verdict is None:
                         missing.append(i)
                     else:
                         verdicts[i] = verdict
-                memo.hits += len(released) - len(missing)
+                memo.hits += len(actions) - len(missing)
                 memo.misses += len(missing)
-            else:
-                missing = range(len(released))
             if missing:
                 for i in missing:
                     if sequences[i] is None:
-                        sequences[i] = released_sequence(released[i])
+                        sequences[i] = sequence_of(actions[i])
                 started = time.perf_counter()
                 scored = detector.score([sequences[i] for i in missing])
                 metrics.SCORE_SECONDS.labels(name).observe(time.perf_counter() - started)
                 for i, verdict in zip(missing, scored):
                     verdicts[i] = verdict
-                    if keys is not None:
+                    if keys is not None and keys[i] is not None:
                         memo.remember(keys[i], verdict)
-            metrics.WINDOWS_SCORED.labels(name, "event").inc(len(released))
-            out.append((name, version, sequences, verdicts))
-        return out
-
-    def _verdicts(self, sequences: list[Sequence], unit: str) -> list[tuple[str, str, list[Sequence], list[Verdict]]]:
-        out = []
-        for name, (version, detector) in self.models.items():
-            started = time.perf_counter()
-            verdicts = detector.score(sequences)
-            metrics.SCORE_SECONDS.labels(name).observe(time.perf_counter() - started)
-            metrics.WINDOWS_SCORED.labels(name, unit).inc(len(sequences))
+            metrics.WINDOWS_SCORED.labels(name, unit).inc(len(actions))
             out.append((name, version, sequences, verdicts))
         return out
 
