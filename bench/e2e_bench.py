@@ -25,16 +25,18 @@ Throughput, one process per stage, fresh consumer groups, all measured in one ru
                       whole pipeline), and passthrough_chain2 (two: as many hops as the pipeline):
                       lines / (time at which the last has committed everything - first CreateTime of a).
   drain3_peer         bench.passthrough drain3: consumer -> drain3 -> producer written by hand.
-  parse               logs -> events: lines / CreateTime span of its events.
+  parse               logs -> events: lines / CreateTime span of its event records (not its
+                      watermark records); kept up until it has marked its sources idle.
   sessions            events -> windows + alerts (DeepLog served): records consumed / s from its
-                      committed offsets, sampled every 0.5 s.
+                      committed offsets, sampled every 0.5 s (``commit_samples``: the samples).
   whole               parse and sessions at once on fresh topics and groups: lines / (time at which
                       both have committed their whole input - first CreateTime on the events topic).
 Each run may be capped at ``stage_seconds`` (SIGTERM: the stage commits and exits; the rate
 covers what it consumed). CPU seconds of each process are reported beside the wall-clock rates.
 
-Latency: parse and sessions running (default settings), the scaled lines replayed at a steady
-rate over 3 hosts (one thread per host), DeepLog in MODEL_DIR; for each ``open`` alert: its Kafka
+Latency: parse and sessions running (default settings) and past their start-up (the sessions
+stage's watermark grace), the scaled lines replayed at a steady rate over 3 hosts (one thread per
+host), DeepLog in MODEL_DIR; for each ``open`` alert: its Kafka
 timestamp - the anomalous line's Kafka timestamp (``alert.first_anomaly.source.kafka_timestamp``),
 split into hops (line -> parsed event -> alert) with the CreateTime of that line's event.
 """
@@ -148,9 +150,10 @@ def end_offsets(conf: dict, topic: str) -> int:
         consumer.close()
 
 
-def create_time_span(conf: dict, topic: str) -> dict:
+def create_time_span(conf: dict, topic: str, skip_key: bytes | None = None) -> dict:
     """Records, and the first and last Kafka CreateTime (ms) over all partitions of ``topic``:
-    only the first and the last record of each partition are read."""
+    only the first and the last record of each partition are read (``skip_key``: the first and
+    last record of each partition whose key is not that, among its first and last 64)."""
     consumer = Consumer({"group.id": "logwarden-bench-reader"} | conf | {"enable.auto.commit": False})
     first, last, count = None, None, 0
     try:
@@ -159,13 +162,34 @@ def create_time_span(conf: dict, topic: str) -> dict:
             if high <= low:
                 continue
             count += high - low
-            for offset in {low, high - 1}:
-                stamp = _timestamp_at(consumer, topic, p, offset)
-                first = stamp if first is None else min(first, stamp)
-                last = stamp if last is None else max(last, stamp)
+            if skip_key is None:
+                stamps = [_timestamp_at(consumer, topic, p, offset) for offset in {low, high - 1}]
+            else:
+                head = _records_between(consumer, topic, p, low, min(high, low + 64))
+                tail = _records_between(consumer, topic, p, max(low, high - 64), high)
+                stamps = [next((ts for key, ts in head if key != skip_key), None),
+                          next((ts for key, ts in reversed(tail) if key != skip_key), None)]
+            for stamp in stamps:
+                if stamp is not None:
+                    first = stamp if first is None else min(first, stamp)
+                    last = stamp if last is None else max(last, stamp)
     finally:
         consumer.close()
     return {"records": count, "first_ms": first, "last_ms": last}
+
+
+def _records_between(consumer: Consumer, topic: str, partition: int, start: int, end: int) -> list[tuple]:
+    """(key, CreateTime) of the records at offsets [start, end) of one partition."""
+    consumer.assign([TopicPartition(topic, partition, start)])
+    out: list[tuple] = []
+    deadline = time.monotonic() + 30
+    while start + len(out) < end and time.monotonic() < deadline:
+        msg = consumer.poll(1.0)
+        if msg is not None and not msg.error() and start <= msg.offset() < end:
+            out.append((msg.key(), msg.timestamp()[1]))
+    if start + len(out) < end:
+        raise RuntimeError(f"could not read {topic}[{partition}]@{start}..{end}")
+    return out
 
 
 def _timestamp_at(consumer: Consumer, topic: str, partition: int, offset: int) -> int:
@@ -379,14 +403,17 @@ def _peer(kind: str, source: str, target: str, name: str) -> list[str]:
 
 
 def _alone(pipeline: Pipeline, stage: str, source: str, target: str | None, count, cap_s: float,
-           argv: list[str] | None = None, by_commits: bool = False) -> dict:
-    """One process on ``source`` (``count()`` records in it) until it has committed them all:
-    records/s from the CreateTime span of its output ``target`` (or, ``by_commits``, from its
-    committed offsets: the sessions stage's outputs are few and come at session ends)."""
+           argv: list[str] | None = None, by_commits: bool = False, settle_s: float = 0.0,
+           skip_key: bytes | None = None) -> dict:
+    """One process on ``source`` (``count()`` records in it) until it has committed them all
+    (and ``settle_s`` more): records/s from the CreateTime span of its output ``target`` (its
+    records keyed ``skip_key`` left out), or, ``by_commits``, from its committed offsets: the
+    sessions stage's outputs are few and come at session ends."""
     conf = {"bootstrap.servers": pipeline.bootstrap}
+    if argv and argv[2] == "drain3":
+        settle_s = max(settle_s, 6.0)             # it auto-commits every 5 s
     procs, sampler = run_stages(pipeline, {stage: source}, lambda: {stage: count()}, cap_s,
-                                settle_s=6.0 if argv and argv[2] == "drain3" else 0.0,   # auto-commit every 5 s
-                                commands={stage: argv} if argv else None)
+                                settle_s=settle_s, commands={stage: argv} if argv else None)
     proc, total = procs[stage], count()
     consumed = sampler.samples[-1][1][pipeline.group(stage)] if sampler.samples else 0
     sampled = sampler.rate(pipeline.group(stage))
@@ -394,11 +421,15 @@ def _alone(pipeline: Pipeline, stage: str, source: str, target: str | None, coun
            "records_per_cpu_s": round(consumed / proc.cpu_s) if proc.cpu_s else None,
            "commit_sampled_per_s": sampled["records_per_s"]}
     if target is not None:
-        span = create_time_span(conf, target)
+        span = create_time_span(conf, target, skip_key)
         out |= {"outputs": span["records"], "records_per_s": _rate(min(consumed, total), span),
                 "output_span_s": round((span["last_ms"] - span["first_ms"]) / 1000, 2) if span["first_ms"] else None}
     if by_commits or target is None:
         out["records_per_s"] = sampled["records_per_s"]
+        # the committed offsets over time (s since the first sample with progress, records):
+        # where a rate from commits spends its seconds
+        moving = [(t, c[pipeline.group(stage)]) for t, c in sampler.samples if c[pipeline.group(stage)] > 0]
+        out["commit_samples"] = [[round(t - moving[0][0], 2), c] for t, c in moving]
     return out
 
 
@@ -456,7 +487,15 @@ def measure_throughput(bootstrap: str, data: Path, workdir: Path, models_dir: Pa
                                    _peer("shell", s.logs_pattern, f"{run}.passthrough", "passthrough"))
     result["drain3_peer"] = _alone(alone, "drain3", s.logs_pattern, f"{run}.drain3", lambda: n, cap,
                                    _peer("drain3", s.logs_pattern, f"{run}.drain3", "drain3"))
-    result["parse"] = _alone(alone, "parse", s.logs_pattern, s.events_topic, lambda: n, cap)
+    # Parse stays up until it has told the sessions stage that its sources are idle (it does so
+    # BACKLOG["source_idle_s"] after reading them to their end), as a running parse stage does:
+    # stopped before, it leaves the events topic without those marks, and the sessions stage alone
+    # on it would wait LOGWARDEN_IDLE_CLOSE_S for its last events (measured: 5 of its 12 s). Its
+    # rate is from the span of its event records (the marks left out).
+    from services.records import WATERMARK_KEY
+
+    result["parse"] = _alone(alone, "parse", s.logs_pattern, s.events_topic, lambda: n, cap,
+                             settle_s=BACKLOG["source_idle_s"] + 2.0, skip_key=WATERMARK_KEY)
     result["parse"]["lines"] = result["parse"]["records"]
     result["parse"]["lines_per_s"] = result["parse"]["records_per_s"]
     events = lambda: end_offsets(conf, s.events_topic)           # noqa: E731  (events + watermarks)
@@ -586,7 +625,7 @@ def _short(path: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------
-WARMUP_S = 3.0     # the default watermark grace (2 s) and an empty partition's 1 s: see measure_latency
+WARMUP_S = 3.0     # the replay's first seconds, shown apart: see measure_latency
 
 
 def measure_latency(bootstrap: str, data: Path, workdir: Path, models_dir: Path, rate: float = 2000.0,
@@ -614,6 +653,11 @@ def measure_latency(bootstrap: str, data: Path, workdir: Path, models_dir: Path,
     procs = {st: StageProcess(pipeline, st, exit_when_idle=3600) for st in inputs}
     try:
         _wait_for_groups(conf, [pipeline.group(st) for st in procs], procs)
+        # A pipeline that is up before the lines come: past the sessions stage's start-up, when
+        # each newly assigned partition holds its watermark for LOGWARDEN_WATERMARK_GRACE_S so that
+        # every host can announce itself (measured when the replay started at once: the alerts on
+        # its first 0.6 s of lines took 1.8-2.4 s, and they were the p95).
+        time.sleep(settings.watermark_grace_s + 1.0)
         count, seconds = replay_timed(settings, hosts, rate_per_host=rate / len(hosts))
         sampler = CommitSampler(conf, {pipeline.group(st): topic for st, topic in inputs.items()})
         ends_at = time.monotonic() + drain_s
@@ -658,10 +702,10 @@ def measure_latency(bootstrap: str, data: Path, workdir: Path, models_dir: Path,
             **percentiles(totals, "ms"),
             "hops_ms": {hop: percentiles(values, "ms") for hop, values in hops.items()},
             "every_line_ms": {"parse": percentiles([e - line for line, e in lines_at.values()], "ms")},
-            # The replay's first seconds are the stages' start: every source announced but not yet
-            # shipping holds the watermark for LOGWARDEN_WATERMARK_GRACE_S, an empty partition of a
-            # shipping host for 1 s (ParseStage.EMPTY_SIBLING_IDLE_S). The same percentiles without
-            # the alerts on lines of those seconds, and the slowest alerts with when their line came.
+            # The replay's first seconds are the hosts' start: a host's empty partitions hold the
+            # watermark until parse calls them idle (ParseStage.EMPTY_SIBLING_IDLE_S after its
+            # first line). The same percentiles without the alerts on lines of those seconds, and
+            # the slowest alerts with when their line came.
             "warmup_s": WARMUP_S,
             "steady": percentiles([ms for since, ms in timeline if since >= WARMUP_S], "ms"),
             "slowest": [{"line_at_s": round(since, 2), "ms": round(ms)} for since, ms in

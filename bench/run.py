@@ -280,6 +280,12 @@ def preamble() -> str:
 
 # ------------------------------------------------------------------------------------------
 # BENCHMARKS.md from results.json
+def _commit_samples(r: dict) -> str:
+    samples = r.get("e2e.sessions.commit_samples") or []
+    moved = [pair for i, pair in enumerate(samples) if i == 0 or pair[1] != samples[i - 1][1] or i == len(samples) - 1]
+    return ", ".join(f"{t} s: {c:,}" for t, c in moved) or "none"
+
+
 def _fmt(value, digits: int = 0) -> str:
     if value is None:
         return "–"
@@ -334,6 +340,9 @@ def render(r: dict) -> str:
                                ("sessions_to_passthrough", "sessions stage (window + detect fused, DeepLog) / pass-through "
                                 f"(`e2e.window.records_per_s` = `e2e.detect.records_per_s` = {_fmt(r.get('e2e.sessions.records_per_s'))})",
                                 "sessions_ratio"),
+                               ("sessions_to_passthrough_events", "sessions stage / pass-through of the same event "
+                                f"records (`e2e.passthrough_events.records_per_s` {_fmt(r.get('e2e.passthrough_events.records_per_s'))}): "
+                                "its own input's limit; the row above is the issue's reference", "sessions_ratio"),
                                ("whole_to_chain3", "whole pipeline / chain of three pass-throughs (`e2e.lines_per_s` "
                                 f"{_fmt(r.get('e2e.lines_per_s'))}, `e2e.passthrough_chain.records_per_s` "
                                 f"{_fmt(r.get('e2e.passthrough_chain.records_per_s'))})", "whole_ratio"),
@@ -444,8 +453,10 @@ def _render_e2e(r: dict) -> list[str]:
             "`e2e.detect.records_per_s` are the sessions stage's rate: the two stages are one now (a log line "
             "crosses the broker once after parsing).", "",
             "Rates: pass-throughs, the drain3 peer and parse: records consumed / (last - first Kafka CreateTime of "
-            "the output); the sessions stage (few outputs, at session ends): committed input offsets sampled every "
-            "0.5 s; all at once: lines / (time at which every process has committed its whole input - first "
+            "the output; parse: of its event records, and it stays up until it has marked its sources idle, as a "
+            "running parse stage does, so the sessions stage's input ends as a live stream's would); the sessions "
+            "stage (few outputs, at session ends): committed input offsets sampled every 0.5 s "
+            f"(`e2e.sessions.commit_samples`: {_commit_samples(r)}); all at once: lines / (time at which every process has committed its whole input - first "
             "CreateTime of the first hop's output).", "",
             f"Command: `{r.get('e2e.command')}` ({_when(r, 'e2e')}).", ""]
     profiles = {s: r.get(f"e2e.profile.{s}.top_self") for s in ("parse", "sessions")}
@@ -491,7 +502,8 @@ def _render_latency(r: dict) -> list[str]:
             continue
         slowest = ", ".join(f"{s['ms']:,} ms (line at {s['line_at_s']} s)" for s in r.get(f"{prefix}slowest") or [])
         out += ["", f"{label} without the alerts on lines of the replay's first {r.get(prefix + 'warmup_s')} s (the "
-                f"stages' start: the watermark grace and empty partitions hold the watermark): "
+                f"hosts' start: a host's empty partitions hold the watermark until parse calls them idle; the stages "
+                f"were up and past their watermark grace before the replay): "
                 f"{r.get(prefix + 'steady.n')} alerts, p50 / p95 / p99 {q(prefix, 'steady.')} ms. Slowest: {slowest}."]
     out += ["", f"Command: `{r.get('latency.command')}` ({_when(r, 'latency')}).", ""]
     return out

@@ -123,7 +123,7 @@ class Settings(BaseSettings):
     # those 10 s; called idle sooner, those lines would come after the watermark (late).
     source_idle_s: float = Field(15.0, gt=0, description="parse reports a source idle once it has had no line for this long (its position at the end); more than Filebeat's backoff.max (10 s)")
     outage_grace_s: float = Field(15.0, ge=0, description="after a broker outage, parse calls no source idle for this long (shippers reconnect with backoff)")
-    watermark_grace_s: float = Field(2.0, ge=0, description="after a partition's first event (or a restore) its watermark waits this long (wall clock) for every host to show up")
+    watermark_grace_s: float = Field(2.0, ge=0, description="after a partition is assigned (or restored) its watermark waits this long (wall clock) for every host to show up")
     reorder_max_events: int = Field(100_000, ge=1, description="events a partition holds for reordering; past it the oldest are judged early")
     max_open_sessions: int = Field(500_000, ge=1, description="open sessions per input partition; past it the least recently active is closed (evicted; its end is not judged)")
     sliding_windows: bool = Field(False, description="also publish a sliding window (the newest event and the h before it) per event, for subscribers")

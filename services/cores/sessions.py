@@ -98,7 +98,7 @@ class SessionConfig:
     time_window_s: float = 60.0
     allowed_lateness_s: float = 2.0
     host_idle_s: float = 30.0
-    watermark_grace_s: float = 2.0   # after the first input (or a restore), no release for this long
+    watermark_grace_s: float = 2.0   # after the book's first tick or input (assigned, restored), no release for this long
     reorder_max_events: int = 100_000
     max_open_sessions: int = 500_000
 

@@ -10,8 +10,9 @@ records and from the Watermark records its producer broadcasts to every partitio
 
     watermark(now) = min over the active sources' progress - allowed lateness
                      (+inf when every known source is idle; the last one when none is known;
-                     frozen for ``grace_s`` of wall time after the first input, so that every
-                     source that writes here has shown up)
+                     frozen for ``grace_s`` of wall time after the first call (the stage ticks
+                     its books from their assignment), so that every source that writes here
+                     has shown up)
 
 ``hold(now)``: input stopped for a reason that is not the sources' (the broker is away), so
 their silence does not count that time. ``to_state()``/``from_state()``
