@@ -280,6 +280,18 @@ def preamble() -> str:
 
 # ------------------------------------------------------------------------------------------
 # BENCHMARKS.md from results.json
+def _memo_line(r: dict) -> str:
+    memo = (r.get("sessions.judged.memo") or {}).get("deeplog")
+    plain = r.get("sessions.judged_no_memo.events_per_cpu_s")
+    if not memo or not plain:
+        return ""
+    same = r.get("sessions.judged_no_memo.alerts") == r.get("sessions.judged.alerts")
+    return (f"; the judge's normal memo answered {_fmt(memo['hits'])} of {_fmt(memo['hits'] + memo['misses'])} "
+            f"verdicts and held {_fmt(memo['entries'])} windows and sessions at the end; without it "
+            f"{_fmt(plain)} events per CPU second ({_fmt(r.get('sessions.judged_no_memo.alerts'))} alert records"
+            f"{', the same count' if same else ''})")
+
+
 def _commit_samples(r: dict) -> str:
     samples = r.get("e2e.sessions.commit_samples") or []
     moved = [pair for i, pair in enumerate(samples) if i == 0 or pair[1] != samples[i - 1][1] or i == len(samples) - 1]
@@ -394,7 +406,7 @@ def render(r: dict) -> str:
                 f"- core alone (take, release, close; no judging): {_fmt(r.get('sessions.core.events_per_cpu_s'))} events per CPU second",
                 f"- with DeepLog judging every released event and every closed session (CPU, batches of 2,000): "
                 f"{_fmt(r.get('sessions.judged.events_per_cpu_s'))} events per CPU second "
-                f"({_fmt(r.get('sessions.judged.alerts'))} alert records)",
+                f"({_fmt(r.get('sessions.judged.alerts'))} alert records)" + _memo_line(r),
                 f"- on a GPU: {r.get('sessions.gpu', 'not measured')}", "",
                 f"Command: `{r.get('sessions.command')}` ({_when(r, 'sessions')}).", ""]
 

@@ -85,8 +85,10 @@ def measure_memory(events) -> dict:
             "changelog_bytes_per_open_session": round(sum(len(k) + len(v) for k, v in entries.items()) / sessions)}
 
 
-def measure_throughput(events, models_dir: Path | None, repeats: int = 3) -> dict:
-    from services.cores.detect import ModelSet, SessionJudge
+def measure_throughput(events, models_dir: Path | None, repeats: int = 3, memo_size: int | None = None) -> dict:
+    """Events per CPU second through a book (and a judge, with ``models_dir``; ``memo_size``: the
+    judge's NormalMemo size, 0 = none; default: the stage's)."""
+    from services.cores.detect import NORMAL_MEMO_SIZE, ModelSet, SessionJudge
     from services.cores.sessions import SessionBook, SessionConfig
 
     models = {}
@@ -96,7 +98,8 @@ def measure_throughput(events, models_dir: Path | None, repeats: int = 3) -> dic
         models = {k: v for k, v in served.loaded.items() if k == "deeplog"}
     best = None
     for _ in range(repeats):
-        book, judge = SessionBook(SessionConfig()), SessionJudge(models)
+        book = SessionBook(SessionConfig())
+        judge = SessionJudge(models, memo_size=NORMAL_MEMO_SIZE if memo_size is None else memo_size)
         now = time.time()
         book.add_batch((), now)          # the watermark's wall-clock grace starts here ...
         now += 10                        # ... and is over: batches come as from a running stage
@@ -120,11 +123,13 @@ def measure_throughput(events, models_dir: Path | None, repeats: int = 3) -> dic
         counts["closed"] += sum(1 for a in actions if type(a).__name__ == "Closed")
         counts["alerts"] += len(judge.judge(actions, now)) if models else 0
         seconds = time.process_time() - started
+        memo = {name: {"hits": m.hits, "misses": m.misses, "entries": len(m.verdicts)}
+                for name, (_, _, m) in judge._memos.items()}
         if best is None or seconds < best[0]:
-            best = (seconds, counts)
-    seconds, counts = best
+            best = (seconds, counts, memo)
+    seconds, counts, memo = best
     return {"events": len(events), "cpu_seconds": round(seconds, 3), "events_per_cpu_s": round(len(events) / seconds),
-            "detectors": sorted(models), **counts}
+            "detectors": sorted(models), **counts, **({"memo": memo} if memo else {})}
 
 
 def run(data: Path, models_dir: Path | None) -> dict:
@@ -134,6 +139,8 @@ def run(data: Path, models_dir: Path | None) -> dict:
         out |= {f"sessions.core.{k}": v for k, v in measure_throughput(events, None).items()}
         if models_dir is not None:
             out |= {f"sessions.judged.{k}": v for k, v in measure_throughput(events, models_dir).items()}
+            out |= {f"sessions.judged_no_memo.{k}": v
+                    for k, v in measure_throughput(events, models_dir, memo_size=0).items()}
     out["sessions.bytes_per_open_session"] = out["sessions.memory.bytes_per_open_session"]
     out["sessions.gpu"] = "not measured: no GPU on this machine"
     out["sessions.command"] = COMMAND
