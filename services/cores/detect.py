@@ -174,7 +174,10 @@ def _doubling(n: int) -> bool:
     return n >= 2 and n & (n - 1) == 0
 
 
-NORMAL_MEMO_SIZE = 200_000     # windows and sessions remembered as normal, per detector
+# Windows and sessions remembered as normal, per detector: an entry (its key's tuple, the verdict
+# and its details) is ~540 bytes for an 11-key window (tracemalloc), up to ~1 KB for a session of
+# MEMO_MAX_STEPS keys: a full memo holds 27-50 MB. HDFS meets ~1,400 (bench.sessions_bench).
+NORMAL_MEMO_SIZE = 50_000
 MEMO_MAX_STEPS = 64            # closed sessions longer than this are not remembered
 
 
