@@ -415,18 +415,33 @@ class _Counting:
         return self.model.score(sequences)
 
 
-def test_the_normal_memo_changes_no_alert_and_spares_the_model_the_windows_it_judged_normal(model_v1):
-    """Released events whose window the model called normal before are not scored again; every
-    alert (and every anomalous verdict, which is never remembered) is the one scoring gives."""
-    rng = random.Random(3)
-    sessions = {f"blk_{i}": grammar_session(rng) for i in range(60)}
-    sessions |= {"blk_x1": ["a", "b", "e", "f"], "blk_x2": ["a", "b", "e", "f"], "blk_x3": ["a", "f", "e", "b"]}
-    stream = sorted((e for n, (key, keys) in enumerate(sessions.items()) for e in events(key, keys, t0=1000.0 + 7 * n)),
-                    key=lambda e: e.timestamp)
+def _memo_stream(detector: str):
+    """Sessions that repeat themselves (and a few anomalous ones) for ``detector``'s test model."""
+    if detector == "deeplog":
+        rng = random.Random(3)
+        sessions = {f"blk_{i}": grammar_session(rng) for i in range(60)}
+        sessions |= {"blk_x1": ["a", "b", "e", "f"], "blk_x2": ["a", "b", "e", "f"], "blk_x3": ["a", "f", "e", "b"]}
+        texts = TEXTS
+    else:
+        from tests.test_attgru import dataset
+        sessions = {f"blk_{i}": keys for i, (keys, _, _) in enumerate(dataset(seed=5, normal=50, abnormal=12))}
+        texts = ATTGRU_TEXTS
+    stream = [e for n, (key, keys) in enumerate(sessions.items())
+              for e in events(key, keys, t0=1000.0 + 7 * n, texts=texts)]
+    return sessions, sorted(stream, key=lambda e: e.timestamp)
+
+
+@pytest.mark.parametrize("detector", ["deeplog", "attgru"])
+def test_the_normal_memo_changes_no_alert_and_spares_the_model_the_windows_it_judged_normal(detector, request):
+    """Released events and closed sessions whose inputs the model called normal before are not
+    scored again; every alert (and every anomalous verdict, which is never remembered) is the one
+    scoring gives."""
+    model = request.getfixturevalue("model_v1" if detector == "deeplog" else "attgru_model")
+    sessions, stream = _memo_stream(detector)
 
     def run(memo_size):
-        counting = _Counting(model_v1)
-        book, judge = SessionBook(CONFIG), SessionJudge({"deeplog": ("v0001", counting)}, memo_size=memo_size)
+        counting = _Counting(model)
+        book, judge = SessionBook(CONFIG), SessionJudge({detector: ("v0001", counting)}, memo_size=memo_size)
         alerts = []
         for start in range(0, len(stream), 37):             # batches, as the stage judges them
             actions = [a for i, e in enumerate(stream[start:start + 37], start) for a in book.add(e, i, 0.0)]
@@ -437,17 +452,16 @@ def test_the_normal_memo_changes_no_alert_and_spares_the_model_the_windows_it_ju
     plain, scored_plain, _ = run(0)
     memo, scored_memo, judge = run(10_000)
     assert memo == plain and len(plain) >= 6                       # byte-equal alerts
-    held = judge._memos["deeplog"][2]
+    held = judge._memos[detector][2]
     judged_count = len(stream) + len(sessions)                     # every event, and every session at its end
     assert held.hits + held.misses == judged_count and held.hits > len(stream) // 2
     assert len(scored_memo) == len(scored_plain) - held.hits       # only the hits were spared
-    # an anomalous window (a, b, e) is met in two sessions: scored both times, never remembered
-    assert scored_memo.count(("a", "b", "e")) == 2
     assert not any(v.anomalous for v in held.verdicts.values())
-    # complete sessions repeat too: the grammar's normal ones are scored once per distinct sequence
-    closed = [k for k in held.verdicts if k[0] == "session"]
-    assert closed and len(closed) < 60
-    assert len(scored_memo) < len(scored_plain) - held.hits + 60
+    # complete sessions repeat too: their normal verdicts are remembered
+    assert any(k[0] == "session" for k in held.verdicts)
+    if detector == "deeplog":
+        # an anomalous window (a, b, e) is met in two sessions: scored both times
+        assert scored_memo.count(("a", "b", "e")) == 2
     # a full memo is emptied, not grown
-    small, scored_small, judge_small = run(5)
-    assert small == plain and len(judge_small._memos["deeplog"][2].verdicts) <= 5
+    small, _, judge_small = run(5)
+    assert small == plain and len(judge_small._memos[detector][2].verdicts) <= 5
