@@ -5,6 +5,7 @@ rule (TrainTicket's logs exist only around faults), Hades' single-modality varia
 trained with every label (supervised).
 
     python -m bench.eval_hades --lab REC_A REC_B --data ../shared/datasets --json OUT
+    python -m bench.eval_hades --data ../shared/datasets --days --json OUT
 
 Chunks: every (entity, step) with a metric row, the chunk the ``steps`` steps ending there
 (sliding: neighbouring chunks share steps, so the counts also give the non-overlapping chunks'
@@ -18,6 +19,11 @@ Splits:
   2023-01-30  the blocks of bench.eval_anofusion.fold_blocks (one per fault episode, 30-minute
             blocks outside them, alternating between folds A and B); a fold is judged by a model
             trained on the chunks whose whole window lies in the other fold; counts summed.
+  days      (--days) train on the whole of 2023-01-29 (nezha_trainticket), judge 2023-01-30,
+            and the other way round; reported per direction (the days' fault kinds differ).
+
+Besides the chunk counts, each method's faults detected (models.hades.faults_detected: a flagged
+chunk of the fault's entity overlaps it), by fault kind.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 DAY30 = "trainticket_2023-01-30"
+DAY29 = "nezha_trainticket"
 BASELINE_QUANTILE = 0.995
 
 
@@ -137,36 +144,40 @@ class DeepLogChunks:
 
 # --------------------------------------------------------------------------------------------
 def run_pair(train_chunks, train_truth, test_chunks, test_truth, fraction, seed, steps, step_s, baselines=True,
-             log=print, **options) -> dict:
+             log=print, test_faults=None, **options) -> dict:
     """Hades (semi-supervised at ``fraction``, its single-modality variants, supervised) and the
-    baselines, trained on one chunk set, judged on another: confusion dicts by method."""
-    from models.hades import Hades, choose_labelled
+    baselines, trained on one chunk set, judged on another: confusion dicts by method, and
+    (``test_faults`` given) under "faults" each method's faults detected by kind."""
+    from models.hades import Hades, choose_labelled, faults_detected
 
-    out, stats = {}, {}
+    flags, stats = {}, {}
     labels = choose_labelled(train_truth, fraction, seed)
     semi = Hades(steps=steps, step_s=step_s, seed=seed, **options)
     semi.fit(train_chunks, labels)
     stats["semi"] = semi.training
     for variant in ("both", "logs", "metrics"):
         probabilities = semi._probabilities(semi.nets[variant], variant, test_chunks)[:, 1]
-        out[f"hades_{variant}"] = confusion_dict(test_truth, list(probabilities > 0.5))
+        flags[f"hades_{variant}"] = list(probabilities > 0.5)
     log(f"  hades semi ({fraction:g} labelled, {semi.training['labelled_abnormal']} abnormal of "
-        f"{semi.training['labelled']}): {out['hades_both']}")
+        f"{semi.training['labelled']}): {confusion_dict(test_truth, flags['hades_both'])}")
     if baselines:
         sup = Hades(steps=steps, step_s=step_s, seed=seed, variants=("both",), pseudo_epochs=0, **options)
         sup.fit(train_chunks, list(train_truth))
         stats["supervised"] = sup.training
-        out["hades_supervised"] = confusion_dict(test_truth, list(sup._probabilities(sup.nets["both"], "both", test_chunks)[:, 1] > 0.5))
-        log(f"  hades supervised: {out['hades_supervised']}")
-        out["metrics_z"] = confusion_dict(test_truth, MetricsZ().fit(semi, train_chunks, labels).flag(test_chunks))
+        flags["hades_supervised"] = list(sup._probabilities(sup.nets["both"], "both", test_chunks)[:, 1] > 0.5)
+        log(f"  hades supervised: {confusion_dict(test_truth, flags['hades_supervised'])}")
+        flags["metrics_z"] = MetricsZ().fit(semi, train_chunks, labels).flag(test_chunks)
         started = time.time()
         try:
-            deeplog = DeepLogChunks().fit(train_chunks, labels, steps)
-            out["deeplog"] = confusion_dict(test_truth, deeplog.flag(test_chunks))
+            flags["deeplog"] = DeepLogChunks().fit(train_chunks, labels, steps).flag(test_chunks)
         except ValueError as err:                  # no logs to train on
             log(f"  deeplog: {err}")
-        log(f"  deeplog ({time.time() - started:.0f} s): {out.get('deeplog')}")
-        out["logs_present"] = confusion_dict(test_truth, [bool(c.logs) for c in test_chunks])
+        log(f"  deeplog ({time.time() - started:.0f} s): "
+            f"{confusion_dict(test_truth, flags['deeplog']) if 'deeplog' in flags else None}")
+        flags["logs_present"] = [bool(c.logs) for c in test_chunks]
+    out = {method: confusion_dict(test_truth, flagged) for method, flagged in flags.items()}
+    if test_faults is not None:
+        out["faults"] = {method: faults_detected(test_chunks, flagged, test_faults) for method, flagged in flags.items()}
     out["training"] = {k: {"seconds": v["seconds"], "labelled": v["labelled"], "labelled_abnormal": v["labelled_abnormal"],
                            "pseudo": {n: (s["pseudo_labelled"], s["pseudo_abnormal"]) for n, s in v["variants"].items()}}
                        for k, v in stats.items()}
@@ -177,7 +188,13 @@ def summed(results: list[dict]) -> dict:
     total: dict = {}
     for r in results:
         for k, v in r.items():
-            if k != "training":
+            if k == "faults":
+                for method, kinds in v.items():
+                    mine = total.setdefault("faults", {}).setdefault(method, {})
+                    for kind, (hit, n) in kinds.items():
+                        was = mine.get(kind, [0, 0])
+                        mine[kind] = [was[0] + hit, was[1] + n]
+            elif k != "training":
                 total[k] = add(total.get(k), v)
     return total
 
@@ -212,7 +229,7 @@ def lab(recordings: list[Path], fraction: float, steps: int, lengths: list[int],
             res.setdefault(f"T{length}.data", []).append({"train": describe(train_chunks, train_truth, length),
                                                           "judged": describe(test_chunks, test_truth, length)})
             run = run_pair(train_chunks, train_truth, test_chunks, test_truth, fraction, seed, length, step_s,
-                           baselines=(length == steps), log=log)
+                           baselines=(length == steps), log=log, test_faults=fb)
             res.setdefault(f"T{length}.training", []).append(run["training"])
             runs.append(run)
         res[f"T{length}"] = summed(runs)
@@ -242,10 +259,40 @@ def trainticket(data: Path, fraction: float, steps: int, seed: int, log=print) -
         name = "fold" + "AB"[fold]
         res[name] = {"train": describe(train_chunks, train_truth, steps), "judged": describe(test_chunks, test_truth, steps)}
         log(f"2023-01-30 {name}: {res[name]}")
-        run = run_pair(train_chunks, train_truth, test_chunks, test_truth, fraction, seed, steps, step_s, log=log)
+        run = run_pair(train_chunks, train_truth, test_chunks, test_truth, fraction, seed, steps, step_s, log=log,
+                       test_faults=faults)
         res[name]["training"] = run["training"]
         runs.append(run)
     res["summed"] = summed(runs)
+    res["seconds"] = round(time.time() - started)
+    return res
+
+
+def days(data: Path, fraction: float, steps: int, seed: int, log=print) -> dict:
+    """Train on one TrainTicket day, judge the other (2023-01-29 -> 2023-01-30 and back): other
+    pods (the hash suffixes change, so instances are found by service name), other fault kinds
+    (01-29: bad return values, exceptions, CPU contention; 01-30: network delay, CPU contention),
+    a model trained on the whole of one day."""
+    from models.faults import read_faults
+    from services.cores.parse import ParseCore
+
+    started = time.time()
+    folders = {"2023-01-29": data / DAY29, "2023-01-30": data / DAY30}
+    res: dict = {"steps": steps, "fraction": fraction}
+    for train_day, test_day in (("2023-01-29", "2023-01-30"), ("2023-01-30", "2023-01-29")):
+        core = ParseCore()
+        train_obs = read(folders[train_day], steps, core)
+        test_obs = read(folders[test_day], steps, ParseCore.from_snapshot(core.snapshot(), frozen=True))
+        test_faults = read_faults(folders[test_day] / "fault_list.json")
+        train_chunks, train_truth = cut(train_obs, read_faults(folders[train_day] / "fault_list.json"))
+        test_chunks, test_truth = cut(test_obs, test_faults)
+        name = f"{train_day}->{test_day}"
+        res["step_s"] = train_obs.options.step_s
+        res[name] = {"train": describe(train_chunks, train_truth, steps), "judged": describe(test_chunks, test_truth, steps)}
+        log(f"{name}: {res[name]}")
+        run = run_pair(train_chunks, train_truth, test_chunks, test_truth, fraction, seed, steps, res["step_s"],
+                       log=log, test_faults=test_faults)
+        res[name].update(run)
     res["seconds"] = round(time.time() - started)
     return res
 
@@ -257,12 +304,26 @@ METHODS = (("deeplog", "DeepLog (logs, unsupervised)"), ("metrics_z", "metrics r
 
 
 def table(counts: dict) -> list[str]:
-    out = ["| method | TP | FP | FN | TN | precision | recall | F1 |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    faults = counts.get("faults", {})
+    head = "| method | TP | FP | FN | TN | precision | recall | F1 |" + (" faults detected |" if faults else "")
+    out = [head, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if faults else "")]
     for key, label in METHODS:
         if key in counts:
             c = counts[key]
-            out.append(f"| {label} | {c['tp']} | {c['fp']} | {c['fn']} | {c['tn']} | {c['precision']:.3f} | "
-                       f"{c['recall']:.3f} | {c['f1']:.3f} |")
+            row = (f"| {label} | {c['tp']} | {c['fp']} | {c['fn']} | {c['tn']} | {c['precision']:.3f} | "
+                   f"{c['recall']:.3f} | {c['f1']:.3f} |")
+            if faults:
+                kinds = faults.get(key, {})
+                row += f" {sum(h for h, _ in kinds.values())} of {sum(n for _, n in kinds.values())} |"
+            out.append(row)
+    if faults:
+        kinds = sorted({k for m in faults.values() for k in m})
+        out += ["", "Faults detected by kind (a fault is detected when a flagged chunk of its entity overlaps it):", "",
+                "| method | " + " | ".join(kinds) + " |", "| --- |" + " ---: |" * len(kinds)]
+        for key, label in METHODS:
+            if key in faults:
+                out.append(f"| {label} | " + " | ".join(
+                    "{} of {}".format(*faults[key].get(k, [0, 0])) for k in kinds) + " |")
     return out
 
 
@@ -292,6 +353,14 @@ def render(results: dict) -> list[str]:
                 f"{r['fraction']:g} labelled. Fold A: train {r['foldA']['train']}, judged {r['foldA']['judged']}; "
                 f"fold B: train {r['foldB']['train']}, judged {r['foldB']['judged']}.", ""]
         out += table(r["summed"]) + [""]
+    if "days" in results:
+        r = results["days"]
+        for name, run in r.items():
+            if "->" in name:
+                out += [f"TrainTicket, trained on {name.split('->')[0]} (the whole day), judged on {name.split('->')[1]}, "
+                        f"T={r['steps']} steps of {r['step_s']:g} s, {r['fraction']:g} labelled. Train {run['train']}; "
+                        f"judged {run['judged']}.", ""]
+                out += table(run) + [""]
     return out
 
 
@@ -299,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.eval_hades", description=__doc__.splitlines()[0])
     p.add_argument("--lab", type=Path, nargs=2, metavar="RECORDING", help="two lab recordings")
     p.add_argument("--data", type=Path, help="../shared/datasets (TrainTicket 2023-01-30)")
+    p.add_argument("--days", action="store_true",
+                   help="with --data: train on one TrainTicket day, judge the other (instead of 01-30's folds)")
     p.add_argument("--fraction", type=float, default=0.1)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--lengths", type=int, nargs="*", default=[3, 12], help="chunk lengths of the sensitivity study (lab)")
@@ -324,7 +395,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"T={length}: F1 {c['f1']:.3f} P {c['precision']:.3f} R {c['recall']:.3f}")
         if args.json:
             args.json.write_text(json.dumps(results, indent=2) + "\n")
-    if args.data:
+    if args.data and args.days:
+        results["days"] = days(args.data, args.fraction, args.steps, args.seed, log=say)
+        print("\n".join(render({"days": results["days"]})))
+    elif args.data:
         results["trainticket"] = trainticket(args.data, args.fraction, args.steps, args.seed, log=say)
         print(f"\nTrainTicket 2023-01-30, T={args.steps}, {args.fraction:g} labelled (two folds summed):")
         print("\n".join(table(results["trainticket"]["summed"])))

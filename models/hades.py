@@ -868,6 +868,28 @@ def chunk_labels(chunks: Seq[Chunk], faults) -> list[int]:
     return [int(any(f.overlaps(c.start, c.end) for f in by_target.get(c.entity, ()))) for c in chunks]
 
 
+def faults_detected(chunks: Seq[Chunk], flagged: Seq[bool], faults) -> dict[str, list[int]]:
+    """Per fault kind, [detected, total]: a fault counts when some judged chunk of its entity
+    overlaps it, and is detected when one of those is flagged (what an operator sees: one alert
+    per entity and episode)."""
+    judged, hit = set(), set()
+    by_target = defaultdict(list)
+    for i, f in enumerate(faults):
+        by_target[f.target].append((i, f))
+    for c, flag in zip(chunks, flagged):
+        for i, f in by_target.get(c.entity, ()):
+            if f.overlaps(c.start, c.end):
+                judged.add(i)
+                if flag:
+                    hit.add(i)
+    out: dict[str, list[int]] = {}
+    for i in sorted(judged):
+        counts = out.setdefault(faults[i].kind, [0, 0])
+        counts[0] += i in hit
+        counts[1] += 1
+    return out
+
+
 def choose_labelled(truth: Seq[int], fraction: float, seed: int) -> list[int | None]:
     """The labels training sees: a seeded random ``fraction`` of the chunks keeps its label, the
     rest is None (unlabelled)."""

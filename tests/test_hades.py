@@ -19,7 +19,8 @@ import torch
 from safetensors import safe_open
 
 from tests.hadesdata import KINDS, STEP, chunks_of, fault_objects, series
-from models.hades import (ASPECTS, EventEmbedder, Hades, _Net, aspect_of, chunk_labels, choose_labelled)
+from models.hades import (ASPECTS, EventEmbedder, Hades, _Net, aspect_of, chunk_labels, choose_labelled,
+                          faults_detected)
 
 LENGTH = 6
 SMALL = dict(steps=LENGTH, step_s=STEP, hidden=16, metric_hidden=4, embedding=16, epochs=8, pseudo_epochs=2,
@@ -106,6 +107,21 @@ def test_each_fault_kind_is_caught_and_normal_chunks_are_not(trained, other_day)
     assert newest[at["log"] + 1].details["known_service"]      # the renamed pod, by its service
     normal = [v for v, y in zip(verdicts, truth) if not y]
     assert len(normal) > 100 and sum(v.anomalous for v in normal) <= 2
+
+
+def test_faults_detected_counts_a_fault_once_its_entity_has_a_flagged_chunk_over_it(trained, other_day):
+    from models.faults import Fault
+
+    chunks, truth, at = other_day
+    flagged = [v.anomalous for v in trained.score(chunks)]
+    first, last = min(c.start for c in chunks), max(c.end for c in chunks)
+    elsewhere = Fault(first, first + STEP, "ts-gamma-service-1-abcde", "log")     # no chunk of its entity
+    quiet = Fault(last - 3 * STEP, last - 2 * STEP, POD_A_OTHER_DAY, "quiet")     # the entity, nothing flagged there
+    faults = [*fault_objects(POD_A_OTHER_DAY, [(k, s, s + 4) for k, s in at.items()]), elsewhere, quiet]
+    overlapping = [c for c in chunks if quiet.overlaps(c.start, c.end)]
+    assert overlapping and not any(f for c, f in zip(chunks, flagged) if quiet.overlaps(c.start, c.end))
+    assert faults_detected(chunks, flagged, faults) == {"log": [1, 1], "metric": [1, 1], "both": [1, 1], "quiet": [0, 1]}
+    assert faults_detected(chunks, [False] * len(chunks), faults)["metric"] == [0, 1]
 
 
 def test_single_modality_variants_miss_the_other_modality(trained, other_day):
