@@ -2,6 +2,8 @@
 templates, sliding windows, save/load and the CLI contract — on small synthetic sessions."""
 from __future__ import annotations
 
+import copy
+
 import json
 import random
 import re
@@ -214,6 +216,39 @@ def test_save_load_round_trip_gives_identical_verdicts(trained, tmp_path):
     probe.append(Sequence(keys=["E1", "NEW", "E2"], templates=[TEMPLATES["E1"], "Receiving block from mirror", TEMPLATES["E2"]],
                           complete=False, judge_from=1))
     assert loaded.score(probe) == trained.score(probe)
+
+
+def test_calibrate_picks_the_best_threshold_for_the_mix_and_serving_uses_it(trained, tmp_path):
+    model = copy.deepcopy(trained)
+    held_out = dataset(seed=77, normal=100, abnormal=40)
+    seqs, labels = [sequence(k) for k, _, _ in held_out], [y for _, _, y in held_out]
+    scores = np.array([v.score for v in model.score(seqs)])
+    y = np.array(labels, dtype=bool)
+    share = 0.03
+
+    def f1_at(t):                      # independent of calibrate(): F1 at the mix, by brute force
+        flagged = scores >= t
+        r, fpr = (flagged & y).mean() / y.mean(), (flagged & ~y).mean() / (~y).mean()
+        tp, fp, fn = share * r, (1 - share) * fpr, share * (1 - r)
+        return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+    model.threshold = 1e-4             # a bad start: it flags nearly every session
+    best_on_grid = max(f1_at(t) for t in np.linspace(1e-4, 1, 2001))
+    assert f1_at(1e-4) < best_on_grid - 0.5
+    record = model.calibrate(seqs, labels, anomaly_share=share)
+    assert record["threshold_before"] == 1e-4 and model.threshold == record["threshold"]
+    assert f1_at(model.threshold) >= best_on_grid - 1e-9 and record["f1"] > record["f1_before"]
+    assert abs(record["f1"] - f1_at(model.threshold)) < 1e-3
+    # serving judges with the calibrated threshold, and it travels with the artifact
+    assert [v.anomalous for v in model.score(seqs)] == list(scores >= model.threshold)
+    model.save(tmp_path / "calibrated")
+    loaded = AttGRU.load(tmp_path / "calibrated", device="cpu")
+    assert loaded.threshold == model.threshold and loaded.score(seqs) == model.score(seqs)
+    assert json.loads((tmp_path / "calibrated" / "manifest.json").read_text())["training"]["calibration"] == record
+    with pytest.raises(ValueError, match="normal and abnormal"):
+        model.calibrate(seqs[:5], [0] * 5)
+    with pytest.raises(ValueError, match="anomaly_share"):
+        model.calibrate(seqs, labels, anomaly_share=1.5)
 
 
 def test_one_hot_and_no_attention_variants_round_trip(tmp_path):
