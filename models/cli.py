@@ -117,17 +117,50 @@ def train(args) -> int:
         _save_model(detector, out, sources)
         print(f"trained {args.detector} in {stats.get('seconds', '?')} s -> {out}")
         return 0
+    calibrate = getattr(args, "calibrate", None)
+    if calibrate is not None and not hasattr(cls, "calibrate"):
+        raise UsageError(f"--calibrate: {args.detector} has no session threshold to calibrate (attgru has)")
+    if getattr(args, "anomaly_share", None) is not None and calibrate is None:
+        raise UsageError("--anomaly-share needs --calibrate")
     sequences, labels, sources, templates, parser = _training_data(args)
     options = {"h": args.h, "g": args.g, "epochs": args.epochs, "seed": args.seed,
                "device": _device(args.device), "progress": not args.no_progress, "templates": templates}
     detector = cls()
+    held: list[tuple[Sequence, int]] = []
+    if calibrate is not None:
+        sequences, labels, held = _hold_out(sequences, labels, calibrate, args.seed)
     try:
         stats = detector.fit(sequences, labels, **{k: v for k, v in options.items() if v is not None})
+        if held:
+            record = detector.calibrate([q for q, _ in held], [y for _, y in held], anomaly_share=args.anomaly_share)
+            print(f"calibrated on {record['sessions']} held-out distinct sessions ({record['anomalous']} anomalous): "
+                  f"threshold {record['threshold_before']:g} -> {record['threshold']:.4f}")
     except ValueError as err:
         raise UsageError(str(err)) from None
     _save_model(detector, out, sources, parser)
     print(f"trained {args.detector} on {len(sequences)} sessions in {stats.get('seconds', '?')} s -> {out}")
     return 0
+
+
+def _hold_out(sequences: list[Sequence], labels: list[int] | None, fraction: float, seed: int):
+    """A seeded ``fraction`` of the distinct key sequences held out of training, one session of
+    each (key sequence, label) kept to calibrate on (HDFS repeats sequences): (training
+    sequences, their labels, the held-out (sequence, label) pairs)."""
+    import random
+
+    if labels is None:
+        raise UsageError("--calibrate needs labelled sessions (--normal and --abnormal, or --labels)")
+    rng = random.Random(seed)
+    chosen = {keys for keys in sorted({tuple(q.keys) for q in sequences}) if rng.random() < fraction}
+    keep = [(q, y) for q, y in zip(sequences, labels) if tuple(q.keys) not in chosen]
+    held, seen = [], set()
+    for q, y in zip(sequences, labels):
+        if tuple(q.keys) in chosen and (tuple(q.keys), y) not in seen:
+            seen.add((tuple(q.keys), y))
+            held.append((q, y))
+    if len({y for _, y in held}) < 2 or len({y for _, y in keep}) < 2:
+        raise UsageError(f"--calibrate {fraction:g}: the held-out or the training part lacks normal or abnormal sessions")
+    return [q for q, _ in keep], [y for _, y in keep], held
 
 
 def _save_model(detector, out: Path, sources: list[dict], parser=None) -> None:

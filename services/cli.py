@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--exclude-faults", metavar="FAULTS.json", help="leave the time around these faults out of training")
     s.add_argument("--labelled-fraction", type=_fraction, metavar="F", help="share of chunks whose label training sees (hades)")
     s.add_argument("--out", required=True, metavar="DIR")
+    s.add_argument("--calibrate", type=_fraction, metavar="F",
+                   help="attgru: hold out F of the distinct sessions and choose the session threshold on them")
+    s.add_argument("--anomaly-share", type=_fraction, metavar="S",
+                   help="with --calibrate: the share of anomalous sessions expected when serving (default: the labels')")
     s.add_argument("--epochs", type=_positive(int))
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--device", choices=("auto", "cpu", "cuda"))

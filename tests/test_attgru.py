@@ -321,3 +321,27 @@ def test_cli_train_and_evaluate(tmp_path, capsys):
                 "--out", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "supervised" in err
+
+    # --calibrate: a held-out share of the distinct sessions sets the threshold, which the
+    # manifest keeps and evaluate uses
+    calibrated = tmp_path / "calibrated"
+    assert cli(["train", "--detector", "attgru", "--normal", str(files["normal"]), "--abnormal",
+                str(files["abnormal"]), "--templates", str(csv), "--out", str(calibrated), "--epochs", "30",
+                "--device", "cpu", "--no-progress", "--calibrate", "0.3", "--anomaly-share", "0.03"]) == 0
+    manifest = json.loads((calibrated / "manifest.json").read_text())
+    record = manifest["training"]["calibration"]
+    assert record["anomaly_share"] == 0.03 and manifest["threshold"] == record["threshold"]
+    distinct = len({tuple(keys) for keys, _, _ in train})
+    assert 0.15 * distinct < record["sessions"] < 0.45 * distinct and 0 < record["anomalous"] < record["sessions"]
+    assert manifest["training"]["sessions"] + record["sessions"] <= len(train)
+    for bad, why in ((["--detector", "deeplog", "--calibrate", "0.2"], "no session threshold"),
+                     (["--detector", "attgru", "--anomaly-share", "0.1"], "needs --calibrate"),
+                     (["--detector", "attgru", "--calibrate", "2"], "must be in (0, 1]")):
+        capsys.readouterr()
+        try:
+            code = cli(["train", *bad, "--normal", str(files["normal"]), "--abnormal", str(files["abnormal"]),
+                        "--templates", str(csv), "--out", str(tmp_path / "bad")])
+        except SystemExit as exit_:      # argparse's own one-line error
+            code = exit_.code
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and why in err, (bad, err)
