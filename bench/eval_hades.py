@@ -33,7 +33,7 @@ import dataclasses
 import json
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -184,9 +184,41 @@ def run_pair(train_chunks, train_truth, test_chunks, test_truth, fraction, seed,
     out = {method: confusion_dict(test_truth, flagged) for method, flagged in flags.items()}
     if test_faults is not None:
         out["faults"] = {method: faults_detected(test_chunks, flagged, test_faults) for method, flagged in flags.items()}
+        out["where"] = where_flagged(test_chunks, flags["hades_both"], test_faults, step_s)
     out["training"] = {k: {"seconds": v["seconds"], "labelled": v["labelled"], "labelled_abnormal": v["labelled_abnormal"],
                            "pseudo": {n: (s["pseudo_labelled"], s["pseudo_abnormal"]) for n, s in v["variants"].items()}}
                        for k, v in stats.items()}
+    return out
+
+
+def where_flagged(chunks, flagged, faults, step_s: float) -> dict[str, list[int]]:
+    """Abnormal chunks [flagged, all] by where the fault lies in the window (the newest step
+    inside it, the fault over before the newest step, the fault starting in the newest step
+    only), by its share of the window (>= or < half) and by fault kind: whether the misses
+    are chunks the overlap rule calls abnormal on a sliver of fault, or all of them."""
+    by_target = defaultdict(list)
+    for f in faults:
+        by_target[f.target].append(f)
+    out: dict[str, list[int]] = {}
+
+    def count(key: str, hit: bool) -> None:
+        cell = out.setdefault(key, [0, 0])
+        cell[0] += hit
+        cell[1] += 1
+
+    for c, flag in zip(chunks, flagged):
+        f = next((f for f in by_target.get(c.entity, ()) if f.overlaps(c.start, c.end)), None)
+        if f is None:
+            continue
+        newest = c.end - step_s
+        if f.overlaps(newest, c.end):
+            place = "fault starts in the newest step" if f.start >= newest else "newest step inside the fault"
+        else:
+            place = "fault over before the newest step"
+        cover = (min(c.end, f.end) - max(c.start, f.start)) / (c.end - c.start)
+        for key in (place, "fault covers half the window or more" if cover >= 0.5 else "fault covers under half",
+                    f"kind {f.kind}"):
+            count(key, bool(flag))
     return out
 
 
@@ -194,7 +226,12 @@ def summed(results: list[dict]) -> dict:
     total: dict = {}
     for r in results:
         for k, v in r.items():
-            if k == "faults":
+            if k == "where":
+                mine = total.setdefault("where", {})
+                for key, (hit, n) in v.items():
+                    was = mine.get(key, [0, 0])
+                    mine[key] = [was[0] + hit, was[1] + n]
+            elif k == "faults":
                 for method, kinds in v.items():
                     mine = total.setdefault("faults", {}).setdefault(method, {})
                     for kind, (hit, n) in kinds.items():
@@ -334,6 +371,11 @@ def table(counts: dict) -> list[str]:
             if key in faults:
                 out.append(f"| {label} | " + " | ".join(
                     "{} of {}".format(*faults[key].get(k, [0, 0])) for k in kinds) + " |")
+    where = counts.get("where")
+    if where:
+        out += ["", "Abnormal chunks semi-supervised Hades flags, by where the fault lies in the window:", "",
+                "| abnormal chunks | flagged |", "| --- | ---: |"]
+        out += [f"| {key} | {hit} of {n} |" for key, (hit, n) in where.items()]
     return out
 
 

@@ -237,8 +237,12 @@ def attgru_split(data: dict, normal_detectors: dict, seed: int) -> dict:
                                               anomaly_share=REAL_MIX[1] / sum(REAL_MIX))
     for name in ("attgru", "attgru_calibrated", "deeplog", "novelty", "pca"):
         detector = {"attgru": attgru, "attgru_calibrated": calibrated}.get(name) or normal_detectors[name]
-        flagged = [v.anomalous for v in detector.score(sequences(test_keys, templates))]
+        verdicts = detector.score(sequences(test_keys, templates))
+        flagged = [v.anomalous for v in verdicts]
         out["models"][name] = judged(test_labels, flagged, lengths, h)
+        if name.startswith("attgru"):      # how sure the model is where it is wrong
+            out["models"][name]["flagged_normal_scores"] = sorted(
+                round(v.score, 4) for v, y in zip(verdicts, test_labels) if v.anomalous and not y)
     return {"result": out, "model": attgru}
 
 
@@ -412,6 +416,10 @@ def render(r: dict) -> list[str]:
                     f"({c['sessions']}, {c['anomalous']} anomalous) for HDFS's mix ({c['anomaly_share']:.4f} anomalous): "
                     f"{c['threshold_before']:g} -> {c['threshold']:.4f} (F1 at that mix on those sessions "
                     f"{c['f1_before']:.3f} -> {c['f1']:.3f}).", ""]
+        scores = {n: m["flagged_normal_scores"] for n, m in split["models"].items() if "flagged_normal_scores" in m}
+        if scores:
+            out += ["Scores of the normal test sessions flagged: " + "; ".join(
+                f"{n} {', '.join(f'{v:.4f}' for v in vals) or 'none'}" for n, vals in scores.items()) + ".", ""]
     tp = rep["throughput"]
     out += ["### Scoring the stream's windows: the memo", "",
             f"{tp['windows']:,} sliding windows of HDFS_20000.log ({tp['distinct_keys']:,} distinct key windows), "
