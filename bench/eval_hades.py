@@ -222,21 +222,22 @@ def where_flagged(chunks, flagged, faults, step_s: float) -> dict[str, list[int]
     return out
 
 
+def _add_cells(into: dict, cells: dict) -> None:
+    """Adds [hit, of] cells (faults detected by kind, flagged chunks by place) into ``into``."""
+    for key, (hit, n) in cells.items():
+        was = into.get(key, [0, 0])
+        into[key] = [was[0] + hit, was[1] + n]
+
+
 def summed(results: list[dict]) -> dict:
     total: dict = {}
     for r in results:
         for k, v in r.items():
             if k == "where":
-                mine = total.setdefault("where", {})
-                for key, (hit, n) in v.items():
-                    was = mine.get(key, [0, 0])
-                    mine[key] = [was[0] + hit, was[1] + n]
+                _add_cells(total.setdefault("where", {}), v)
             elif k == "faults":
                 for method, kinds in v.items():
-                    mine = total.setdefault("faults", {}).setdefault(method, {})
-                    for kind, (hit, n) in kinds.items():
-                        was = mine.get(kind, [0, 0])
-                        mine[kind] = [was[0] + hit, was[1] + n]
+                    _add_cells(total.setdefault("faults", {}).setdefault(method, {}), kinds)
             elif k != "training":
                 total[k] = add(total.get(k), v)
     return total
