@@ -57,21 +57,24 @@ class Relay:
             self.selector.unregister(self.listener)
             self.listener.close()
             self.listener = None
-        for sock in list(self.pairs):
-            self._drop(sock, reset=True)
+        while self.pairs:        # each _drop takes a pair's two sockets out
+            self._drop(next(iter(self.pairs)), reset=True)
 
     def _drop(self, sock: socket.socket, reset: bool = False) -> None:
         peer = self.pairs.pop(sock, None)
         for s in (sock, peer):
-            if s is None:
+            if s is None or s.fileno() == -1:      # already closed (its peer's drop closed it)
                 continue
             self.pairs.pop(s, None)
             try:
                 self.selector.unregister(s)
             except (KeyError, ValueError):
                 pass
-            if reset:   # RST, not FIN: the client sees "connection reset", as on a dropped link
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            try:
+                if reset:   # RST, not FIN: the client sees "connection reset", as on a dropped link
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            except OSError:
+                pass
             s.close()
 
     def _accept(self) -> None:
@@ -135,7 +138,12 @@ class Relay:
             elif self.wanted == "cut":
                 self._cut()
             elif self.wanted == "open":
-                self._open()
+                try:
+                    self._open()
+                except OSError as exc:
+                    # The port is free while cut, so another socket may take it meanwhile: say
+                    # so and try again next second rather than end the link for good.
+                    print(f"relay: cannot listen on {self.listen_port} again ({exc}); retrying", file=sys.stderr)
         self._cut()
 
 
