@@ -114,8 +114,10 @@ class WebHdfs:
             conn.request(method, target, body=body, headers=headers)
             response = conn.getresponse()
             return response.status, response.read()
-        except OSError as err:
-            raise WebHdfsError(f"{method} {target.split('?')[0]}: {err}") from None
+        except (OSError, http.client.HTTPException) as err:
+            # HTTPException: e.g. IncompleteRead, when a DataNode finds a bad checksum mid-read
+            # and cuts the transfer (a corrupt replica): a failed call, like a refused one.
+            raise WebHdfsError(f"{method} {target.split('?')[0]}: {err!r}") from None
         finally:
             conn.close()
 
