@@ -43,8 +43,8 @@ Departures, and why:
     each metric relative to its own median in the chunk, with that median (clipped to
     +-LEVEL_CLIP) as a second input: levels that differ between recordings (a block count that
     grows, the heap after a restart) weigh little, and a fault longer than half the chunk, which
-    moves the median, still shows in the level. Measured on the lab recordings (supervised, T=6,
-    trained on recording seed 11, judged on seed 22): chunk F1 absolute units metrics-only 0.54,
+    moves the median, still shows in the level. Measured on the 12-02 lab recordings (supervised,
+    T=6, trained on recording seed 11, judged on seed 22; a dead client relay spoiled them): chunk F1 absolute units metrics-only 0.54,
     fused 0.58; relative only 0.62 / 0.64 (but synthetic faults covering most of a chunk were
     missed); relative + clipped level 0.59 / 0.63.
   * The step's log representation also receives log1p(lines), the WARN/ERROR share and the
