@@ -8,7 +8,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from toolkit.lab.workload import Operation, WebHdfs, WebHdfsError, Workload, WorkloadConfig
+from models.faults import Fault
+from toolkit.lab.workload import Operation, WebHdfs, WebHdfsError, Workload, WorkloadConfig, WorkloadStats
 
 
 class CutReadHandler(BaseHTTPRequestHandler):
@@ -50,3 +51,14 @@ def test_a_read_cut_mid_transfer_is_a_failed_call_not_a_crash(cut_reads):
     workload = Workload(cut_reads, WorkloadConfig(timeout_s=5.0))
     assert workload.execute(Operation(0, "read", "/lab/f00001", 0)) is False
     assert workload.stats.done[("read", "failed")] == 1
+    assert [ok for _, ok in workload.stats.calls] == [False]
+
+
+def test_calls_away_from_faults_leave_out_each_fault_and_its_recovery():
+    stats = WorkloadStats()
+    stats.calls = [(10.0, True), (100.0, False), (129.0, False), (150.0, False), (200.0, True), (300.0, False)]
+    faults = [Fault(100.0, 130.0, "dn1", "kill_datanode")]
+    # 100 and 129 inside the fault, 150 within its 60 s of recovery: left out
+    assert stats.outside(faults, recovery_s=60.0) == (2, 3)
+    assert stats.outside(faults, recovery_s=0.0) == (2, 4)
+    assert stats.outside([]) == (2, 6)

@@ -31,7 +31,7 @@ from services.settings import REPO_ROOT, RUN_DIR, UsageError
 from toolkit.lab import cluster as lab
 from toolkit.lab.faults import Injector, halt, parse_schedule, resolve_targets
 from toolkit.lab.scrape import SCRAPE_INTERVAL_S, MetricsRecorder
-from toolkit.lab.workload import Workload, WorkloadConfig
+from toolkit.lab.workload import HEALTHY_SHARE, RECOVERY_S, Workload, WorkloadConfig
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ def record(minutes: float, schedule_spec: str, out: Path, seed: int = 1, rate: f
     lines = copy_logs(cluster, out)
     scraper.write_csvs(out, since=t0)
     write_faults(out / "fault_list.json", injector.done)
+    calm_ok, calm = workload.stats.outside(injector.done)
     manifest = {
         "format": "logwarden.lab-recording/1",
         "hadoop_version": cluster.version,
@@ -127,7 +128,8 @@ def record(minutes: float, schedule_spec: str, out: Path, seed: int = 1, rate: f
         "scrape_interval_s": SCRAPE_INTERVAL_S,
         "scrapes_failed": scraper.failed,
         "workload": {"rate": rate, "seed": seed, "summary": workload.stats.summary(),
-                     "counts": {f"{k}.{r}": n for (k, r), n in sorted(workload.stats.done.items())}},
+                     "counts": {f"{k}.{r}": n for (k, r), n in sorted(workload.stats.done.items())},
+                     "away_from_faults": {"ok": calm_ok, "calls": calm, "recovery_s": RECOVERY_S}},
         "command": " ".join(["logwarden", *sys.argv[1:]]) if sys.argv[0].endswith("logwarden") else None,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -135,6 +137,11 @@ def record(minutes: float, schedule_spec: str, out: Path, seed: int = 1, rate: f
         shutil.rmtree(base, ignore_errors=True)
     say(f"lab record: wrote {out}: {sum(lines.values())} log lines, "
         f"{manifest['metric_rows_per_host']} metric rows, {len(injector.done)} fault(s); workload {workload.stats.summary()}")
+    if calm and calm_ok < HEALTHY_SHARE * calm:
+        # Away from every fault the cluster should serve its clients: if it did not, the
+        # recording's "normal" chunks are an outage too (a dead client relay once did this).
+        say(f"lab record: warning: only {calm_ok} of {calm} workload calls away from the faults succeeded; "
+            f"the cluster was not healthy between faults, so this recording is a poor data set")
     return manifest
 
 

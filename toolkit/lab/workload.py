@@ -167,12 +167,24 @@ class WebHdfs:
         return [int(b["block"]["blockId"]) for b in blocks]
 
 
+RECOVERY_S = 60.0        # after a fault's end, calls may still fail while the cluster recovers
+HEALTHY_SHARE = 0.8      # of the calls away from faults that succeed in a healthy recording
+
+
 @dataclass
 class WorkloadStats:
     done: Counter = field(default_factory=Counter)        # (kind, "ok" | "failed")
     bytes_written: int = 0
     bytes_read: int = 0
     late_s: float = 0.0                                   # how far behind the rate it fell, at most
+    calls: list = field(default_factory=list)             # (epoch s at its start, ok) of every call
+
+    def outside(self, faults, recovery_s: float = RECOVERY_S) -> tuple[int, int]:
+        """(calls ok, calls) of the calls that started away from every fault: not inside one nor
+        within ``recovery_s`` after its end (a restarted DataNode takes that long to be back)."""
+        spans = [(f.start, f.end + recovery_s) for f in faults]
+        away = [ok for t, ok in self.calls if not any(a <= t < b for a, b in spans)]
+        return sum(away), len(away)
 
     def summary(self) -> str:
         parts = [f"{k} {self.done[(k, 'ok')]}/{self.done[(k, 'ok')] + self.done[(k, 'failed')]}" for k in KINDS]
@@ -191,6 +203,7 @@ class Workload(threading.Thread):
         self.stats = WorkloadStats()
 
     def execute(self, op: Operation) -> bool:
+        started = time.time()
         try:
             if op.kind == "write":
                 status = self.client.create(op.path, payload(self.config.seed, op.index, op.size))
@@ -211,6 +224,7 @@ class Workload(threading.Thread):
         if ok and op.kind in ("write", "append"):
             self.stats.bytes_written += op.size
         self.stats.done[(op.kind, "ok" if ok else "failed")] += 1
+        self.stats.calls.append((started, ok))
         return ok
 
     def run(self) -> None:
