@@ -143,7 +143,9 @@ def test_the_injector_labels_each_fault_at_its_start_and_rewrites_at_its_end(tmp
     # (labels hold whole seconds; these sub-second faults are checked by their duration_s)
     done = [e for entries in json.loads(labels.read_text()).values() for e in entries]
     assert [e["inject_type"] for e in done] == ["slow_datanode", "delete_replica"]
-    assert [e["duration_s"] for e in done] == [pytest.approx(0.6, abs=0.1), pytest.approx(0.3, abs=0.1)]
+    # rewritten with the real end: never before the planned one; the slack is for a loaded machine
+    # (CI once measured 1.3 s for the 0.3 s fault while a benchmark ran beside it)
+    assert all(planned - 0.05 <= e["duration_s"] < planned + 2.0 for e, planned in zip(done, (0.6, 0.3)))
     assert [d["kind"] for d in injector.details] == ["slow_datanode", "delete_replica"]
     assert injector.details[1]["error"] == "no replica" and injector.errors == ["delete_replica@1+0.3:dn1: no replica"]
 
