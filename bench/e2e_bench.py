@@ -514,9 +514,11 @@ def measure_throughput(bootstrap: str, data: Path, workdir: Path, models_dir: Pa
 
     # 4. where the time goes: each stage in this process under pyinstrument, on the same input
     if profile_seconds:
-        profiled = Pipeline(bootstrap, logs_id, alone.run_id, workdir,
-                            common | {"group_prefix": alone.run_id + "-profile",
-                                      "state_dir": workdir / "profile-state"})
+        # Its own topics: parse profiled into the measured run's events topic would hold every
+        # event twice, and the sessions stage would then spend its profile on the second copy
+        # (duplicates and late events, none of which a live stream has).
+        profiled = Pipeline(bootstrap, logs_id, alone.run_id + "-profile", workdir,
+                            common | {"state_dir": workdir / "profile-state"})
         result["profile"] = {stage: profile_stage(profiled, stage, profile_seconds) for stage in ("parse", "sessions")}
 
     # 5. the whole pipeline at once, fresh topics and groups, on the same host topics
