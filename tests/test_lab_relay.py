@@ -115,3 +115,20 @@ def test_sigterm_ends_the_relay(relay):
     process, port = relay
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=10) == 0
+
+
+def test_a_port_taken_while_cut_is_retried_and_said_once_not_every_second(relay):
+    process, port = relay
+    os.kill(process.pid, signal.SIGUSR1)
+    wait_for(lambda: refused(port))
+    blocker = socket.create_server(("127.0.0.1", port))      # another socket takes the port meanwhile
+    os.kill(process.pid, signal.SIGUSR2)
+    time.sleep(3.5)                                           # three retries or more
+    assert process.poll() is None
+    blocker.close()
+    wait_for(lambda: echo(port, b"back") == b"back")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=10) == 0
+    said = process.stderr.read().decode()
+    assert said.count("cannot listen on") == 1, said
+    assert said.count(f"listening on {port} again after") == 1, said

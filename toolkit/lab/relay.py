@@ -22,9 +22,11 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 HOST = "127.0.0.1"
 BUFFER = 1 << 16
+REOPEN_NOTE_S = 30.0      # a re-listen that keeps failing is said at most this often
 
 
 class Relay:
@@ -39,6 +41,8 @@ class Relay:
         self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
         self.wanted = "open"          # what the signal handlers ask for; applied in the loop
         self.running = True
+        self._reopen_failing_since: float | None = None
+        self._reopen_noted = 0.0
 
     # -- link state (called from the loop only) ------------------------------------------
     def _open(self) -> None:
@@ -142,8 +146,19 @@ class Relay:
                     self._open()
                 except OSError as exc:
                     # The port is free while cut, so another socket may take it meanwhile: say
-                    # so and try again next second rather than end the link for good.
-                    print(f"relay: cannot listen on {self.listen_port} again ({exc}); retrying", file=sys.stderr)
+                    # so and try again next second rather than end the link for good (said once,
+                    # then every REOPEN_NOTE_S, not once a second into the lab's log).
+                    now = time.monotonic()
+                    if self._reopen_failing_since is None or now - self._reopen_noted >= REOPEN_NOTE_S:
+                        print(f"relay: cannot listen on {self.listen_port} again ({exc}); retrying", file=sys.stderr)
+                        self._reopen_noted = now
+                    if self._reopen_failing_since is None:
+                        self._reopen_failing_since = now
+                else:
+                    if self._reopen_failing_since is not None:
+                        print(f"relay: listening on {self.listen_port} again after "
+                              f"{time.monotonic() - self._reopen_failing_since:.0f} s", file=sys.stderr)
+                        self._reopen_failing_since = None
         self._cut()
 
 
