@@ -526,6 +526,14 @@ def measure_throughput(bootstrap: str, data: Path, workdir: Path, models_dir: Pa
     # 5. the whole pipeline at once, fresh topics and groups, on the same host topics
     result["whole"] = measure_whole(bootstrap, workdir, common, n, whole_seconds, logs_id)
 
+    # 6. the pass-through once more, last: whether the reference itself moved during the run (on
+    #    this shared machine it measured 54k-84k records/s on one commit, runs minutes apart). The
+    #    ratios keep the first one; this one says how far to trust them.
+    ensure_topics(s, extra=[f"{run}.passthrough-last"])
+    result["passthrough_last"] = _alone(alone, "passthrough-last", s.logs_pattern, f"{run}.passthrough-last",
+                                        lambda: n, cap, _peer("shell", s.logs_pattern, f"{run}.passthrough-last",
+                                                              "passthrough-last"))
+
     # ratios, measured in this run (the machine is shared: absolute figures move, ratios less)
     def ratio(a, b):
         return round(a / b, 3) if a and b else None
@@ -544,6 +552,7 @@ def measure_throughput(bootstrap: str, data: Path, workdir: Path, models_dir: Pa
                                                 result["passthrough"]["records_per_cpu_s"]),
         "sessions_to_passthrough_events_cpu": ratio(result["sessions"]["records_per_cpu_s"],
                                                     result["passthrough_events"]["records_per_cpu_s"]),
+        "passthrough_last_to_first": ratio(result["passthrough_last"]["records_per_s"], pt),
     }
     for fused in ("window", "detect"):            # the keys: one fused stage serves both
         result[fused] = {"records_per_s": result["sessions"]["records_per_s"], "fused_into": "sessions"}

@@ -444,7 +444,8 @@ def _render_e2e(r: dict) -> list[str]:
     pt_events = r.get("e2e.passthrough_events.records_per_s")
     rows = (("passthrough", "pass-through (reference)", "logs", pt), ("drain3_peer", "consumer -> drain3 -> producer", "logs", pt),
             ("parse", "parse stage", "logs", pt), ("passthrough_events", "pass-through of events (reference)", "events", pt_events),
-            ("sessions", "sessions stage (DeepLog)", "events", pt_events))
+            ("sessions", "sessions stage (DeepLog)", "events", pt_events),
+            ("passthrough_last", "pass-through again, last in the run (the reference's drift)", "logs", pt))
     for key, label, source, ref in rows:
         rate = r.get(f"e2e.{key}.records_per_s")
         if f"e2e.{key}.records" not in r:
