@@ -435,6 +435,12 @@ def _alone(pipeline: Pipeline, stage: str, source: str, target: str | None, coun
     return out
 
 
+def _passthrough_alone(pipeline: Pipeline, name: str, source: str, count, cap_s: float) -> dict:
+    """A pass-through stage alone on ``source``, into its own topic <run_id>.<name>."""
+    target = f"{pipeline.run_id}.{name}"
+    return _alone(pipeline, name, source, target, count, cap_s, _peer("shell", source, target, name))
+
+
 def _chain(pipeline: Pipeline, source: str, lines: int, hops: int, cap_s: float) -> dict:
     """``hops`` pass-throughs at once, source -> c1 -> ... -> c<hops>."""
     from services.shell import ensure_topics
@@ -485,8 +491,7 @@ def measure_throughput(bootstrap: str, data: Path, workdir: Path, models_dir: Pa
 
     # 2. each alone, one after the other: the peers on the host topics, parse, then on its output
     #    the sessions stage and a pass-through of the same records
-    result["passthrough"] = _alone(alone, "passthrough", s.logs_pattern, f"{run}.passthrough", lambda: n, cap,
-                                   _peer("shell", s.logs_pattern, f"{run}.passthrough", "passthrough"))
+    result["passthrough"] = _passthrough_alone(alone, "passthrough", s.logs_pattern, lambda: n, cap)
     result["drain3_peer"] = _alone(alone, "drain3", s.logs_pattern, f"{run}.drain3", lambda: n, cap,
                                    _peer("drain3", s.logs_pattern, f"{run}.drain3", "drain3"))
     # Parse stays up until it has told the sessions stage that its sources are idle (it does so
@@ -501,9 +506,7 @@ def measure_throughput(bootstrap: str, data: Path, workdir: Path, models_dir: Pa
     result["parse"]["lines"] = result["parse"]["records"]
     result["parse"]["lines_per_s"] = result["parse"]["records_per_s"]
     events = lambda: end_offsets(conf, s.events_topic)           # noqa: E731  (events + watermarks)
-    result["passthrough_events"] = _alone(alone, "passthrough-events", s.events_topic, f"{run}.passthrough-events",
-                                          events, stage_seconds,
-                                          _peer("shell", s.events_topic, f"{run}.passthrough-events", "passthrough-events"))
+    result["passthrough_events"] = _passthrough_alone(alone, "passthrough-events", s.events_topic, events, stage_seconds)
     result["sessions"] = _alone(alone, "sessions", s.events_topic, s.windows_topic, events, stage_seconds, by_commits=True)
     result["sessions"]["session_windows"] = result["sessions"].pop("outputs", None)
     result["sessions"]["alerts"] = end_offsets(conf, s.alerts_topic)
@@ -530,9 +533,7 @@ def measure_throughput(bootstrap: str, data: Path, workdir: Path, models_dir: Pa
     #    this shared machine it measured 54k-84k records/s on one commit, runs minutes apart). The
     #    ratios keep the first one; this one says how far to trust them.
     ensure_topics(s, extra=[f"{run}.passthrough-last"])
-    result["passthrough_last"] = _alone(alone, "passthrough-last", s.logs_pattern, f"{run}.passthrough-last",
-                                        lambda: n, cap, _peer("shell", s.logs_pattern, f"{run}.passthrough-last",
-                                                              "passthrough-last"))
+    result["passthrough_last"] = _passthrough_alone(alone, "passthrough-last", s.logs_pattern, lambda: n, cap)
 
     # ratios, measured in this run (the machine is shared: absolute figures move, ratios less)
     def ratio(a, b):
