@@ -485,7 +485,7 @@ def measure_throughput(bootstrap: str, data: Path, workdir: Path, models_dir: Pa
         path.unlink()                      # the broker holds them now
     s = alone.load()
     run = alone.run_id
-    ensure_topics(s, extra=[f"{run}.passthrough", f"{run}.passthrough-events", f"{run}.drain3"])
+    ensure_topics(s, extra=[f"{run}.passthrough", f"{run}.passthrough-events", f"{run}.drain3", f"{run}.passthrough-last"])
     n = scaled.lines
     cap = max(stage_seconds, 900)
 
@@ -532,7 +532,6 @@ def measure_throughput(bootstrap: str, data: Path, workdir: Path, models_dir: Pa
     # 6. the pass-through once more, last: whether the reference itself moved during the run (on
     #    this shared machine it measured 54k-84k records/s on one commit, runs minutes apart). The
     #    ratios keep the first one; this one says how far to trust them.
-    ensure_topics(s, extra=[f"{run}.passthrough-last"])
     result["passthrough_last"] = _passthrough_alone(alone, "passthrough-last", s.logs_pattern, lambda: n, cap)
 
     # ratios, measured in this run (the machine is shared: absolute figures move, ratios less)
