@@ -33,7 +33,7 @@ import dataclasses
 import json
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -196,9 +196,9 @@ def where_flagged(chunks, flagged, faults, step_s: float) -> dict[str, list[int]
     inside it, the fault over before the newest step, the fault starting in the newest step
     only), by its share of the window (>= or < half) and by fault kind: whether the misses
     are chunks the overlap rule calls abnormal on a sliver of fault, or all of them."""
-    by_target = defaultdict(list)
-    for f in faults:
-        by_target[f.target].append(f)
+    from models.faults import by_target
+
+    groups = by_target(faults)
     out: dict[str, list[int]] = {}
 
     def count(key: str, hit: bool) -> None:
@@ -207,7 +207,7 @@ def where_flagged(chunks, flagged, faults, step_s: float) -> dict[str, list[int]
         cell[1] += 1
 
     for c, flag in zip(chunks, flagged):
-        f = next((f for f in by_target.get(c.entity, ()) if f.overlaps(c.start, c.end)), None)
+        f = next((f for f in groups.get(c.entity, ()) if f.overlaps(c.start, c.end)), None)
         if f is None:
             continue
         newest = c.end - step_s

@@ -644,21 +644,18 @@ class AnoFusion(Detector):
 # evaluation: (pod, minute) units
 def unit_labels(units: list[tuple[str, int]], faults, step_s: float) -> list[int]:
     """1 where the pod is a fault's target and the step starts within its window."""
-    by_target: dict[str, list] = defaultdict(list)
-    for f in faults:
-        by_target[f.target].append(f)
-    return [int(any(f.covers(step * step_s) for f in by_target.get(pod, ()))) for pod, step in units]
+    from models.faults import by_target
+
+    groups = by_target(faults)
+    return [int(any(f.covers(step * step_s) for f in groups.get(pod, ()))) for pod, step in units]
 
 
 def fault_outcomes(units: list[tuple[str, int]], flagged: list[bool], faults, step_s: float) -> dict:
     """Faults with at least one judged unit (``total``) and those with one flagged (``detected``)."""
-    total = detected = 0
-    for f in faults:
-        hits = [flag for (pod, step), flag in zip(units, flagged) if pod == f.target and f.covers(step * step_s)]
-        if hits:
-            total += 1
-            detected += any(hits)
-    return {"total": total, "detected": detected}
+    from models.faults import faults_judged_and_hit
+
+    judged, hit = faults_judged_and_hit(units, flagged, list(faults), lambda f, step: f.covers(step * step_s))
+    return {"total": len(judged), "detected": len(hit)}
 
 
 def outcome(units, labels, flagged, faults, step_s) -> dict:

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
 from services.settings import UsageError
 
@@ -112,3 +112,31 @@ def write_faults(path: str | Path, faults: Iterable[Fault]) -> None:
 def near_fault(t: float, faults: Iterable[Fault], margin_s: float) -> bool:
     """True when ``t`` lies within ``margin_s`` of any fault's window (either side)."""
     return any(f.start - margin_s <= t < f.end + margin_s for f in faults)
+
+
+def by_target(faults: Iterable[Fault]) -> dict[str, list[Fault]]:
+    """Faults grouped by their target (pod or host), each group in the list's order."""
+    groups: dict[str, list[Fault]] = {}
+    for f in faults:
+        groups.setdefault(f.target, []).append(f)
+    return groups
+
+
+def faults_judged_and_hit(units: Iterable[tuple[str, object]], flagged: Iterable[bool], faults: Sequence[Fault],
+                          touches: Callable[[Fault, object], bool]) -> tuple[set[int], set[int]]:
+    """Which faults (indices into ``faults``) some judged unit of their target touches, and which
+    of those some *flagged* unit touches: a fault counts when the data let a detector see it, and
+    is detected when one of its units was flagged. ``units``: (target, unit); ``touches(fault,
+    unit)``: the evaluation's rule (a unit that starts inside the fault, a chunk that overlaps it)."""
+    groups: dict[str, list[tuple[int, Fault]]] = {}
+    for i, f in enumerate(faults):
+        groups.setdefault(f.target, []).append((i, f))
+    judged: set[int] = set()
+    hit: set[int] = set()
+    for (target, unit), flag in zip(units, flagged):
+        for i, f in groups.get(target, ()):
+            if touches(f, unit):
+                judged.add(i)
+                if flag:
+                    hit.add(i)
+    return judged, hit

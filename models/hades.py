@@ -862,26 +862,21 @@ def chunk_units(obs: Observations) -> list[tuple[str, int]]:
 
 def chunk_labels(chunks: Seq[Chunk], faults) -> list[int]:
     """1 where the chunk's window overlaps a fault on its entity."""
-    by_target = defaultdict(list)
-    for f in faults:
-        by_target[f.target].append(f)
-    return [int(any(f.overlaps(c.start, c.end) for f in by_target.get(c.entity, ()))) for c in chunks]
+    from models.faults import by_target
+
+    groups = by_target(faults)
+    return [int(any(f.overlaps(c.start, c.end) for f in groups.get(c.entity, ()))) for c in chunks]
 
 
 def faults_detected(chunks: Seq[Chunk], flagged: Seq[bool], faults) -> dict[str, list[int]]:
     """Per fault kind, [detected, total]: a fault counts when some judged chunk of its entity
     overlaps it, and is detected when one of those is flagged (what an operator sees: one alert
     per entity and episode)."""
-    judged, hit = set(), set()
-    by_target = defaultdict(list)
-    for i, f in enumerate(faults):
-        by_target[f.target].append((i, f))
-    for c, flag in zip(chunks, flagged):
-        for i, f in by_target.get(c.entity, ()):
-            if f.overlaps(c.start, c.end):
-                judged.add(i)
-                if flag:
-                    hit.add(i)
+    from models.faults import faults_judged_and_hit
+
+    faults = list(faults)
+    judged, hit = faults_judged_and_hit(((c.entity, c) for c in chunks), flagged, faults,
+                                        lambda f, c: f.overlaps(c.start, c.end))
     out: dict[str, list[int]] = {}
     for i in sorted(judged):
         counts = out.setdefault(faults[i].kind, [0, 0])

@@ -352,3 +352,18 @@ def test_bench_folds_cover_the_day_and_hold_whole_fault_windows():
         assert len(inside) == 1
         folds.append(inside.pop())
     assert folds == [folds[0], 1 - folds[0], folds[0], 1 - folds[0]]
+
+
+def test_fault_outcomes_count_a_fault_only_when_a_unit_of_its_pod_was_judged_in_it():
+    from models.anofusion import fault_outcomes, unit_labels
+    from models.faults import Fault
+
+    start = T0 * STEP
+    faults = [Fault(start, start + 180, POD_A, "cpu"),                   # judged, flagged at its 2nd minute
+              Fault(start + 600, start + 780, POD_A, "delay"),           # judged, never flagged
+              Fault(start, start + 180, "ts-gamma-service-1a2b3c4d5e-klmno", "cpu")]   # no unit of its pod
+    units = [(POD_A, T0), (POD_A, T0 + 1), (POD_B, T0 + 1), (POD_A, T0 + 10), (POD_A, T0 + 20)]
+    assert unit_labels(units, faults, STEP) == [1, 1, 0, 1, 0]
+    flagged = [False, True, True, False, True]          # POD_B and minute 20 are false alarms
+    assert fault_outcomes(units, flagged, faults, STEP) == {"total": 2, "detected": 1}
+    assert fault_outcomes(units, [False] * 5, faults, STEP) == {"total": 2, "detected": 0}
