@@ -41,6 +41,40 @@ def test_scaled_copies_have_their_own_blocks_and_follow_each_other_in_time(datas
     assert max(map(_stamp, merged[:20_000])) < min(map(_stamp, merged[20_000:40_000]))
 
 
+def test_paced_lines_keep_their_events_and_happen_at_the_replay_pace(datasets, tmp_path):
+    """The live-pace latency run's input: the same events (keys, templates, params) in the same
+    order as the lines with their own times, stamped to the millisecond at the replay's pace."""
+    import time as _time
+
+    from services.cores.parse import ParseCore, load_catalog
+    from services.records import Source
+
+    src = datasets / "hdfs" / "HDFS_20000.log"
+    own = e2e_bench.scale_hdfs(src, tmp_path / "own", 6_000, hosts=("a", "b", "c"))
+    paced = e2e_bench.scale_hdfs(src, tmp_path / "paced", 6_000, hosts=("a", "b", "c"))
+    start = 1_800_000_000.0
+    e2e_bench.pace_hdfs(paced.files, rate_per_host=1_000, start=start)     # 3,000 lines/s in all
+    catalog = load_catalog(datasets / "hdfs" / "HDFS_templates.csv")
+
+    def events(files):
+        core, out = ParseCore(catalog=catalog), []
+        for host, path in files.items():
+            for i, line in enumerate(path.read_text().splitlines()):
+                source = Source(host=host, topic=f"logs.{host}", partition=0, offset=i, file_path=path.name, file_offset=i)
+                out += [(host, i, e.key, e.template_id, tuple(e.params), e.timestamp)
+                        for e in core.parse(line, host, source, _time.time())]
+        return out
+
+    before, after = events(own.files), events(paced.files)
+    assert len(before) == len(after) == 6_000
+    assert [e[:5] for e in before] == [e[:5] for e in after]
+    # line i of the log (host i % 3, its line i // 3) happened at start + i / 3000 s
+    for host, j, *_, ts in after[::397]:
+        assert ts == pytest.approx(start + (j * 3 + "abc".index(host)) / 3000, abs=0.0015)
+    stamps = [e[5] for e in after]
+    assert max(stamps) - min(stamps) == pytest.approx(2.0, abs=0.01)      # 6,000 lines at 3,000/s
+
+
 def test_percentiles_use_nearest_rank():
     values = list(range(1, 101))
     got = e2e_bench.percentiles(values, "ms")
@@ -114,6 +148,15 @@ def test_e2e_bench_through_the_broker_gives_every_key(kafka_bootstrap, datasets,
     slowest = latency["slowest"]
     assert slowest and slowest[0]["ms"] == round(latency["max_ms"]) and all(s["line_at_s"] >= 0 for s in slowest)
     assert latency["steady"]["n"] <= latency["n"]
+    assert latency["paced"] is False and latency["tail_s"] == latency["allowed_lateness_s"] + 1
+
+    # at the replay's pace an event waits the allowed lateness in wall time: every alert comes
+    # later than it (and the override reaches both stages)
+    live = e2e_bench.measure_latency(kafka_bootstrap, datasets, tmp_path, tiny_model_dir, rate=1500, lines=6_000,
+                                     drain_s=120, paced=True, overrides={"allowed_lateness_s": 0.5})
+    assert live["paced"] is True and live["allowed_lateness_s"] == 0.5
+    assert live["records_judged"] == live["event_records"] and live["n"] > 0
+    assert live["p50_ms"] >= 500
 
 
 def test_benchmarks_md_keeps_the_hand_written_part(tmp_path, monkeypatch):
