@@ -758,7 +758,8 @@ def measure_latency(bootstrap: str, data: Path, workdir: Path, models_dir: Path,
         if at is not None:
             hops["parse"].append(at[1] - line_ms)
             hops["sessions"].append(alert_ms - at[1])
-    return {"rate_lines_per_s": rate, "paced": paced, "allowed_lateness_s": settings.allowed_lateness_s, "replayed_lines": count, "replay_seconds": round(seconds, 2),
+    return {"rate_lines_per_s": rate, "paced": paced, "allowed_lateness_s": settings.allowed_lateness_s,
+            "replayed_lines": count, "replay_seconds": round(seconds, 2),
             "lines_per_s": round(count / seconds), "event_records": event_records, "records_judged": judged,
             "lines_with_event": len(lines_at),
             "open_alerts": len(opened), "alerts": len(alerts), "detectors": sorted({a.detector for a, _ in alerts}),
@@ -844,8 +845,7 @@ def _hop_times(conf: dict, settings) -> dict[tuple, list]:
 # ------------------------------------------------------------------------------------------
 def run(data: Path, bootstrap: str, models_dir: Path, lines: int = 400_000, stage_seconds: float = 180.0,
         whole_seconds: float = 300.0, latency_rate: float = 10_000.0, latency_lines: int = 300_000,
-        profile_seconds: float = 20.0,
-        sections: tuple[str, ...] = ("e2e", "latency")) -> dict:
+        profile_seconds: float = 20.0, sections: tuple[str, ...] = ("e2e", "latency")) -> dict:
     """bench/results.json keys: e2e.* and latency.*; ``models_dir`` is a MODEL_DIR with DeepLog.
 
     Latency is measured three times: at ``latency_rate`` (the issue's 10,000 lines/s) with the

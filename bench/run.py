@@ -545,9 +545,9 @@ def _render_latency(r: dict) -> list[str]:
                 "released once every host has stamped a line that much later. That is the "
                 "latency an operator sees; it is set by LOGWARDEN_ALLOWED_LATENESS_S, not by the stages' speed: "
                 "`latency.realtime_lateness.*` is the same run with a smaller bound. The bound is the disorder the "
-                "stage waits out within one source (a partition of logs.<host>: the host's files interleaved as "
-                "Filebeat ships them); an event later than it still goes into its session's final verdict, "
-                "but is not judged early."]
+                "stage waits out within one source (a partition of logs.<host>; Filebeat keys records by file, so "
+                "mostly one file's lines in the order they were written); an event later than it still goes into "
+                "its session's final verdict, but is not judged early."]
     if r.get("latency.warmup.n") is not None:
         out += ["", f"Before these, a run of 100,000 lines at the same rate warmed the bench's fresh broker (in no "
                 f"figure above): {_fmt(r.get('latency.warmup.n'))} alerts, p50 / p95 "
