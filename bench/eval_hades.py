@@ -33,7 +33,6 @@ import dataclasses
 import json
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
